@@ -1,0 +1,1 @@
+"""Herder clients: the generated contracts, the async Client, the Worker and the herder CLI."""

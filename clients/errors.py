@@ -1,0 +1,247 @@
+"""Herder's errors and their gRPC status codes, mapped in exactly one place.
+
+The coordinator raises these and `to_status` turns them into a gRPC status
+(with `google.rpc.BadRequest` details for invalid input); the SDK turns a
+failed call back into the same class with `from_rpc_error`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+# Trailing metadata a follower sends with UNAVAILABLE: where the leader listens.
+LEADER_METADATA_KEY = "herder-leader"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field: its path in the request (`spec.payload_json.text`) and why."""
+
+    field: str
+    description: str
+
+
+class HerderError(Exception):
+    """Base of every error the Herder SDK raises."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, violations: Sequence[FieldViolation] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.violations: tuple[FieldViolation, ...] = tuple(violations)
+
+    def __str__(self) -> str:
+        if not self.violations:
+            return self.message
+        fields = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        return f"{self.message} ({fields})"
+
+
+class InvalidArgumentError(HerderError):
+    """The request is malformed; `violations` names every bad field. Nothing was written."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(HerderError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(HerderError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPreconditionError(HerderError):
+    """The request is valid but the target's state forbids it (cancelling a finished task)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StaleAttemptError(FailedPreconditionError):
+    """A message about an attempt that has been superseded; it changed nothing."""
+
+
+class ResourceExhaustedError(HerderError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(HerderError):
+    """The coordinator or etcd cannot be reached; the call may be retried."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotLeaderError(UnavailableError):
+    """This coordinator is not the leader; `leader_address` says who is, when known."""
+
+    def __init__(self, message: str, *, leader_address: str = "") -> None:
+        super().__init__(message)
+        self.leader_address = leader_address
+
+
+class DeadlineExceededError(HerderError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class CancelledError(HerderError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class UnimplementedError(HerderError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class InternalError(HerderError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class TaskFailedError(HerderError):
+    """A task ended FAILED, CANCELED or EXPIRED while the caller waited for its result."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, message: str, *, task_id: str, state: str, error_type: str = "") -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.state = state
+        self.error_type = error_type
+
+
+# The one table: gRPC status code <-> error class.
+_BY_CODE: dict[grpc.StatusCode, type[HerderError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        FailedPreconditionError,
+        ResourceExhaustedError,
+        UnavailableError,
+        DeadlineExceededError,
+        CancelledError,
+        UnimplementedError,
+        InternalError,
+        TaskFailedError,
+    )
+}
+
+
+def bad_request(message: str, violations: Iterable[tuple[str, str]]) -> InvalidArgumentError:
+    """An InvalidArgumentError from (field, description) pairs."""
+    return InvalidArgumentError(message, violations=[FieldViolation(f, d) for f, d in violations])
+
+
+def to_status_proto(error: HerderError) -> status_pb2.Status:
+    """The `google.rpc.Status` for an error, with BadRequest details when fields are named."""
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    if error.violations:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return status
+
+
+def to_status(error: HerderError) -> grpc.Status:
+    """The gRPC status a server aborts with for this error."""
+    status: grpc.Status = rpc_status.to_status(to_status_proto(error))
+    if isinstance(error, NotLeaderError) and error.leader_address:
+        metadata = (*status.trailing_metadata, (LEADER_METADATA_KEY, error.leader_address))
+        return _Status(status.code, status.details, metadata)
+    return status
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, str | bytes], ...]):
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+def violations_of(status: status_pb2.Status) -> list[FieldViolation]:
+    """Field violations carried in a status's BadRequest details."""
+    found: list[FieldViolation] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            found.extend(FieldViolation(v.field, v.description) for v in request.field_violations)
+    return found
+
+
+def from_status_proto(status: status_pb2.Status) -> HerderError:
+    """The error for a `google.rpc.Status` (as SubmitTasks reports a rejected item)."""
+    code = _code_of(status.code)
+    cls = _BY_CODE.get(code, HerderError)
+    if cls is TaskFailedError:
+        cls = HerderError
+    return cls(status.message, violations=violations_of(status))
+
+
+def from_rpc_error(error: grpc.RpcError) -> HerderError:
+    """The Herder error for a failed gRPC call (sync or asyncio)."""
+    code_fn = getattr(error, "code", None)
+    code: grpc.StatusCode = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    details_fn = getattr(error, "details", None)
+    details: str = (details_fn() if callable(details_fn) else None) or str(error)
+    trailing_fn = getattr(error, "trailing_metadata", None)
+    trailing = list(trailing_fn() or ()) if callable(trailing_fn) else []
+    violations: list[FieldViolation] = []
+    for key, value in trailing:
+        if key == LEADER_METADATA_KEY and code is grpc.StatusCode.UNAVAILABLE:
+            leader = value if isinstance(value, str) else value.decode()
+            return NotLeaderError(details, leader_address=leader)
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            violations = violations_of(status_pb2.Status.FromString(value))
+    cls = _BY_CODE.get(code, HerderError)
+    if cls is TaskFailedError or cls is HerderError:
+        err = HerderError(f"{code.name}: {details}", violations=violations)
+        err.code = code
+        return err
+    return cls(details, violations=violations)
+
+
+def _code_of(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+__all__ = [
+    "LEADER_METADATA_KEY",
+    "AlreadyExistsError",
+    "CancelledError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "HerderError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "NotLeaderError",
+    "ResourceExhaustedError",
+    "StaleAttemptError",
+    "TaskFailedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "bad_request",
+    "from_rpc_error",
+    "from_status_proto",
+    "to_status",
+    "to_status_proto",
+]

@@ -1,0 +1,1 @@
+"""The Herder coordinator: gRPC services, scheduler, etcd store, election and worker sessions."""

@@ -1,0 +1,1 @@
+"""The Herder supervisor sidecar (its contract is in protos/herder/v1/supervisor.proto)."""
