@@ -945,19 +945,21 @@ Global___AttemptResult: _TypeAlias = AttemptResult  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
+    """Sent every heartbeat interval; the coordinator answers with HeartbeatAck."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    FREE_SLOTS_FIELD_NUMBER: _builtins.int
-    free_slots: _builtins.int
-    """Slots the worker has free, when it wants to adjust what it is sent."""
+    DRAINING_FIELD_NUMBER: _builtins.int
+    draining: _builtins.bool
+    """The worker is shutting down: send it no more assignments."""
     def __init__(
         self,
         *,
-        free_slots: _builtins.int = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,71 @@
+"""Descriptor sets for typed task contracts: the .proto files a task type's messages need.
+
+A task type is registered with the `FileDescriptorSet` that defines its input and
+output messages, so the coordinator (and grpcurl, the CLI, other languages) can
+encode and decode them without the generated code at hand.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import Descriptor, FileDescriptor
+from google.protobuf.message import Message
+
+from herder.clients.proto.v1 import task_pb2
+
+MessageType = type[Message] | Descriptor
+
+
+def _descriptor_of(message_type: MessageType) -> Descriptor:
+    if isinstance(message_type, Descriptor):
+        return message_type
+    # The stubs type upb's descriptor separately; at runtime it is a descriptor.Descriptor.
+    return cast(Descriptor, message_type.DESCRIPTOR)
+
+
+def descriptor_set_for(*message_types: MessageType) -> descriptor_pb2.FileDescriptorSet:
+    """The files defining these messages plus every file they import, transitively.
+
+    Each file appears once, after all of its dependencies, so the set can be added
+    to a fresh `DescriptorPool` in order. Well-known types (google/protobuf/*.proto)
+    are included like any other dependency. No message types gives an empty set.
+    """
+    ordered: list[FileDescriptor] = []
+    seen: set[str] = set()
+
+    def visit(file: FileDescriptor) -> None:
+        if file.name in seen:
+            return
+        seen.add(file.name)
+        for dependency in file.dependencies:
+            visit(dependency)
+        ordered.append(file)
+
+    for message_type in message_types:
+        visit(_descriptor_of(message_type).file)
+    files = []
+    for file in ordered:
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        files.append(proto)
+    return descriptor_pb2.FileDescriptorSet(file=files)
+
+
+def task_type_for(
+    name: str, input_type: MessageType, output_type: MessageType, *, description: str = ""
+) -> task_pb2.TaskType:
+    """A `TaskType` ready for RegisterTaskType: names, descriptors and description filled in."""
+    input_descriptor = _descriptor_of(input_type)
+    output_descriptor = _descriptor_of(output_type)
+    return task_pb2.TaskType(
+        name=name,
+        input_type=input_descriptor.full_name,
+        output_type=output_descriptor.full_name,
+        descriptors=descriptor_set_for(input_descriptor, output_descriptor),
+        description=description,
+    )
+
+
+__all__ = ["MessageType", "descriptor_set_for", "task_type_for"]

@@ -1,0 +1,105 @@
+"""`python -m herder.server` (what `herder coordinator` runs): flags, HERDER_* variables, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from herder.server import election, validation
+from herder.server._etcd import EtcdError
+from herder.server.app import CoordinatorConfig, ListenError, serve
+from herder.server.leader import LeaderSettings
+from herder.server.sessions import SessionSettings
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"HERDER_{name}", default)
+
+
+def _flag_bool(name: str) -> bool:
+    return _env(name, "").lower() in {"1", "true", "yes", "on"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
+    parser = argparse.ArgumentParser(
+        prog="herder coordinator",
+        description="Run a Herder coordinator replica. Every flag also reads HERDER_<FLAG> (e.g. HERDER_ETCD).",
+    )
+    parser.add_argument("--etcd", default=_env("ETCD", "127.0.0.1:2379"), help="etcd endpoints, HOST:PORT[,...]")
+    parser.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:50051"), help="gRPC address to serve on")
+    parser.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="etcd key namespace")
+    parser.add_argument("--advertise", default=_env("ADVERTISE", ""), help="address clients are told to use")
+    parser.add_argument("--lease-ttl", type=int, default=int(_env("LEASE_TTL", "5")), help="leader lease seconds")
+    parser.add_argument("--heartbeat-interval", type=float, default=float(_env("HEARTBEAT_INTERVAL", "1.0")))
+    parser.add_argument("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "5.0")))
+    parser.add_argument("--ack-timeout", type=float, default=float(_env("ACK_TIMEOUT", "5.0")))
+    parser.add_argument(
+        "--accept-unregistered-types",
+        action="store_true",
+        default=_flag_bool("ACCEPT_UNREGISTERED_TYPES"),
+        help="accept tasks whose type is not registered (their payload is not checked)",
+    )
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning or error")
+    args = parser.parse_args(argv)
+    endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    problems = [f"--etcd: {e!r} is not HOST:PORT" for e in endpoints if not _is_host_port(e)]
+    if not endpoints:
+        problems.append("--etcd: give at least one HOST:PORT")
+    if not _is_host_port(args.listen):
+        problems.append(f"--listen: {args.listen!r} is not HOST:PORT")
+    if validation.validate_name(args.namespace, "namespace", validation.Limits()):
+        problems.append(f"--namespace: {args.namespace!r} must be letters, digits and . _ : / -")
+    if args.lease_ttl < 1:
+        problems.append("--lease-ttl: must be at least 1 second")
+    if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
+        problems.append("--heartbeat-interval must be positive and below --heartbeat-timeout")
+    if args.ack_timeout <= 0:
+        problems.append("--ack-timeout: must be positive")
+    if problems:
+        parser.error("; ".join(problems))
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return CoordinatorConfig(
+        etcd=endpoints,
+        listen=args.listen,
+        namespace=args.namespace,
+        advertise=args.advertise,
+        lease=election.LeaseSettings(ttl=args.lease_ttl),
+        leader=LeaderSettings(
+            sessions=SessionSettings(
+                heartbeat_interval=args.heartbeat_interval,
+                heartbeat_timeout=args.heartbeat_timeout,
+                ack_timeout=args.ack_timeout,
+            ),
+            accept_unregistered_types=args.accept_unregistered_types,
+        ),
+    )
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        asyncio.run(serve(config))
+    except EtcdError as exc:
+        print(f"herder coordinator: cannot reach etcd at {','.join(config.etcd)}: {exc}", file=sys.stderr)
+        return 1
+    except ListenError as exc:
+        print(f"herder coordinator: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

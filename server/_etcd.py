@@ -1,0 +1,218 @@
+"""A small typed layer over etcd's v3 API, on aetcd's connection and generated stubs.
+
+The coordinator needs raw transactions (many operations, a fence compare),
+lease keep-alive streams and revision-exact watches; aetcd provides the
+channel and the etcd protobufs, this module the few calls built on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+
+class EtcdError(Exception):
+    """etcd failed or could not be reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdStatus:
+    version: str
+    db_size: int
+    revision: int
+    leader: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """A put (value set) or a delete (deleted=True) at a revision."""
+
+    kv: KeyValue
+    deleted: bool
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that covers every key starting with prefix."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+def put(key: bytes, value: bytes, lease: int = 0) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+
+
+def delete(key: bytes) -> Any:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+
+
+def get(key: bytes) -> Any:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key))
+
+
+def create_revision_is(key: bytes, revision: int) -> Any:
+    """Compare: the key was created at this revision (0: the key does not exist)."""
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=revision)
+
+
+def _kv(kv: Any) -> KeyValue:
+    return KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease)
+
+
+class Etcd:
+    """One connection to an etcd cluster. Calls raise EtcdError when etcd fails or times out."""
+
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        host, _, port = self.endpoints[0].rpartition(":")
+        self._client = aetcd.Client(
+            host=host or "127.0.0.1",
+            port=int(port),
+            timeout=None,
+            options={"grpc.max_receive_message_length": 64 * 1024 * 1024},
+        )
+        self._kv: Any = None
+        self._lease: Any = None
+        self._maintenance: Any = None
+        self._watch: Any = None
+
+    async def connect(self, timeout: float | None = None) -> None:
+        """Connect and check that etcd answers; raises EtcdError with a readable reason."""
+        try:
+            await self._client.connect()
+        except Exception as exc:
+            raise EtcdError(f"cannot connect to etcd at {self.endpoints[0]}: {exc}") from exc
+        self._kv = self._client.kvstub
+        self._lease = self._client.leasestub
+        self._maintenance = self._client.maintenancestub
+        self._watch = rpc.WatchStub(self._client.channel)
+        try:
+            await asyncio.wait_for(self.status(), timeout or self.timeout)
+        except (TimeoutError, EtcdError) as exc:
+            await self.close()
+            raise EtcdError(f"etcd at {', '.join(self.endpoints)} does not answer") from exc
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise EtcdError(f"etcd: {exc.code().name}: {exc.details()}") from exc
+
+    async def status(self) -> EtcdStatus:
+        reply = await self._call(self._maintenance.Status, rpc.StatusRequest())
+        return EtcdStatus(reply.version, reply.dbSize, reply.header.revision, reply.leader)
+
+    async def get(self, key: bytes) -> tuple[KeyValue | None, int]:
+        """The key's value (or None) and the store revision it was read at."""
+        reply = await self._call(self._kv.Range, rpc.RangeRequest(key=key))
+        return (_kv(reply.kvs[0]) if reply.kvs else None), reply.header.revision
+
+    async def range(
+        self, start: bytes, end: bytes, *, limit: int = 0, revision: int = 0, keys_only: bool = False
+    ) -> tuple[list[KeyValue], bool, int]:
+        """Keys in [start, end) in key order: (kvs, more, revision)."""
+        request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only)
+        reply = await self._call(self._kv.Range, request, timeout=max(self.timeout, 30.0))
+        return [_kv(kv) for kv in reply.kvs], reply.more, reply.header.revision
+
+    async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncIterator[KeyValue]:
+        """Every key under prefix, read page by page at one revision (a consistent snapshot)."""
+        end = prefix_end(prefix)
+        start, revision = prefix, 0
+        while True:
+            kvs, more, rev = await self.range(start, end, limit=page, revision=revision)
+            revision = revision or rev
+            for kv in kvs:
+                yield kv
+            if not more or not kvs:
+                return
+            start = kvs[-1].key + b"\0"
+
+    async def txn(self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()) -> Any:
+        """Run a transaction; returns etcd's TxnResponse (succeeded, responses, header)."""
+        request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        return await self._call(self._kv.Txn, request)
+
+    async def grant(self, ttl: int) -> int:
+        reply = await self._call(self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl, ID=0))
+        if reply.error:
+            raise EtcdError(f"lease grant failed: {reply.error}")
+        return int(reply.ID)
+
+    async def revoke(self, lease: int) -> None:
+        with contextlib.suppress(EtcdError):
+            await self._call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease), timeout=2.0)
+
+    async def keep_alive(self, lease: int, interval: float) -> AsyncGenerator[int, None]:
+        """Refresh a lease every interval; yields the remaining TTL after each refresh.
+
+        Ends (raising EtcdError) when the stream fails; yields 0 or less when the lease is gone.
+        """
+        ticks: asyncio.Queue[None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[Any]:
+            while True:
+                yield rpc.LeaseKeepAliveRequest(ID=lease)
+                await ticks.get()
+
+        call = self._lease.LeaseKeepAlive(requests())
+        try:
+            async for reply in call:
+                yield int(reply.TTL)
+                await asyncio.sleep(interval)
+                ticks.put_nowait(None)
+        except grpc.aio.AioRpcError as exc:
+            raise EtcdError(f"lease keep-alive failed: {exc.code().name}") from exc
+        finally:
+            call.cancel()
+        raise EtcdError("lease keep-alive stream ended")
+
+    async def watch(self, key: bytes, end: bytes = b"", *, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
+        """Every change of key (or [key, end)) from start_revision on, in order. Raises EtcdError when it breaks."""
+        create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=start_revision)
+        stop = asyncio.Event()
+
+        async def requests() -> AsyncIterator[Any]:
+            yield rpc.WatchRequest(create_request=create)
+            await stop.wait()
+
+        call = self._watch.Watch(requests())
+        try:
+            async for reply in call:
+                if reply.compact_revision:
+                    raise EtcdError(f"watch revision {start_revision} was compacted")
+                if reply.canceled:
+                    raise EtcdError(f"watch canceled: {reply.cancel_reason}")
+                for event in reply.events:
+                    yield WatchEvent(_kv(event.kv), event.type == rpc.Event.DELETE)
+        except grpc.aio.AioRpcError as exc:
+            raise EtcdError(f"watch failed: {exc.code().name}") from exc
+        finally:
+            stop.set()
+            call.cancel()

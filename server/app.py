@@ -1,0 +1,234 @@
+"""The coordinator process: etcd connection, election loop and the gRPC server.
+
+It serves CoordinatorService, grpc.health.v1.Health and server reflection.
+While it leads, a NamespaceLeader holds all leader state; when leadership
+is lost (lease gone, fence failed, etcd unreachable) that object is torn down
+at once and the replica campaigns again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
+from herder.server import election, keys, validation
+from herder.server._etcd import Etcd, EtcdError
+from herder.server.contracts import TaskTypeRegistry
+from herder.server.leader import LeaderSettings, NamespaceLeader
+from herder.server.service import CoordinatorServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+
+
+class ListenError(RuntimeError):
+    """The gRPC address could not be bound."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything `herder coordinator` takes; flags and HERDER_* variables fill it."""
+
+    etcd: tuple[str, ...] = ("127.0.0.1:2379",)
+    listen: str = "127.0.0.1:50051"
+    namespace: str = "default"
+    # The address other replicas and clients are told to use; defaults to listen.
+    advertise: str = ""
+    lease: election.LeaseSettings = field(default_factory=election.LeaseSettings)
+    leader: LeaderSettings = field(default_factory=LeaderSettings)
+    limits: validation.Limits = field(default_factory=validation.Limits)
+    etcd_timeout: float = 5.0
+
+
+class Coordinator:
+    """One coordinator replica. `async with` or start()/stop(); stop() is safe to call twice."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.replica_id = uuid.uuid4().hex[:12]
+        self.prefix = keys.prefix(config.namespace)
+        self.limits = config.limits
+        self.etcd = Etcd(config.etcd, timeout=config.etcd_timeout)
+        self.leader: NamespaceLeader | None = None
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self._stop = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._leader_address = ""
+        self.started = time.time()
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rpartition(":")[0]
+        return self.config.advertise or f"{host}:{self.port}"
+
+    def leader_address(self) -> str:
+        if self.leader is not None and not self.leader.deposed:
+            return self.address
+        return self._leader_address
+
+    async def start(self) -> None:
+        """Connect to etcd, bind the server and start campaigning. Raises EtcdError or ListenError."""
+        await self.etcd.connect()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        try:
+            self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            await self.etcd.close()
+            raise ListenError(f"cannot listen on {self.config.listen}: {exc}") from exc
+        if self.port == 0:
+            await self.etcd.close()
+            raise ListenError(f"cannot listen on {self.config.listen}: the address is in use or invalid")
+        await server.start()
+        self._server = server
+        await self._set_health(False)
+        self._loop_task = asyncio.create_task(self._lead_loop(), name="herder-election")
+
+    async def _set_health(self, leading: bool) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if leading else health_pb2.HealthCheckResponse.NOT_SERVING
+        # The process is up either way; the coordinator service serves only while leading.
+        await _maybe_await(self._health.set("", serving))
+        await _maybe_await(self._health.set(SERVICE_NAME, status))
+
+    async def _lead_loop(self) -> None:
+        key = keys.leader(self.prefix)
+        while not self._stop.is_set():
+            try:
+                holder = await election.current_leader(self.etcd, key)
+                self._leader_address = holder.address if holder else ""
+                leadership = await election.campaign(
+                    self.etcd, key, self.replica_id, self.address, self.config.lease, self._stop
+                )
+            except EtcdError as exc:
+                log.warning("election: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if leadership is None:
+                return
+            leader = NamespaceLeader(
+                self.etcd, self.config.namespace, leadership, self.config.leader, TaskTypeRegistry()
+            )
+            try:
+                await leader.start()
+            except EtcdError as exc:
+                log.error("could not rebuild state from etcd: %s", exc)
+                await leader.stop()
+                await leadership.resign()
+                continue
+            self.leader = leader
+            self._leader_address = self.address
+            await self._set_health(True)
+            log.info("coordinator %s leads namespace %s at %s", self.replica_id, self.config.namespace, self.address)
+            waits = [
+                asyncio.create_task(leadership.lost.wait()),
+                asyncio.create_task(leader.committer.failed.wait()),
+                asyncio.create_task(self._stop.wait()),
+            ]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if not self._stop.is_set():
+                log.error("coordinator %s lost leadership; stepping down", self.replica_id)
+            await self._set_health(False)
+            self.leader = None
+            await leader.stop()
+            await leadership.resign()
+
+    async def cluster_status(self) -> coordinator_pb2.GetClusterStatusResponse:
+        status = coordinator_pb2.GetClusterStatusResponse(
+            namespace=self.config.namespace, etcd_endpoints=list(self.config.etcd)
+        )
+        holder = await election.current_leader(self.etcd, keys.leader(self.prefix))
+        if holder is not None:
+            status.leader_id = holder.replica_id
+            status.leader_address = holder.address
+            status.leader_revision = holder.revision
+        status.replicas.append(
+            coordinator_pb2.Replica(
+                id=self.replica_id,
+                address=self.address,
+                leader=holder is not None and holder.replica_id == self.replica_id,
+            )
+        )
+        etcd_status = await self.etcd.status()
+        status.etcd_version = etcd_status.version
+        status.etcd_revision = etcd_status.revision
+        status.etcd_db_size_bytes = etcd_status.db_size
+        leader = self.leader
+        if leader is not None:
+            status.sessions = len(leader.sessions)
+            counts = leader.counts()
+            status.tasks_pending = counts.get(task_pb2.TASK_STATE_PENDING, 0)
+            status.tasks_queued = counts.get(task_pb2.TASK_STATE_QUEUED, 0)
+            status.tasks_running = counts.get(task_pb2.TASK_STATE_RUNNING, 0) + counts.get(
+                task_pb2.TASK_STATE_ASSIGNED, 0
+            )
+        return status
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Step down (releasing the leader key at once), end sessions and stop serving."""
+        self._stop.set()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        await self.etcd.close()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def __aenter__(self) -> Coordinator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _maybe_await(value: object) -> None:
+    if asyncio.iscoroutine(value):
+        await value
+
+
+async def serve(config: CoordinatorConfig) -> None:
+    """Run a coordinator until SIGINT or SIGTERM."""
+    coordinator = Coordinator(config)
+    await coordinator.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, coordinator.request_stop)
+    print(f"herder coordinator listening on {coordinator.address} (namespace {config.namespace})", flush=True)
+    try:
+        await coordinator.wait_stopped()
+    finally:
+        await coordinator.stop()

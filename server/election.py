@@ -1,0 +1,149 @@
+"""Leader election on an etcd lease, with the leader key's create revision as the fence.
+
+A replica campaigns by creating the leader key on its lease. Whoever created
+it leads until the lease ends; the key's create revision is the fencing token
+every leader write compares, so a deposed leader cannot write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from herder.server import _etcd
+from herder.server._etcd import Etcd, EtcdError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderInfo:
+    """Who leads: replica id, its gRPC address and the fence (the leader key's create revision)."""
+
+    replica_id: str
+    address: str
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSettings:
+    """ttl: seconds a dead leader keeps the key; keep-alives are sent every ttl/3."""
+
+    ttl: int = 5
+
+
+class Leadership:
+    """Held leadership. `lost` is set the moment the lease can no longer be trusted."""
+
+    def __init__(self, etcd: Etcd, key: bytes, lease: int, info: LeaderInfo, settings: LeaseSettings) -> None:
+        self.etcd = etcd
+        self.key = key
+        self.lease = lease
+        self.info = info
+        self.lost = asyncio.Event()
+        self._settings = settings
+        self._keeper = asyncio.create_task(self._keep_alive(), name="herder-leader-lease")
+
+    @property
+    def fence(self) -> int:
+        return self.info.revision
+
+    async def _keep_alive(self) -> None:
+        # The lease is trusted only until the last confirmed refresh plus its TTL,
+        # minus a margin: stop before etcd could hand the key to another replica.
+        interval = max(self._settings.ttl / 3, 0.2)
+        deadline = time.monotonic() + self._settings.ttl - interval
+        stream = self.etcd.keep_alive(self.lease, interval)
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.error("leader lease %x could not be refreshed in time", self.lease)
+                    return
+                try:
+                    ttl = await asyncio.wait_for(anext(stream), remaining)
+                except TimeoutError:
+                    continue
+                except (EtcdError, StopAsyncIteration) as exc:
+                    log.warning("leader lease keep-alive: %s", exc)
+                    await stream.aclose()
+                    await asyncio.sleep(min(interval / 2, max(remaining, 0.01)))
+                    stream = self.etcd.keep_alive(self.lease, interval)
+                    continue
+                if ttl <= 0:
+                    log.error("leader lease %x expired", self.lease)
+                    return
+                deadline = time.monotonic() + ttl - interval
+        finally:
+            self.lost.set()
+            await stream.aclose()
+
+    async def resign(self) -> None:
+        """Give up leadership: stop refreshing and revoke the lease (deleting the key). Safe to call twice."""
+        self.lost.set()
+        self._keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._keeper
+        await self.etcd.revoke(self.lease)
+
+
+async def campaign(
+    etcd: Etcd, key: bytes, replica_id: str, address: str, settings: LeaseSettings, stop: asyncio.Event
+) -> Leadership | None:
+    """Wait until this replica leads; returns None when stop is set first.
+
+    Raises EtcdError only for failures that are not transient; transient ones are retried.
+    """
+    value = json.dumps({"id": replica_id, "address": address}).encode()
+    while not stop.is_set():
+        try:
+            lease = await etcd.grant(settings.ttl)
+            reply = await etcd.txn(
+                [_etcd.create_revision_is(key, 0)],
+                [_etcd.put(key, value, lease)],
+                [_etcd.get(key)],
+            )
+            if reply.succeeded:
+                info = LeaderInfo(replica_id, address, reply.header.revision)
+                log.info("leading with fence %d", info.revision)
+                return Leadership(etcd, key, lease, info, settings)
+            await etcd.revoke(lease)
+            holder = reply.responses[0].response_range.kvs[0]
+            await _wait_deleted(etcd, key, holder.mod_revision + 1, stop)
+        except EtcdError as exc:
+            log.warning("campaign: %s; retrying", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    return None
+
+
+async def _wait_deleted(etcd: Etcd, key: bytes, from_revision: int, stop: asyncio.Event) -> None:
+    async def deleted() -> None:
+        async for event in etcd.watch(key, start_revision=from_revision):
+            if event.deleted:
+                return
+
+    waiter = asyncio.create_task(deleted())
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (waiter, stopper):
+            t.cancel()
+        for t in (waiter, stopper):
+            with contextlib.suppress(asyncio.CancelledError, EtcdError):
+                await t
+    if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
+        raise EtcdError(str(waiter.exception()))
+
+
+async def current_leader(etcd: Etcd, key: bytes) -> LeaderInfo | None:
+    kv, _ = await etcd.get(key)
+    if kv is None:
+        return None
+    data = json.loads(kv.value)
+    return LeaderInfo(str(data.get("id", "")), str(data.get("address", "")), kv.create_revision)

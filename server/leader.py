@@ -1,0 +1,696 @@
+"""The leader of one namespace: every piece of leader state lives here.
+
+It owns the fence (its Leadership), the committer, the task table, the ready
+and delay queues, the worker sessions and the watchers. Changes follow one
+rule: update memory synchronously, hand the record to the committer (which
+applies writes in order), and act outside (answer a caller, send an
+assignment, notify watchers) only once that write is committed. If a commit
+fails the leader is deposed and this object is discarded; the next leader
+rebuilds from etcd, so memory never needs rolling back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf import any_pb2, timestamp_pb2
+
+from herder.clients import errors
+from herder.clients.proto.v1 import coordinator_pb2, task_pb2
+from herder.server import keys
+from herder.server._etcd import Etcd
+from herder.server.committer import Committer, Write
+from herder.server.contracts import TaskTypeRegistry
+from herder.server.election import Leadership
+from herder.server.queues import DelayQueue, ReadyQueues
+from herder.server.retry import RetryDefaults, next_backoff
+from herder.server.sessions import Session, SessionSettings
+from herder.server.watchers import Change, WatchHub
+
+log = logging.getLogger(__name__)
+
+S = task_pb2.TaskState
+TERMINAL = frozenset({S.TASK_STATE_SUCCEEDED, S.TASK_STATE_FAILED, S.TASK_STATE_CANCELED, S.TASK_STATE_EXPIRED})
+ACTIVE = frozenset({S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING})
+
+WORKER_LOST = "herder.worker_lost"
+ACK_TIMEOUT = "herder.ack_timeout"
+BAD_OUTPUT = "herder.bad_output"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderSettings:
+    sessions: SessionSettings = field(default_factory=SessionSettings)
+    retry: RetryDefaults = field(default_factory=RetryDefaults)
+    accept_unregistered_types: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """A task the leader tracks: its latest state and the record last committed for it."""
+
+    task: task_pb2.Task
+    committed: bytes = b""
+    revision: int = 0
+    session: Session | None = None
+    ack_timer: asyncio.TimerHandle | None = None
+    # Monotonic time after which an attempt no session holds is re-queued.
+    orphan_deadline: float = 0.0
+
+
+def new_task_id() -> str:
+    """Time-ordered ids, so keys list in submission order."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+def _now_ts() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class NamespaceLeader:
+    """Leader state for one namespace. Create with `start()`; `stop()` tears it down (safe twice)."""
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        namespace: str,
+        leadership: Leadership,
+        settings: LeaderSettings,
+        registry: TaskTypeRegistry,
+    ) -> None:
+        self.etcd = etcd
+        self.namespace = namespace
+        self.prefix = keys.prefix(namespace)
+        self.leadership = leadership
+        self.settings = settings
+        self.registry = registry
+        self.committer = Committer(etcd, keys.leader(self.prefix), leadership.fence)
+        self.hub = WatchHub()
+        self.sessions: dict[str, Session] = {}
+        self._entries: dict[str, Entry] = {}
+        self._idempotency: dict[str, str] = {}
+        self._ready = ReadyQueues()
+        self._delayed = DelayQueue()
+        self._sequence = 0
+        self._dispatch_scheduled = False
+        self._delay_wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stopped = asyncio.Event()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Rebuild queues and types from etcd, then start the background loops."""
+        await self._load()
+        self._tasks = [
+            asyncio.create_task(self._delay_loop(), name="herder-delays"),
+            asyncio.create_task(self._liveness_loop(), name="herder-liveness"),
+        ]
+        self._schedule_dispatch()
+
+    async def _load(self) -> None:
+        async for kv in self.etcd.scan_prefix(keys.types_prefix(self.prefix)):
+            tt = task_pb2.TaskType.FromString(kv.value)
+            with contextlib.suppress(errors.HerderError):
+                self.registry.put(tt)
+        async for kv in self.etcd.scan_prefix(keys.idempotency_prefix(self.prefix)):
+            self._idempotency[kv.key[len(keys.idempotency_prefix(self.prefix)) :].decode()] = kv.value.decode()
+        grace = time.monotonic() + self.settings.sessions.heartbeat_timeout
+        loaded = 0
+        async for kv in self.etcd.scan_prefix(keys.tasks_prefix(self.prefix)):
+            task = task_pb2.Task.FromString(kv.value)
+            self._sequence = max(self._sequence, task.sequence)
+            if task.state in TERMINAL:
+                continue
+            entry = Entry(task, kv.value, kv.mod_revision)
+            self._entries[task.id] = entry
+            loaded += 1
+            if task.state == S.TASK_STATE_QUEUED:
+                self._ready.push(task.spec.type, task.spec.priority, task.sequence, task.id)
+            elif task.state == S.TASK_STATE_PENDING:
+                self._delayed.push(task.next_run_time.ToNanoseconds() / 1e9, task.id)
+            else:
+                # Its worker may still be running it: wait for it to reconnect and re-claim.
+                entry.orphan_deadline = grace
+        log.info("namespace %s: rebuilt %d unfinished tasks from etcd", self.namespace, loaded)
+
+    async def stop(self) -> None:
+        """Stop dispatching and end every session and watcher. Uncommitted writes fail."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for entry in self._entries.values():
+            if entry.ack_timer is not None:
+                entry.ack_timer.cancel()
+        for session in list(self.sessions.values()):
+            session.end()
+        self.sessions.clear()
+        self.hub.close_all()
+        await self.committer.close()
+
+    @property
+    def deposed(self) -> bool:
+        return self.leadership.lost.is_set() or self.committer.failed.is_set() or self.stopped.is_set()
+
+    def _check(self) -> None:
+        if self.deposed:
+            raise errors.UnavailableError("this coordinator is stepping down; retry on the new leader")
+
+    # ----------------------------------------------------------------- writes
+
+    def _write(self, entry: Entry, previous_state: int, extra: tuple[Write, ...] = ()) -> asyncio.Future[int]:
+        return self._write_record(entry, previous_state, extra)[0]
+
+    def _write_record(
+        self, entry: Entry, previous_state: int, extra: tuple[Write, ...] = ()
+    ) -> tuple[asyncio.Future[int], bytes]:
+        """Commit the entry's current state; returns the commit future and the record written."""
+        task = entry.task
+        data = task.SerializeToString()
+        state = task.state
+        future = self.committer.submit([Write(keys.task(self.prefix, task.id), data), *extra])
+
+        def committed(f: asyncio.Future[int]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            revision = f.result()
+            entry.committed, entry.revision = data, revision
+            if self.hub.wants(task.id):
+                self.hub.publish(task_pb2.Task.FromString(data), Change(data, previous_state, revision))
+            if state in TERMINAL and self._entries.get(task.id) is entry:
+                del self._entries[task.id]
+
+        future.add_done_callback(committed)
+        return future, data
+
+    async def _await(self, future: asyncio.Future[int]) -> int:
+        try:
+            return await asyncio.shield(future)
+        except errors.HerderError:
+            raise
+        except Exception as exc:
+            raise errors.UnavailableError(f"the write was not committed: {exc}") from exc
+
+    # ----------------------------------------------------------------- submit
+
+    async def submit(self, specs: list[task_pb2.TaskSpec]) -> list[tuple[task_pb2.Task, bool]]:
+        """Store validated specs; answers after every one is committed. Specs must be validated already."""
+        self._check()
+        now = _now_ts()
+        wall = time.time()
+        pending: list[tuple[asyncio.Future[int] | None, bytes, str]] = []
+        for spec in specs:
+            key = spec.idempotency_key
+            if key and key in self._idempotency:
+                pending.append((None, b"", self._idempotency[key]))
+                continue
+            self._sequence += 1
+            task = task_pb2.Task(id=new_task_id(), namespace=self.namespace, sequence=self._sequence)
+            task.spec.CopyFrom(spec)
+            if not task.spec.queue:
+                task.spec.queue = "default"
+            task.create_time.CopyFrom(now)
+            entry = Entry(task)
+            self._entries[task.id] = entry
+            if spec.HasField("not_before") and spec.not_before.ToNanoseconds() / 1e9 > wall:
+                task.state = S.TASK_STATE_PENDING
+                task.next_run_time.CopyFrom(spec.not_before)
+                self._delayed.push(spec.not_before.ToNanoseconds() / 1e9, task.id)
+                self._delay_wakeup.set()
+            else:
+                task.state = S.TASK_STATE_QUEUED
+                task.queue_time.CopyFrom(now)
+                self._ready.push(spec.type, spec.priority, task.sequence, task.id)
+            extra: tuple[Write, ...] = ()
+            if key:
+                self._idempotency[key] = task.id
+                extra = (Write(keys.idempotency(self.prefix, key), task.id.encode()),)
+            written, record = self._write_record(entry, S.TASK_STATE_UNSPECIFIED, extra)
+            pending.append((written, record, task.id))
+        self._schedule_dispatch()
+        results: list[tuple[task_pb2.Task, bool]] = []
+        for future, record, task_id in pending:
+            if future is not None:
+                await self._await(future)
+                results.append((task_pb2.Task.FromString(record), True))
+            else:
+                results.append((await self.get(task_id), False))
+        return results
+
+    # ----------------------------------------------------------------- reads
+
+    async def get(self, task_id: str) -> task_pb2.Task:
+        entry = self._entries.get(task_id)
+        if entry is not None and entry.committed:
+            return task_pb2.Task.FromString(entry.committed)
+        if entry is not None:
+            # Submitted but not yet committed: wait for its first commit.
+            await self._wait_committed(entry)
+            return task_pb2.Task.FromString(entry.committed)
+        kv, _ = await self.etcd.get(keys.task(self.prefix, task_id))
+        if kv is None:
+            raise errors.NotFoundError(f"task {task_id} not found")
+        return task_pb2.Task.FromString(kv.value)
+
+    async def get_with_revision(self, task_id: str) -> tuple[task_pb2.Task, int]:
+        entry = self._entries.get(task_id)
+        if entry is not None:
+            if not entry.committed:
+                await self._wait_committed(entry)
+            return task_pb2.Task.FromString(entry.committed), entry.revision
+        kv, _ = await self.etcd.get(keys.task(self.prefix, task_id))
+        if kv is None:
+            raise errors.NotFoundError(f"task {task_id} not found")
+        return task_pb2.Task.FromString(kv.value), kv.mod_revision
+
+    async def _wait_committed(self, entry: Entry) -> None:
+        deadline = time.monotonic() + 10
+        while not entry.committed:
+            self._check()
+            if time.monotonic() > deadline:
+                raise errors.UnavailableError("the task is not committed yet")
+            await asyncio.sleep(0.001)
+
+    def active_snapshots(self) -> list[tuple[task_pb2.Task, int]]:
+        return [
+            (task_pb2.Task.FromString(e.committed), e.revision) for e in list(self._entries.values()) if e.committed
+        ]
+
+    # ----------------------------------------------------------------- cancel
+
+    async def cancel(self, task_id: str, reason: str) -> task_pb2.Task:
+        self._check()
+        entry = self._entries.get(task_id)
+        if entry is None or not entry.committed:
+            task = await self.get(task_id)
+            if task.state in TERMINAL:
+                raise errors.FailedPreconditionError(
+                    f"task {task_id} already finished as {S.Name(task.state).removeprefix('TASK_STATE_')}"
+                )
+            entry = self._entries.get(task_id)
+            if entry is None:
+                raise errors.FailedPreconditionError(f"task {task_id} already finished")
+        task = entry.task
+        if task.state in TERMINAL:
+            raise errors.FailedPreconditionError(f"task {task_id} is already finishing")
+        if task.state in ACTIVE and entry.session is not None and not entry.session.closed:
+            if not task.cancel_requested:
+                task.cancel_requested = True
+                future = self._write(entry, task.state)
+                session, attempt = entry.session, task.attempt
+                ref = coordinator_pb2.AttemptRef(task_id=task_id, attempt=attempt)
+                push = coordinator_pb2.ConnectResponse(
+                    cancel=coordinator_pb2.CancelAttempt(ref=ref, reason=reason or "canceled")
+                )
+                _after_commit(future, lambda: session.send(push))
+                await self._await(future)
+            return task_pb2.Task.FromString(entry.committed)
+        error = task_pb2.TaskError(type="herder.canceled", message=reason or "canceled", retryable=False)
+        await self._await(self._finish(entry, S.TASK_STATE_CANCELED, error=error))
+        return task_pb2.Task.FromString(entry.committed)
+
+    def _finish(
+        self,
+        entry: Entry,
+        state: int,
+        *,
+        error: task_pb2.TaskError | None = None,
+        result: any_pb2.Any | None = None,
+    ) -> asyncio.Future[int]:
+        task = entry.task
+        previous = task.state
+        self._release(entry)
+        task.state = state  # type: ignore[assignment]
+        task.finish_time.GetCurrentTime()
+        task.ClearField("next_run_time")
+        if error is not None:
+            task.error.CopyFrom(error)
+        if result is not None:
+            task.result.CopyFrom(result)
+        return self._write(entry, previous)
+
+    def _release(self, entry: Entry) -> None:
+        """Detach a task from queues, timers and its session."""
+        task = entry.task
+        self._ready.discard(task.id)
+        self._delayed.discard(task.id)
+        if entry.ack_timer is not None:
+            entry.ack_timer.cancel()
+            entry.ack_timer = None
+        if entry.session is not None:
+            if entry.session.held.get(task.id) == task.attempt:
+                del entry.session.held[task.id]
+            entry.session = None
+            self._schedule_dispatch()
+        entry.orphan_deadline = 0.0
+
+    # ----------------------------------------------------------------- types
+
+    async def register_type(self, task_type: task_pb2.TaskType) -> task_pb2.TaskType:
+        self._check()
+        task_type.register_time.GetCurrentTime()
+        self.registry.put(task_type)
+        await self._await(
+            self.committer.submit([Write(keys.task_type(self.prefix, task_type.name), task_type.SerializeToString())])
+        )
+        return task_type
+
+    # ----------------------------------------------------------------- dispatch
+
+    def _schedule_dispatch(self) -> None:
+        if not self._dispatch_scheduled and not self.stopped.is_set():
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        if self.deposed or not self._ready:
+            return
+        sessions = [s for s in self.sessions.values() if s.free > 0]
+        random.shuffle(sessions)
+        while sessions and self._ready:
+            still_free = []
+            for session in sessions:
+                task_id = self._ready.pop_best(session.task_types)
+                if task_id is None:
+                    continue
+                self._assign(self._entries[task_id], session)
+                if session.free > 0:
+                    still_free.append(session)
+            sessions = still_free
+
+    def _assign(self, entry: Entry, session: Session) -> None:
+        task = entry.task
+        previous = task.state
+        task.state = S.TASK_STATE_ASSIGNED
+        task.attempt += 1
+        task.worker_id = session.worker_id
+        task.session_id = session.id
+        task.assign_time.GetCurrentTime()
+        task.ClearField("progress")
+        task.waiting_reason = ""
+        entry.session = session
+        session.held[task.id] = task.attempt
+        attempt = task.attempt
+        future = self._write(entry, previous)
+
+        def send(f: asyncio.Future[int]) -> None:
+            if f.exception() is not None or session.held.get(task.id) != attempt or session.closed:
+                return
+            session.send(coordinator_pb2.ConnectResponse(assignment=coordinator_pb2.Assignment(task=task_of(entry))))
+            entry.ack_timer = asyncio.get_running_loop().call_later(
+                self.settings.sessions.ack_timeout, self._ack_expired, entry, session, attempt
+            )
+
+        future.add_done_callback(send)
+
+    def _ack_expired(self, entry: Entry, session: Session, attempt: int) -> None:
+        task = entry.task
+        entry.ack_timer = None
+        if task.attempt != attempt or task.state != S.TASK_STATE_ASSIGNED or entry.session is not session:
+            return
+        ref = coordinator_pb2.AttemptRef(task_id=task.id, attempt=attempt)
+        session.send(
+            coordinator_pb2.ConnectResponse(cancel=coordinator_pb2.CancelAttempt(ref=ref, reason="not acknowledged"))
+        )
+        log.info("task %s attempt %d not acknowledged by %s; re-queued", task.id, attempt, session.worker_id)
+        self._attempt_failed(entry, task_pb2.TaskError(type=ACK_TIMEOUT, message="assignment not acknowledged"))
+
+    # ----------------------------------------------------------------- attempt outcomes
+
+    def _requeue(self, entry: Entry) -> asyncio.Future[int]:
+        task = entry.task
+        previous = task.state
+        self._release(entry)
+        if task.cancel_requested:
+            return self._finish(
+                entry, S.TASK_STATE_CANCELED, error=task_pb2.TaskError(type="herder.canceled", message="canceled")
+            )
+        task.state = S.TASK_STATE_QUEUED
+        task.queue_time.GetCurrentTime()
+        task.ClearField("next_run_time")
+        task.worker_id = ""
+        task.session_id = ""
+        self._ready.push(task.spec.type, task.spec.priority, task.sequence, task.id)
+        self._schedule_dispatch()
+        return self._write(entry, previous)
+
+    def _attempt_failed(
+        self, entry: Entry, error: task_pb2.TaskError, retry_after: float | None = None
+    ) -> asyncio.Future[int]:
+        """Record a failed attempt; retry it (now or after a backoff) or fail the task."""
+        task = entry.task
+        if error.type in (WORKER_LOST, ACK_TIMEOUT):
+            error.retryable = True
+        task.attempt_errors.append(error)
+        policy = task.spec.retry
+        failures = len(task.attempt_errors)
+        max_attempts = policy.max_attempts or self.settings.retry.max_attempts
+        if (
+            task.cancel_requested
+            or not error.retryable
+            or error.type in policy.non_retryable_error_types
+            or failures >= max_attempts
+        ):
+            state = S.TASK_STATE_CANCELED if task.cancel_requested else S.TASK_STATE_FAILED
+            return self._finish(entry, state, error=error)
+        delay = retry_after if retry_after is not None else next_backoff(policy, failures, self.settings.retry)
+        if error.type in (WORKER_LOST, ACK_TIMEOUT) and retry_after is None:
+            delay = 0.0
+        if delay <= 0:
+            return self._requeue(entry)
+        previous = task.state
+        self._release(entry)
+        task.state = S.TASK_STATE_PENDING
+        task.worker_id = ""
+        task.session_id = ""
+        due = time.time() + delay
+        task.next_run_time.FromNanoseconds(int(due * 1e9))
+        self._delayed.push(due, task.id)
+        self._delay_wakeup.set()
+        return self._write(entry, previous)
+
+    def _held_by(self, session: Session, ref: coordinator_pb2.AttemptRef) -> Entry | None:
+        entry = self._entries.get(ref.task_id)
+        if (
+            entry is None
+            or entry.task.attempt != ref.attempt
+            or entry.task.state not in ACTIVE
+            or entry.session is not session
+        ):
+            return None
+        return entry
+
+    def acknowledge(self, session: Session, ref: coordinator_pb2.AttemptRef) -> None:
+        entry = self._held_by(session, ref)
+        if entry is None or entry.task.state != S.TASK_STATE_ASSIGNED:
+            return
+        if entry.ack_timer is not None:
+            entry.ack_timer.cancel()
+            entry.ack_timer = None
+        entry.task.state = S.TASK_STATE_RUNNING
+        entry.task.start_time.GetCurrentTime()
+        self._write(entry, S.TASK_STATE_ASSIGNED)
+
+    def progress(self, session: Session, update: coordinator_pb2.ProgressUpdate) -> None:
+        entry = self._held_by(session, update.ref)
+        if entry is None:
+            return
+        entry.task.progress.CopyFrom(update.progress)
+        entry.task.progress.update_time.GetCurrentTime()
+        self._write(entry, entry.task.state)
+
+    def result(self, session: Session, result: coordinator_pb2.AttemptResult) -> None:
+        """Apply an attempt's outcome; the worker gets its ResultAck once the outcome is committed."""
+        ref = result.ref
+        entry = self._held_by(session, ref)
+        if entry is None:
+            session.send(_result_ack(ref, False, "stale attempt: superseded, finished or not this worker's"))
+            return
+        task = entry.task
+        outcome = result.WhichOneof("outcome")
+        if outcome == "output":
+            output_class = self.registry.output_class(task.spec.type)
+            expected = output_class.DESCRIPTOR.full_name if output_class is not None else ""
+            got = result.output.type_url.rpartition("/")[2]
+            if expected and got != expected:
+                future = self._finish(
+                    entry,
+                    S.TASK_STATE_FAILED,
+                    error=task_pb2.TaskError(
+                        type=BAD_OUTPUT,
+                        message=f"handler returned {got or 'nothing'}, expected {expected}",
+                    ),
+                )
+            else:
+                future = self._finish(entry, S.TASK_STATE_SUCCEEDED, result=result.output)
+        elif outcome == "error":
+            retry_after = result.retry_after.ToNanoseconds() / 1e9 if result.HasField("retry_after") else None
+            error = task_pb2.TaskError()
+            error.CopyFrom(result.error)
+            future = self._attempt_failed(entry, error, retry_after)
+        elif task.cancel_requested:
+            future = self._finish(
+                entry,
+                S.TASK_STATE_CANCELED,
+                error=task_pb2.TaskError(type="herder.canceled", message=result.canceled or "canceled"),
+            )
+        else:
+            # Stopped by the worker itself (shutdown): run it again elsewhere, not counted as a failure.
+            future = self._requeue(entry)
+        _after_commit(future, lambda: session.send(_result_ack(ref, True, "")))
+
+    # ----------------------------------------------------------------- sessions
+
+    def open_session(self, hello: coordinator_pb2.WorkerHello, peer: str) -> tuple[Session, coordinator_pb2.Welcome]:
+        self._check()
+        settings = self.settings.sessions
+        session = Session(
+            worker_id=hello.worker_id,
+            task_types=frozenset(hello.task_types),
+            slots=hello.slots,
+            labels=dict(hello.labels),
+            address=hello.address or peer,
+        )
+        welcome = coordinator_pb2.Welcome(session_id=session.id)
+        welcome.heartbeat_interval.FromNanoseconds(int(settings.heartbeat_interval * 1e9))
+        welcome.heartbeat_timeout.FromNanoseconds(int(settings.heartbeat_timeout * 1e9))
+        welcome.ack_timeout.FromNanoseconds(int(settings.ack_timeout * 1e9))
+        for ref in hello.running:
+            entry = self._entries.get(ref.task_id)
+            if (
+                entry is None
+                or entry.task.attempt != ref.attempt
+                or entry.task.state not in ACTIVE
+                or entry.task.worker_id != hello.worker_id
+            ):
+                welcome.rejected.append(ref)
+                continue
+            previous = entry.task.state
+            if entry.session is not None and entry.session.held.get(ref.task_id) == ref.attempt:
+                del entry.session.held[ref.task_id]
+            if entry.ack_timer is not None:
+                entry.ack_timer.cancel()
+                entry.ack_timer = None
+            entry.session = session
+            entry.orphan_deadline = 0.0
+            session.held[ref.task_id] = ref.attempt
+            entry.task.session_id = session.id
+            if previous == S.TASK_STATE_ASSIGNED:
+                entry.task.state = S.TASK_STATE_RUNNING
+                entry.task.start_time.GetCurrentTime()
+            self._write(entry, previous)
+            welcome.reclaimed.append(ref)
+        self.sessions[session.id] = session
+        log.info(
+            "session %s: worker %s, %d slots, types %s, re-claimed %d",
+            session.id,
+            session.worker_id,
+            session.slots,
+            sorted(session.task_types),
+            len(welcome.reclaimed),
+        )
+        self._schedule_dispatch()
+        return session, welcome
+
+    def heartbeat(self, session: Session, beat: coordinator_pb2.Heartbeat) -> None:
+        session.beat()
+        if beat.draining and not session.draining:
+            session.draining = True
+            log.info("session %s is draining", session.id)
+        session.send(coordinator_pb2.ConnectResponse(heartbeat_ack=coordinator_pb2.HeartbeatAck()))
+
+    def close_session(self, session: Session) -> None:
+        """The stream ended: its attempts wait heartbeat_timeout for the worker to re-claim them."""
+        session.end()
+        if self.sessions.pop(session.id, None) is None:
+            return
+        deadline = time.monotonic() + self.settings.sessions.heartbeat_timeout
+        for task_id, attempt in list(session.held.items()):
+            entry = self._entries.get(task_id)
+            if entry is not None and entry.session is session and entry.task.attempt == attempt:
+                if entry.ack_timer is not None:
+                    entry.ack_timer.cancel()
+                    entry.ack_timer = None
+                entry.session = None
+                entry.orphan_deadline = deadline
+        session.held.clear()
+        log.info("session %s of worker %s closed", session.id, session.worker_id)
+
+    async def _liveness_loop(self) -> None:
+        settings = self.settings.sessions
+        while True:
+            await asyncio.sleep(min(settings.heartbeat_interval / 2, 0.5))
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if now - session.last_heartbeat > settings.heartbeat_timeout:
+                    log.warning("session %s of worker %s missed its heartbeats", session.id, session.worker_id)
+                    self.close_session(session)
+                    for entry in self._entries.values():
+                        if entry.orphan_deadline and entry.task.session_id == session.id:
+                            entry.orphan_deadline = now
+            for entry in list(self._entries.values()):
+                if entry.orphan_deadline and entry.orphan_deadline <= now and entry.task.state in ACTIVE:
+                    entry.orphan_deadline = 0.0
+                    log.info("task %s attempt %d lost its worker; re-queued", entry.task.id, entry.task.attempt)
+                    self._attempt_failed(
+                        entry,
+                        task_pb2.TaskError(type=WORKER_LOST, message=f"worker {entry.task.worker_id} went away"),
+                    )
+
+    async def _delay_loop(self) -> None:
+        while True:
+            due = self._delayed.next_due()
+            self._delay_wakeup.clear()
+            if due is None:
+                await self._delay_wakeup.wait()
+                continue
+            wait = due - time.time()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._delay_wakeup.wait(), wait)
+                continue
+            for task_id in self._delayed.pop_due(time.time()):
+                entry = self._entries.get(task_id)
+                if entry is not None and entry.task.state == S.TASK_STATE_PENDING:
+                    self._requeue(entry)
+
+    # ----------------------------------------------------------------- status
+
+    def counts(self) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for entry in self._entries.values():
+            found[entry.task.state] = found.get(entry.task.state, 0) + 1
+        return found
+
+
+def task_of(entry: Entry) -> task_pb2.Task:
+    return task_pb2.Task.FromString(entry.committed)
+
+
+def _after_commit(future: asyncio.Future[int], action: Callable[[], None]) -> None:
+    def run(f: asyncio.Future[int]) -> None:
+        if not f.cancelled() and f.exception() is None:
+            action()
+
+    future.add_done_callback(run)
+
+
+def _result_ack(ref: coordinator_pb2.AttemptRef, accepted: bool, reason: str) -> coordinator_pb2.ConnectResponse:
+    return coordinator_pb2.ConnectResponse(
+        result_ack=coordinator_pb2.ResultAck(ref=ref, accepted=accepted, reason=reason)
+    )

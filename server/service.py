@@ -1,0 +1,374 @@
+"""CoordinatorService: the gRPC edge. It validates, converts and hands work to the namespace leader."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from herder.clients import errors
+from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
+from herder.server import keys, validation
+from herder.server._etcd import EtcdError, prefix_end
+from herder.server.contracts import render_json, resolve_payload
+from herder.server.leader import NamespaceLeader
+from herder.server.watchers import Change, TaskFilter
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]
+
+
+def _unary(method: Handler[R]) -> Handler[R]:
+    """Turn Herder and etcd errors into gRPC statuses, in one place for every unary RPC."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+        try:
+            return await method(self, request, context)
+        except errors.HerderError as exc:
+            await context.abort_with_status(errors.to_status(exc))
+        except EtcdError as exc:
+            await context.abort_with_status(errors.to_status(errors.UnavailableError(str(exc))))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, coordinator: Any) -> None:
+        # herder.server.app.Coordinator; typed loosely to keep the import one-way.
+        self._coordinator = coordinator
+        self._limits: validation.Limits = coordinator.limits
+
+    def _leader(self) -> NamespaceLeader:
+        leader: NamespaceLeader | None = self._coordinator.leader
+        if leader is None or leader.deposed:
+            raise errors.NotLeaderError(
+                "this coordinator is not the leader", leader_address=self._coordinator.leader_address()
+            )
+        return leader
+
+    def _prepare(self, leader: NamespaceLeader, spec: task_pb2.TaskSpec, prefix: str) -> list[errors.FieldViolation]:
+        violations = validation.validate_spec(spec, self._limits, prefix)
+        if not violations:
+            violations = resolve_payload(
+                spec,
+                leader.registry,
+                accept_unregistered=leader.settings.accept_unregistered_types,
+                prefix=prefix,
+            )
+        return violations
+
+    @_unary
+    async def SubmitTask(
+        self, request: coordinator_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.SubmitTaskResponse:
+        leader = self._leader()
+        spec = request.spec
+        validation.raise_if(self._prepare(leader, spec, "spec"), "invalid task spec")
+        [(task, created)] = await leader.submit([spec])
+        return coordinator_pb2.SubmitTaskResponse(task=task, created=created)
+
+    @_unary
+    async def SubmitTasks(
+        self, request: coordinator_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.SubmitTasksResponse:
+        leader = self._leader()
+        validation.raise_if(validation.validate_batch_size(len(request.specs), "specs", self._limits), "invalid batch")
+        results = [coordinator_pb2.SubmitTaskResult() for _ in request.specs]
+        accepted: list[tuple[int, task_pb2.TaskSpec]] = []
+        for i, spec in enumerate(request.specs):
+            violations = self._prepare(leader, spec, f"specs[{i}]")
+            if violations:
+                status = errors.to_status_proto(errors.InvalidArgumentError("invalid task spec", violations=violations))
+                results[i].code = status.code
+                results[i].message = status.message
+                results[i].details.extend(status.details)
+            else:
+                accepted.append((i, spec))
+        stored = await leader.submit([spec for _, spec in accepted])
+        for (i, _), (task, created) in zip(accepted, stored, strict=True):
+            results[i].task.CopyFrom(task)
+            results[i].created = created
+        return coordinator_pb2.SubmitTasksResponse(results=results)
+
+    def _render(self, task: task_pb2.Task, include_json: bool) -> task_pb2.Task:
+        leader = self._coordinator.leader
+        if include_json and task.HasField("result") and leader is not None:
+            task.result_json = render_json(task.result, leader.registry, task.spec.type)
+        return task
+
+    @_unary
+    async def GetTask(
+        self, request: coordinator_pb2.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.GetTaskResponse:
+        validation.raise_if(validation.validate_id(request.id, "id", self._limits), "invalid task id")
+        task = await self._leader().get(request.id)
+        return coordinator_pb2.GetTaskResponse(task=self._render(task, request.include_result_json))
+
+    @_unary
+    async def ListTasks(
+        self, request: coordinator_pb2.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.ListTasksResponse:
+        violations = validation.validate_page_size(request.page_size, "page_size", self._limits)
+        start = b""
+        if request.page_token:
+            try:
+                start = base64.urlsafe_b64decode(request.page_token.encode())
+            except (ValueError, TypeError):
+                violations.append(errors.FieldViolation("page_token", "is not a token from an earlier page"))
+        task_filter = TaskFilter(
+            queue=request.queue, states=frozenset(request.states), type=request.type, tags=frozenset(request.tags)
+        )
+        validation.raise_if(violations, "invalid listing request")
+        self._leader()
+        etcd = self._coordinator.etcd
+        tasks_prefix = keys.tasks_prefix(self._coordinator.prefix)
+        if start and not start.startswith(tasks_prefix):
+            validation.raise_if([errors.FieldViolation("page_token", "belongs to another listing")], "bad token")
+        page_size = request.page_size or 100
+        found: list[task_pb2.Task] = []
+        cursor = start + b"\0" if start else tasks_prefix
+        end = prefix_end(tasks_prefix)
+        last_key = b""
+        more = True
+        while len(found) < page_size and more:
+            kvs, more, _ = await etcd.range(cursor, end, limit=max(page_size * 2, 100))
+            for kv in kvs:
+                last_key = kv.key
+                task = task_pb2.Task.FromString(kv.value)
+                if task_filter.matches(task):
+                    found.append(task)
+                    if len(found) == page_size:
+                        more = more or kv is not kvs[-1]
+                        break
+            if not kvs:
+                break
+            cursor = last_key + b"\0"
+        token = base64.urlsafe_b64encode(last_key).decode() if more and last_key else ""
+        return coordinator_pb2.ListTasksResponse(tasks=found, next_page_token=token)
+
+    @_unary
+    async def CancelTask(
+        self, request: coordinator_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.CancelTaskResponse:
+        violations = validation.validate_id(request.id, "id", self._limits)
+        if len(request.reason) > 1024:
+            violations.append(errors.FieldViolation("reason", "must be at most 1024 characters"))
+        validation.raise_if(violations, "invalid cancel request")
+        task = await self._leader().cancel(request.id, request.reason)
+        return coordinator_pb2.CancelTaskResponse(task=task)
+
+    @_unary
+    async def UpdateTaskPriority(
+        self, request: coordinator_pb2.UpdateTaskPriorityRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.UpdateTaskPriorityResponse:
+        raise errors.UnimplementedError("UpdateTaskPriority arrives with the scheduler")
+
+    @_unary
+    async def ListQueues(
+        self, request: coordinator_pb2.ListQueuesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.ListQueuesResponse:
+        raise errors.UnimplementedError("ListQueues arrives with the scheduler")
+
+    @_unary
+    async def RegisterTaskType(
+        self, request: coordinator_pb2.RegisterTaskTypeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.RegisterTaskTypeResponse:
+        leader = self._leader()
+        task_type = request.task_type
+        violations = validation.validate_task_type(task_type, self._limits, "task_type")
+        validation.raise_if(violations, "invalid task type")
+        stored = await leader.register_type(task_type)
+        return coordinator_pb2.RegisterTaskTypeResponse(task_type=stored)
+
+    @_unary
+    async def ListTaskTypes(
+        self, request: coordinator_pb2.ListTaskTypesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.ListTaskTypesResponse:
+        types = [
+            task_pb2.TaskType.FromString(kv.value)
+            async for kv in self._coordinator.etcd.scan_prefix(keys.types_prefix(self._coordinator.prefix))
+        ]
+        return coordinator_pb2.ListTaskTypesResponse(task_types=types)
+
+    @_unary
+    async def ListNodes(
+        self, request: coordinator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.ListNodesResponse:
+        leader = self._leader()
+        nodes = []
+        for session in leader.sessions.values():
+            node = coordinator_pb2.Node(
+                worker_id=session.worker_id,
+                session_id=session.id,
+                task_types=sorted(session.task_types),
+                slots=session.slots,
+                running=len(session.held),
+                address=session.address,
+                labels=session.labels,
+            )
+            node.connect_time.FromNanoseconds(int(session.connect_time * 1e9))
+            node.last_heartbeat_time.FromNanoseconds(int(session.last_heartbeat_wall * 1e9))
+            nodes.append(node)
+        return coordinator_pb2.ListNodesResponse(nodes=nodes)
+
+    @_unary
+    async def GetClusterStatus(
+        self, request: coordinator_pb2.GetClusterStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.GetClusterStatusResponse:
+        status: coordinator_pb2.GetClusterStatusResponse = await self._coordinator.cluster_status()
+        return status
+
+    async def WatchTasks(
+        self, request: coordinator_pb2.WatchTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[coordinator_pb2.WatchTasksResponse]:
+        try:
+            violations = [
+                v
+                for i, task_id in enumerate(request.ids)
+                for v in validation.validate_id(task_id, f"ids[{i}]", self._limits)
+            ]
+            if len(request.ids) > self._limits.max_batch:
+                violations.append(errors.FieldViolation("ids", f"at most {self._limits.max_batch} ids"))
+            validation.raise_if(violations, "invalid watch request")
+            leader = self._leader()
+        except errors.HerderError as exc:
+            await context.abort_with_status(errors.to_status(exc))
+            return
+        task_filter = TaskFilter(
+            ids=frozenset(request.ids),
+            queue=request.queue,
+            states=frozenset(request.states),
+            type=request.type,
+            tags=frozenset(request.tags),
+        )
+        sub = leader.hub.subscribe(task_filter)
+        seen: dict[str, int] = {}
+        try:
+            initial: list[tuple[task_pb2.Task, int]] = []
+            if request.ids:
+                for task_id in request.ids:
+                    try:
+                        initial.append(await leader.get_with_revision(task_id))
+                    except errors.NotFoundError:
+                        continue
+            else:
+                initial = [(t, rev) for t, rev in leader.active_snapshots() if task_filter.matches(t)]
+            for task, revision in initial:
+                seen[task.id] = revision
+                if not request.skip_initial and task_filter.matches(task):
+                    event = task_pb2.TaskEvent(
+                        task=self._render(task, request.include_result_json), initial=True, revision=revision
+                    )
+                    yield coordinator_pb2.WatchTasksResponse(event=event)
+            while True:
+                change: Change | None = await sub.queue.get()
+                if change is None:
+                    if sub.overflowed:
+                        await context.abort_with_status(
+                            errors.to_status(errors.ResourceExhaustedError("watcher fell too far behind"))
+                        )
+                    elif leader.deposed:
+                        await context.abort_with_status(
+                            errors.to_status(
+                                errors.NotLeaderError(
+                                    "the coordinator stepped down", leader_address=self._coordinator.leader_address()
+                                )
+                            )
+                        )
+                    return
+                task = task_pb2.Task.FromString(change.record)
+                if change.revision <= seen.get(task.id, 0):
+                    continue
+                seen[task.id] = change.revision
+                event = task_pb2.TaskEvent(
+                    task=self._render(task, request.include_result_json),
+                    previous_state=change.previous_state,  # type: ignore[arg-type]
+                    revision=change.revision,
+                )
+                yield coordinator_pb2.WatchTasksResponse(event=event)
+        finally:
+            leader.hub.unsubscribe(sub)
+
+    # Connect uses the context's read/write API, not a generator, so its reader and writer run apart.
+    async def Connect(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[coordinator_pb2.ConnectRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        try:
+            leader = self._leader()
+            try:
+                first = await asyncio.wait_for(context.read(), 30)
+            except TimeoutError:
+                raise errors.InvalidArgumentError("no hello within 30s") from None
+            if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
+                raise errors.InvalidArgumentError("the first message on Connect must be a hello")
+            hello = first.hello
+            violations = []
+            if not hello.worker_id or len(hello.worker_id) > self._limits.max_id_length:
+                violations.append(errors.FieldViolation("hello.worker_id", "must be 1 to 128 characters"))
+            if not hello.task_types:
+                violations.append(errors.FieldViolation("hello.task_types", "must name at least one task type"))
+            if not 1 <= hello.slots <= 10_000:
+                violations.append(errors.FieldViolation("hello.slots", "must be between 1 and 10000"))
+            validation.raise_if(violations, "invalid hello")
+            session, welcome = leader.open_session(hello, context.peer())
+        except errors.HerderError as exc:
+            await context.abort_with_status(errors.to_status(exc))
+            return
+        reader = asyncio.create_task(self._read(leader, session, context))
+        try:
+            await context.write(coordinator_pb2.ConnectResponse(welcome=welcome))
+            while True:
+                message = await session.outbox.get()
+                if message is None:
+                    break
+                await context.write(message)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            leader.close_session(session)
+        if leader.deposed:
+            await context.abort_with_status(
+                errors.to_status(
+                    errors.NotLeaderError(
+                        "the coordinator stepped down", leader_address=self._coordinator.leader_address()
+                    )
+                )
+            )
+
+    async def _read(self, leader: NamespaceLeader, session: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    break
+                kind = message.WhichOneof("message")
+                if kind == "ack":
+                    leader.acknowledge(session, message.ack.ref)
+                elif kind == "result":
+                    leader.result(session, message.result)
+                elif kind == "progress":
+                    leader.progress(session, message.progress)
+                elif kind == "heartbeat":
+                    leader.heartbeat(session, message.heartbeat)
+                else:
+                    log.warning("session %s sent an unexpected %s; ignored", session.id, kind)
+                    continue
+                if kind != "heartbeat":
+                    session.beat()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            log.info("session %s stream failed: %s", session.id, exc)
+        finally:
+            session.end()

@@ -1,0 +1,309 @@
+"""Request validation in one place: every bad field of a request, reported at once.
+
+Each `validate_*` function returns the list of violations (empty when the
+input is fine) with paths as the caller names them (`spec.tags[2]`,
+`specs[3].payload`), so a batch can say which item and which field is wrong.
+`raise_if` turns a non-empty list into one InvalidArgumentError.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from herder.clients import errors
+from herder.clients.errors import FieldViolation
+from herder.clients.proto.v1 import task_pb2
+from herder.server import contracts
+
+# Type and queue names: safe in etcd keys, metric labels and command lines.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# A protobuf full message name, such as "images.v1.ResizeRequest".
+_FULL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+# Ids: printable ASCII without spaces.
+_ID = re.compile(r"[!-~]+")
+
+# The ranges google.protobuf.Timestamp and Duration define (0001-01-01 .. 9999-12-31, about 10,000 years).
+_MIN_TIMESTAMP_SECONDS = -62_135_596_800
+_MAX_TIMESTAMP_SECONDS = 253_402_300_799
+_MAX_DURATION_SECONDS = 315_576_000_000
+_MAX_NANOS = 999_999_999
+# Long keys are cut short when they appear inside a field path.
+_MAX_KEY_IN_PATH = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a request may carry. Lengths count characters; sizes count bytes."""
+
+    # Size of the payload: the Any's value bytes, or payload_json's UTF-8 bytes.
+    max_payload_bytes: int = 256 * 1024
+    # Type, queue and concurrency key names.
+    max_name_length: int = 128
+    max_idempotency_key_length: int = 256
+    max_tags: int = 32
+    max_tag_length: int = 128
+    max_metadata: int = 32
+    max_metadata_key_length: int = 128
+    max_metadata_value_length: int = 1024
+    # Specs in one SubmitTasks request.
+    max_batch: int = 1000
+    # RetryPolicy.max_attempts.
+    max_attempts_limit: int = 100
+    # Largest |priority|.
+    max_abs_priority: int = 1_000_000
+    max_page_size: int = 1000
+    # Page size used when a request leaves it 0.
+    default_page_size: int = 100
+    # Task ids, worker ids and other opaque identifiers.
+    max_id_length: int = 128
+    # Resources.cpu_millis: a thousand cores.
+    max_cpu_millis: int = 1_000_000
+    # Resources.memory_bytes: 1 TiB.
+    max_memory_bytes: int = 1 << 40
+    # TaskType.description.
+    max_description_length: int = 4096
+    # TaskType.descriptors, serialized; it is stored in one etcd value (1.5 MiB at most by default).
+    max_descriptors_bytes: int = 1024 * 1024
+
+
+def raise_if(violations: Sequence[FieldViolation], message: str) -> None:
+    """Raises InvalidArgumentError(message) carrying `violations` when there are any."""
+    if violations:
+        raise errors.bad_request(message, [(v.field, v.description) for v in violations])
+
+
+def validate_name(value: str, field: str, limits: Limits, *, required: bool = True) -> list[FieldViolation]:
+    """A type or queue name: matches NAME_PATTERN and fits max_name_length; empty only when not required."""
+    if not value:
+        return [FieldViolation(field, "is required")] if required else []
+    found: list[FieldViolation] = []
+    if len(value) > limits.max_name_length:
+        found.append(_too_long(field, value, limits.max_name_length))
+    if not NAME_PATTERN.fullmatch(value):
+        found.append(
+            FieldViolation(
+                field,
+                "must start with a letter or digit and contain only letters, digits and . _ : / -",
+            )
+        )
+    return found
+
+
+def validate_id(value: str, field: str, limits: Limits) -> list[FieldViolation]:
+    """An opaque id (task, worker, session): non-empty printable ASCII without spaces, at most max_id_length."""
+    if not value:
+        return [FieldViolation(field, "is required")]
+    if len(value) > limits.max_id_length:
+        return [_too_long(field, value, limits.max_id_length)]
+    if not _ID.fullmatch(value):
+        return [FieldViolation(field, "must be printable ASCII without spaces")]
+    return []
+
+
+def validate_page_size(value: int, field: str, limits: Limits) -> list[FieldViolation]:
+    """0 (the default, `limits.default_page_size`) up to max_page_size."""
+    if value < 0 or value > limits.max_page_size:
+        return [FieldViolation(field, f"must be between 0 and {limits.max_page_size}, got {value}")]
+    return []
+
+
+def validate_batch_size(count: int, field: str, limits: Limits) -> list[FieldViolation]:
+    """At least one item and at most max_batch."""
+    if count == 0:
+        return [FieldViolation(field, "must not be empty")]
+    if count > limits.max_batch:
+        return [FieldViolation(field, f"has {count} items, at most {limits.max_batch} allowed")]
+    return []
+
+
+def validate_spec(spec: task_pb2.TaskSpec, limits: Limits, prefix: str = "spec") -> list[FieldViolation]:
+    """Every violation in `spec`, with paths under `prefix`.
+
+    Checks the shape of each field only; whether the payload matches the
+    registered type is `contracts.resolve_payload`'s job.
+    """
+    found = validate_name(spec.type, f"{prefix}.type", limits)
+    found += validate_name(spec.queue, f"{prefix}.queue", limits, required=False)
+    found += _payload(spec, limits, prefix)
+    if abs(spec.priority) > limits.max_abs_priority:
+        found.append(
+            FieldViolation(
+                f"{prefix}.priority",
+                f"must be between -{limits.max_abs_priority} and {limits.max_abs_priority}, got {spec.priority}",
+            )
+        )
+    if len(spec.idempotency_key) > limits.max_idempotency_key_length:
+        found.append(_too_long(f"{prefix}.idempotency_key", spec.idempotency_key, limits.max_idempotency_key_length))
+    if len(spec.concurrency_key) > limits.max_name_length:
+        found.append(_too_long(f"{prefix}.concurrency_key", spec.concurrency_key, limits.max_name_length))
+    if not spec.concurrency_key.isprintable():
+        found.append(FieldViolation(f"{prefix}.concurrency_key", "must not contain control characters"))
+    found += _timestamp(spec.not_before, f"{prefix}.not_before")
+    found += _duration(spec.ttl, f"{prefix}.ttl")
+    found += _duration(spec.timeout, f"{prefix}.timeout")
+    found += _retry(spec.retry, limits, f"{prefix}.retry")
+    found += _tags(spec.tags, limits, f"{prefix}.tags")
+    found += _metadata(spec.metadata, limits, f"{prefix}.metadata")
+    if spec.resources.cpu_millis > limits.max_cpu_millis:
+        found.append(FieldViolation(f"{prefix}.resources.cpu_millis", f"must be at most {limits.max_cpu_millis}"))
+    if spec.resources.memory_bytes > limits.max_memory_bytes:
+        found.append(FieldViolation(f"{prefix}.resources.memory_bytes", f"must be at most {limits.max_memory_bytes}"))
+    return found
+
+
+def validate_task_type(task_type: task_pb2.TaskType, limits: Limits, prefix: str = "task_type") -> list[FieldViolation]:
+    """Every violation in a RegisterTaskType request's type, its descriptors included.
+
+    An empty list means `contracts.TaskTypeRegistry.put` accepts it.
+    """
+    found = validate_name(task_type.name, f"{prefix}.name", limits)
+    for name in ("input_type", "output_type"):
+        value: str = getattr(task_type, name)
+        if not value:
+            found.append(FieldViolation(f"{prefix}.{name}", "is required"))
+        elif not _FULL_NAME.fullmatch(value):
+            found.append(
+                FieldViolation(f"{prefix}.{name}", f"must be a full message name such as pkg.v1.Request, got {value!r}")
+            )
+    if len(task_type.description) > limits.max_description_length:
+        found.append(_too_long(f"{prefix}.description", task_type.description, limits.max_description_length))
+    size = task_type.descriptors.ByteSize()
+    if size > limits.max_descriptors_bytes:
+        found.append(
+            FieldViolation(f"{prefix}.descriptors", f"is {size} bytes, at most {limits.max_descriptors_bytes} allowed")
+        )
+        return found
+    # The contract check repeats "is required" / bad-name findings in its own words; keep the first.
+    named = {v.field for v in found}
+    found += [v for v in contracts.contract_violations(task_type, prefix) if v.field not in named]
+    return found
+
+
+def _payload(spec: task_pb2.TaskSpec, limits: Limits, prefix: str) -> list[FieldViolation]:
+    found: list[FieldViolation] = []
+    has_any = spec.HasField("payload")
+    if has_any and spec.payload_json:
+        found.append(FieldViolation(f"{prefix}.payload_json", contracts.BOTH_PAYLOADS))
+    if has_any:
+        if not contracts.type_name_of(spec.payload.type_url):
+            found.append(FieldViolation(f"{prefix}.payload.type_url", "must name the message type"))
+        size = len(spec.payload.value)
+        if size > limits.max_payload_bytes:
+            found.append(_too_big(f"{prefix}.payload", size, limits.max_payload_bytes))
+    json_size = len(spec.payload_json.encode())
+    if json_size > limits.max_payload_bytes:
+        found.append(_too_big(f"{prefix}.payload_json", json_size, limits.max_payload_bytes))
+    return found
+
+
+def _retry(retry: task_pb2.RetryPolicy, limits: Limits, prefix: str) -> list[FieldViolation]:
+    found: list[FieldViolation] = []
+    if retry.max_attempts > limits.max_attempts_limit:
+        found.append(FieldViolation(f"{prefix}.max_attempts", f"must be at most {limits.max_attempts_limit}"))
+    bad_durations = _duration(retry.initial_backoff, f"{prefix}.initial_backoff")
+    bad_durations += _duration(retry.max_backoff, f"{prefix}.max_backoff")
+    found += bad_durations
+    initial = _total_nanos(retry.initial_backoff)
+    maximum = _total_nanos(retry.max_backoff)
+    # Zero means "the coordinator's default", so the order only matters when both are given.
+    if not bad_durations and initial > 0 and maximum > 0 and maximum < initial:
+        found.append(FieldViolation(f"{prefix}.max_backoff", "must not be shorter than initial_backoff"))
+    multiplier = retry.backoff_multiplier
+    if not (multiplier == 0 or 1 <= multiplier <= 100):
+        found.append(FieldViolation(f"{prefix}.backoff_multiplier", f"must be 0 (default) or 1..100, got {multiplier}"))
+    if math.isnan(retry.jitter) or not 0 <= retry.jitter <= 1:
+        found.append(FieldViolation(f"{prefix}.jitter", f"must be between 0 and 1, got {retry.jitter}"))
+    for index, error_type in enumerate(retry.non_retryable_error_types):
+        if not error_type:
+            found.append(FieldViolation(f"{prefix}.non_retryable_error_types[{index}]", "must not be empty"))
+    return found
+
+
+def _tags(tags: Sequence[str], limits: Limits, prefix: str) -> list[FieldViolation]:
+    found: list[FieldViolation] = []
+    if len(tags) > limits.max_tags:
+        found.append(FieldViolation(prefix, f"has {len(tags)} tags, at most {limits.max_tags} allowed"))
+    first_index: dict[str, int] = {}
+    for index, tag in enumerate(tags):
+        field = f"{prefix}[{index}]"
+        if not tag:
+            found.append(FieldViolation(field, "must not be empty"))
+            continue
+        if len(tag) > limits.max_tag_length:
+            found.append(_too_long(field, tag, limits.max_tag_length))
+        if tag in first_index:
+            found.append(FieldViolation(field, f"duplicates {prefix}[{first_index[tag]}]"))
+        else:
+            first_index[tag] = index
+    return found
+
+
+def _metadata(items: Mapping[str, str], limits: Limits, prefix: str) -> list[FieldViolation]:
+    found: list[FieldViolation] = []
+    if len(items) > limits.max_metadata:
+        found.append(FieldViolation(prefix, f"has {len(items)} entries, at most {limits.max_metadata} allowed"))
+    for key in sorted(items):
+        shown = key if len(key) <= _MAX_KEY_IN_PATH else key[:_MAX_KEY_IN_PATH] + "..."
+        field = f"{prefix}[{shown}]"
+        if not key:
+            found.append(FieldViolation(field, "key must not be empty"))
+        elif len(key) > limits.max_metadata_key_length:
+            found.append(
+                FieldViolation(field, f"key is {len(key)} characters, at most {limits.max_metadata_key_length} allowed")
+            )
+        value = items[key]
+        if len(value) > limits.max_metadata_value_length:
+            found.append(
+                FieldViolation(
+                    field, f"value is {len(value)} characters, at most {limits.max_metadata_value_length} allowed"
+                )
+            )
+    return found
+
+
+def _timestamp(value: timestamp_pb2.Timestamp, field: str) -> list[FieldViolation]:
+    if not _MIN_TIMESTAMP_SECONDS <= value.seconds <= _MAX_TIMESTAMP_SECONDS:
+        return [FieldViolation(field, "seconds must be between years 0001 and 9999")]
+    if not 0 <= value.nanos <= _MAX_NANOS:
+        return [FieldViolation(field, f"nanos must be between 0 and {_MAX_NANOS}, got {value.nanos}")]
+    return []
+
+
+def _duration(value: duration_pb2.Duration, field: str) -> list[FieldViolation]:
+    if value.seconds < 0 or value.nanos < 0:
+        return [FieldViolation(field, "must not be negative")]
+    if value.seconds > _MAX_DURATION_SECONDS:
+        return [FieldViolation(field, f"seconds must be at most {_MAX_DURATION_SECONDS}")]
+    if value.nanos > _MAX_NANOS:
+        return [FieldViolation(field, f"nanos must be at most {_MAX_NANOS}, got {value.nanos}")]
+    return []
+
+
+def _total_nanos(value: duration_pb2.Duration) -> int:
+    return value.seconds * 1_000_000_000 + value.nanos
+
+
+def _too_long(field: str, value: str, limit: int) -> FieldViolation:
+    return FieldViolation(field, f"is {len(value)} characters, at most {limit} allowed")
+
+
+def _too_big(field: str, size: int, limit: int) -> FieldViolation:
+    return FieldViolation(field, f"is {size} bytes, at most {limit} allowed")
+
+
+__all__ = [
+    "NAME_PATTERN",
+    "Limits",
+    "raise_if",
+    "validate_batch_size",
+    "validate_id",
+    "validate_name",
+    "validate_page_size",
+    "validate_spec",
+    "validate_task_type",
+]
