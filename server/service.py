@@ -122,8 +122,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         start = b""
         if request.page_token:
             try:
-                start = base64.urlsafe_b64decode(request.page_token.encode())
+                start = base64.b64decode(request.page_token.encode(), altchars=b"-_", validate=True)
             except (ValueError, TypeError):
+                start = b"\xff"
+            if not start.startswith(keys.tasks_prefix(self._coordinator.prefix)):
                 violations.append(errors.FieldViolation("page_token", "is not a token from an earlier page"))
         task_filter = TaskFilter(
             queue=request.queue, states=frozenset(request.states), type=request.type, tags=frozenset(request.tags)
@@ -132,8 +134,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._leader()
         etcd = self._coordinator.etcd
         tasks_prefix = keys.tasks_prefix(self._coordinator.prefix)
-        if start and not start.startswith(tasks_prefix):
-            validation.raise_if([errors.FieldViolation("page_token", "belongs to another listing")], "bad token")
         page_size = request.page_size or 100
         found: list[task_pb2.Task] = []
         cursor = start + b"\0" if start else tasks_prefix
