@@ -1,1 +1,79 @@
-"""Herder clients: the generated contracts, the async Client, the Worker and the herder CLI."""
+"""Herder clients: the generated contracts, the async Client, the Worker and the herder CLI.
+
+    from herder.clients import Client, Worker
+
+Generated messages and stubs live in `herder.clients.proto` (`herder.clients.proto.v1.task_pb2`, ...).
+"""
+
+from herder.clients.backoff import Backoff
+from herder.clients.client import (
+    DEFAULT_ADDRESS,
+    TERMINAL_STATES,
+    Client,
+    Retry,
+    SyncClient,
+    SyncTaskHandle,
+    TaskHandle,
+    WatchReconnect,
+    is_terminal,
+    parse_state,
+    state_name,
+    task_spec,
+    unpack,
+)
+from herder.clients.errors import (
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    FieldViolation,
+    HerderError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    NotLeaderError,
+    ResourceExhaustedError,
+    StaleAttemptError,
+    TaskFailedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from herder.clients.worker import NonRetryableError, RetryAfter, TaskContext, Worker, WorkerSettings, run_worker
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "TERMINAL_STATES",
+    "AlreadyExistsError",
+    "Backoff",
+    "CancelledError",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "HerderError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NonRetryableError",
+    "NotFoundError",
+    "NotLeaderError",
+    "ResourceExhaustedError",
+    "Retry",
+    "RetryAfter",
+    "StaleAttemptError",
+    "SyncClient",
+    "SyncTaskHandle",
+    "TaskContext",
+    "TaskFailedError",
+    "TaskHandle",
+    "UnavailableError",
+    "UnimplementedError",
+    "WatchReconnect",
+    "Worker",
+    "WorkerSettings",
+    "is_terminal",
+    "parse_state",
+    "run_worker",
+    "state_name",
+    "task_spec",
+    "unpack",
+]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from herder.clients.runner import run as run_loop
 from herder.server import election, validation
 from herder.server._etcd import EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
@@ -89,7 +89,7 @@ def _is_host_port(value: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
-        asyncio.run(serve(config))
+        run_loop(serve(config))
     except EtcdError as exc:
         print(f"herder coordinator: cannot reach etcd at {','.join(config.etcd)}: {exc}", file=sys.stderr)
         return 1

@@ -1,9 +1,14 @@
 """One committer per leader: groups concurrent writes into fenced etcd transactions.
 
-Writes are applied in the order they were submitted. Each transaction holds at
-most `max_ops` operations and about `max_bytes` of payload (etcd allows 128
-operations and 1.5 MiB per request by default) and compares the leader key's
-create revision, so a deposed leader's write fails instead of landing.
+Every write is a whole record, so only a key's latest value matters: a write
+to a key that is still waiting replaces the waiting value, and both callers
+are answered when it lands. Each transaction holds at most `max_ops`
+operations and about `max_bytes` of payload (etcd allows 128 operations and
+1.5 MiB per request by default) and compares the leader key's create revision,
+so a deposed leader's write fails instead of landing. Up to `max_in_flight`
+transactions are sent at once, never two holding the same key; transactions
+are settled in the order they were sent, so the callers of one key are
+answered in the order they wrote.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from herder.server import _etcd
@@ -35,23 +40,53 @@ class Write:
 
 @dataclass(frozen=True, slots=True)
 class CommitLimits:
+    """max_ops and max_bytes bound one transaction; max_in_flight is how many are sent at once."""
+
     max_ops: int = 128
     max_bytes: int = 1024 * 1024
+    max_in_flight: int = 4
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One submit(): answered once all its writes have landed."""
+
+    future: asyncio.Future[int]
+    remaining: int
+    revision: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    value: bytes | None
+    requests: list[_Request]
+
+
+@dataclass(eq=False)
+class _Batch:
+    ops: list[Any] = field(default_factory=list)
+    requests: list[_Request] = field(default_factory=list)
+    keys: set[bytes] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+    revision: int = 0
+    error: FencedError | None = None
 
 
 class Committer:
-    """Commits writes in submission order, many per transaction.
+    """Commits writes, many per transaction, several transactions at a time.
 
-    `commit()` returns the etcd revision the last of its writes landed at, and
-    raises FencedError when the fence failed or etcd could not confirm the
-    transaction; after that every later commit fails too and `failed` is set.
+    `commit()` returns the etcd revision its writes landed at, and raises
+    FencedError when the fence failed or etcd could not confirm a transaction;
+    after that every later commit fails too and `failed` is set.
     """
 
     def __init__(self, etcd: Etcd, fence_key: bytes, fence_revision: int, limits: CommitLimits | None = None) -> None:
         self._etcd = etcd
         self._fence = _etcd.create_revision_is(fence_key, fence_revision)
         self._limits = limits or CommitLimits()
-        self._pending: deque[tuple[Write, asyncio.Future[int] | None]] = deque()
+        self._waiting: dict[bytes, _Waiting] = {}
+        self._in_flight: deque[_Batch] = deque()
+        self._busy: set[bytes] = set()
         self._wakeup = asyncio.Event()
         self.failed = asyncio.Event()
         self.error: FencedError | None = None
@@ -60,7 +95,7 @@ class Committer:
         self._task = asyncio.create_task(self._run(), name="herder-committer")
 
     def submit(self, writes: list[Write]) -> asyncio.Future[int]:
-        """Queue writes (in order, atomically with respect to other submits); the future resolves once all landed."""
+        """Queue writes; the future resolves (with the revision) once all of them have landed."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if self.error is not None:
             future.set_exception(self.error)
@@ -68,9 +103,14 @@ class Committer:
         if not writes:
             future.set_result(0)
             return future
-        for write in writes[:-1]:
-            self._pending.append((write, None))
-        self._pending.append((writes[-1], future))
+        request = _Request(future, len(writes))
+        for write in writes:
+            waiting = self._waiting.get(write.key)
+            if waiting is None:
+                self._waiting[write.key] = _Waiting(write.value, [request])
+            else:
+                waiting.value = write.value
+                waiting.requests.append(request)
         self._wakeup.set()
         return future
 
@@ -80,61 +120,95 @@ class Committer:
     async def _run(self) -> None:
         try:
             while True:
-                if not self._pending:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                await self._commit_batch()
+                self._wakeup.clear()
+                self._finalize()
+                if self.error is not None:
+                    raise self.error
+                while self._waiting and len(self._in_flight) < self._limits.max_in_flight:
+                    batch = self._take_batch()
+                    if batch is None:
+                        break  # every waiting key is in a transaction in flight
+                    self._in_flight.append(batch)
+                    batch.task = asyncio.create_task(self._send(batch))
+                    batch.task.add_done_callback(lambda _: self._wakeup.set())
+                await self._wakeup.wait()
         except FencedError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
             self._fail(FencedError("the committer was stopped"))
             raise
 
-    async def _commit_batch(self) -> None:
-        ops: list[Any] = []
-        futures: list[asyncio.Future[int]] = []
-        keys: set[bytes] = set()
+    def _take_batch(self) -> _Batch | None:
+        batch = _Batch()
         size = 0
-        while self._pending and len(ops) < self._limits.max_ops:
-            write, future = self._pending[0]
-            length = len(write.key) + len(write.value or b"")
-            # etcd refuses a key twice in one transaction; the next transaction takes it.
-            if write.key in keys or (ops and size + length > self._limits.max_bytes):
+        for key, waiting in self._waiting.items():
+            if len(batch.ops) >= self._limits.max_ops:
                 break
-            self._pending.popleft()
-            keys.add(write.key)
+            # Two transactions in flight could land in either order: a key waits for the one holding it.
+            if key in self._busy:
+                continue
+            length = len(key) + len(waiting.value or b"")
+            if batch.ops and size + length > self._limits.max_bytes:
+                break
             size += length
-            ops.append(_etcd.put(write.key, write.value) if write.value is not None else _etcd.delete(write.key))
-            if future is not None:
-                futures.append(future)
+            batch.keys.add(key)
+            value = waiting.value
+            batch.ops.append(_etcd.put(key, value) if value is not None else _etcd.delete(key))
+            batch.requests.extend(waiting.requests)
+        if not batch.ops:
+            return None
+        for key in batch.keys:
+            del self._waiting[key]
+        self._busy |= batch.keys
+        return batch
+
+    async def _send(self, batch: _Batch) -> None:
         try:
-            reply = await self._etcd.txn([self._fence], ops)
+            reply = await self._etcd.txn([self._fence], batch.ops)
         except EtcdError as exc:
-            raise self._settle(futures, FencedError(f"commit outcome unknown: {exc}")) from exc
+            batch.error = FencedError(f"commit outcome unknown: {exc}")
+            return
         if not reply.succeeded:
-            raise self._settle(futures, FencedError("leadership lost: the fence no longer matches"))
-        self.transactions += 1
-        self.operations += len(ops)
-        for future in futures:
-            if not future.done():
-                future.set_result(reply.header.revision)
+            batch.error = FencedError("leadership lost: the fence no longer matches")
+            return
+        batch.revision = reply.header.revision
+
+    def _finalize(self) -> None:
+        """Settle finished transactions in the order they were sent, so callers see writes land in order."""
+        while self._in_flight and self._in_flight[0].task is not None and self._in_flight[0].task.done():
+            batch = self._in_flight.popleft()
+            self._busy -= batch.keys
+            if batch.error is not None and self.error is None:
+                self.error = batch.error
+            if self.error is not None:
+                self._settle(batch.requests, self.error)
+                continue
+            self.transactions += 1
+            self.operations += len(batch.ops)
+            for request in batch.requests:
+                request.remaining -= 1
+                request.revision = max(request.revision, batch.revision)
+                if request.remaining == 0 and not request.future.done():
+                    request.future.set_result(request.revision)
 
     @staticmethod
-    def _settle(futures: list[asyncio.Future[int]], error: FencedError) -> FencedError:
-        for future in futures:
-            if not future.done():
-                future.set_exception(error)
-        return error
+    def _settle(requests: list[_Request], error: FencedError) -> None:
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
 
     def _fail(self, error: FencedError) -> None:
         if self.error is None:
-            log.error("committer stopped: %s", error)
             self.error = error
-        while self._pending:
-            _, future = self._pending.popleft()
-            if future is not None and not future.done():
-                future.set_exception(error)
+        log.error("committer stopped: %s", self.error)
+        for batch in self._in_flight:
+            if batch.task is not None:
+                batch.task.cancel()
+            self._settle(batch.requests, self.error)
+        self._in_flight.clear()
+        for waiting in self._waiting.values():
+            self._settle(waiting.requests, self.error)
+        self._waiting.clear()
         self.failed.set()
 
     async def close(self) -> None:

@@ -63,6 +63,9 @@ class Entry:
     ack_timer: asyncio.TimerHandle | None = None
     # Monotonic time after which an attempt no session holds is re-queued.
     orphan_deadline: float = 0.0
+    # Created by a submit that has not written it yet: dispatch may assign it in memory,
+    # and the submit's one write then stores it already assigned.
+    fresh: bool = False
 
 
 def new_task_id() -> str:
@@ -213,6 +216,7 @@ class NamespaceLeader:
         now = _now_ts()
         wall = time.time()
         pending: list[tuple[asyncio.Future[int] | None, bytes, str]] = []
+        created: list[Entry] = []
         for spec in specs:
             key = spec.idempotency_key
             if key and key in self._idempotency:
@@ -224,7 +228,7 @@ class NamespaceLeader:
             if not task.spec.queue:
                 task.spec.queue = "default"
             task.create_time.CopyFrom(now)
-            entry = Entry(task)
+            entry = Entry(task, fresh=True)
             self._entries[task.id] = entry
             if spec.HasField("not_before") and spec.not_before.ToNanoseconds() / 1e9 > wall:
                 task.state = S.TASK_STATE_PENDING
@@ -235,13 +239,20 @@ class NamespaceLeader:
                 task.state = S.TASK_STATE_QUEUED
                 task.queue_time.CopyFrom(now)
                 self._ready.push(spec.type, spec.priority, task.sequence, task.id)
-            extra: tuple[Write, ...] = ()
             if key:
                 self._idempotency[key] = task.id
-                extra = (Write(keys.idempotency(self.prefix, key), task.id.encode()),)
+            created.append(entry)
+        # Idle workers get the new tasks at once: each task's first write already assigns it.
+        self._dispatch()
+        for entry in created:
+            entry.fresh = False
+            task = entry.task
+            key = task.spec.idempotency_key
+            extra = (Write(keys.idempotency(self.prefix, key), task.id.encode()),) if key else ()
             written, record = self._write_record(entry, S.TASK_STATE_UNSPECIFIED, extra)
+            if entry.session is not None:
+                self._send_assignment_after(written, entry, entry.session)
             pending.append((written, record, task.id))
-        self._schedule_dispatch()
         results: list[tuple[task_pb2.Task, bool]] = []
         for future, record, task_id in pending:
             if future is not None:
@@ -405,18 +416,24 @@ class NamespaceLeader:
         task.waiting_reason = ""
         entry.session = session
         session.held[task.id] = task.attempt
-        attempt = task.attempt
-        future = self._write(entry, previous)
+        if not entry.fresh:
+            self._send_assignment_after(self._write(entry, previous), entry, session)
+
+    def _send_assignment_after(self, written: asyncio.Future[int], entry: Entry, session: Session) -> None:
+        """Once the assignment is committed, send it and start the acknowledgement window."""
+        task_id, attempt = entry.task.id, entry.task.attempt
 
         def send(f: asyncio.Future[int]) -> None:
-            if f.exception() is not None or session.held.get(task.id) != attempt or session.closed:
+            if f.cancelled() or f.exception() is not None:
+                return
+            if session.held.get(task_id) != attempt or session.closed:
                 return
             session.send(coordinator_pb2.ConnectResponse(assignment=coordinator_pb2.Assignment(task=task_of(entry))))
             entry.ack_timer = asyncio.get_running_loop().call_later(
                 self.settings.sessions.ack_timeout, self._ack_expired, entry, session, attempt
             )
 
-        future.add_done_callback(send)
+        written.add_done_callback(send)
 
     def _ack_expired(self, entry: Entry, session: Session, attempt: int) -> None:
         task = entry.task

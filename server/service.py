@@ -287,9 +287,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                         )
                     return
                 task = task_pb2.Task.FromString(change.record)
+                # Changes already in the snapshot were sent with it; later ones (several may share
+                # one revision when the committer merged them) all follow, in order.
                 if change.revision <= seen.get(task.id, 0):
                     continue
-                seen[task.id] = change.revision
                 event = task_pb2.TaskEvent(
                     task=self._render(task, request.include_result_json),
                     previous_state=change.previous_state,  # type: ignore[arg-type]

@@ -45,6 +45,7 @@ class Coordinator:
     `start()` waits until it serves and (with `wait_leader=True`) leads its namespace.
     `stop()` sends SIGTERM and waits (SIGKILL after `timeout`); `kill()` sends SIGKILL to the group.
     Both are safe to call twice. The log (stdout and stderr) is kept in `log_path`.
+    `launcher` is the command before the flags (`[herder, "coordinator"]` tests the CLI's exec).
     """
 
     def __init__(
@@ -72,7 +73,9 @@ class Coordinator:
         self.extra_args = tuple(extra_args)
         # The command before the flags: `herder coordinator` execs the same module.
         self.launcher = tuple(launcher)
-        self.log_path = Path(tempfile.mkstemp(prefix="herder-coordinator-", suffix=".log")[1])
+        fd, log_path = tempfile.mkstemp(prefix="herder-coordinator-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(log_path)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -220,9 +223,6 @@ class Coordinator:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        # Children the coordinator may have left in its group go too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
         return process.returncode
 
     def log_tail(self, chars: int = 4000) -> str:

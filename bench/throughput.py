@@ -1,0 +1,286 @@
+"""End-to-end throughput and idle latency of one coordinator, on a real etcd with fsync on.
+
+Starts its own etcd, coordinator and worker processes, then measures:
+- one RPC per task: N tasks from many concurrent submitters, submit to SUCCEEDED;
+- batches: N tasks through SubmitTasks, every task tracked to SUCCEEDED;
+- idle submit-to-start latency: one task at a time, from the SubmitTask call to the
+  worker's acknowledgement (the task's start_time), p50 and p99.
+Prints a human summary and, on its last line, the figures as JSON. A measurement, not a test.
+
+    python bench/throughput.py [--tasks 5000] [--submitters 64] [--batch 500] [--workers 2] [--slots 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from herder.clients.descriptors import task_type_for
+from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
+from herder.clients.proto.examples.v1 import examples_pb2
+from herder.clients.proto.v1 import coordinator_pb2 as pb
+from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
+from herder.clients.runner import run as run_loop
+from herder.clients.worker import TaskContext, Worker
+from herder.clients.worker import run_worker as serve_worker
+
+TASK_TYPE = "bench.noop"
+SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
+
+
+def run_worker(address: str, slots: int) -> None:
+    """Worker process: a no-op handler on the SDK Worker."""
+    worker = Worker(address, slots=slots)
+
+    @worker.task(TASK_TYPE)
+    async def noop(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+        # The handler's start time, for the submit-to-start latency (one clock: same machine).
+        return examples_pb2.EchoResponse(text=repr(time.time()))
+
+    serve_worker(worker)
+
+
+class Stack:
+    """etcd (fsync on) + one coordinator + worker processes, all stopped on exit."""
+
+    def __init__(self, workers: int, slots: int) -> None:
+        self.workers = workers
+        self.slots = slots
+        self.dir = tempfile.mkdtemp(prefix="herder-bench-")
+        self.etcd = EmbeddedEtcd(data_dir=Path(self.dir), fsync=True)
+        self.address = f"127.0.0.1:{free_port()}"
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+        with open(Path(self.dir) / log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.processes.append(process)
+        return process
+
+    async def start(self) -> None:
+        self.etcd.start()
+        self._spawn(
+            ["-m", "herder.server", "--etcd", self.etcd.endpoint, "--listen", self.address, "--log-level", "warning"],
+            "coordinator.log",
+        )
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            await _until(lambda: _answers(stub.ListNodes(pb.ListNodesRequest(), timeout=1)), 30, "coordinator")
+            task_type = task_type_for(TASK_TYPE, examples_pb2.EchoRequest, examples_pb2.EchoResponse)
+            await stub.RegisterTaskType(pb.RegisterTaskTypeRequest(task_type=task_type))
+            for i in range(self.workers):
+                self._spawn([__file__, "--worker", self.address, "--slots", str(self.slots)], f"worker-{i}.log")
+
+            async def connected() -> bool:
+                nodes = await stub.ListNodes(pb.ListNodesRequest())
+                return len(nodes.nodes) == self.workers
+
+            await _until(connected, 30, "workers")
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.etcd.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def _answers(call: object) -> bool:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+async def _until(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {what} not ready after {timeout:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+def _spec(queue: str) -> task_pb2.TaskSpec:
+    spec = task_pb2.TaskSpec(type=TASK_TYPE, queue=queue)
+    spec.payload.Pack(examples_pb2.EchoRequest())
+    return spec
+
+
+async def _track(stub: coordinator_pb2_grpc.CoordinatorServiceStub, queue: str, count: int) -> asyncio.Task[float]:
+    """Watch a queue until `count` tasks have SUCCEEDED; the task's result is the time of the last one."""
+    call = stub.WatchTasks(pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True))
+    ready = asyncio.Event()
+
+    async def consume() -> float:
+        done: set[str] = set()
+        ready.set()
+        async for reply in call:
+            done.add(reply.event.task.id)
+            if len(done) >= count:
+                call.cancel()
+                return time.perf_counter()
+        raise RuntimeError("watch ended early")
+
+    task = asyncio.create_task(consume())
+    await ready.wait()
+    await asyncio.sleep(0.2)  # let the watch register on the coordinator
+    return task
+
+
+async def one_rpc_each(
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub, total: int, submitters: int
+) -> dict[str, float]:
+    queue = "one-rpc"
+    tracker = await _track(stub, queue, total)
+    request = pb.SubmitTaskRequest(spec=_spec(queue))
+    remaining = total
+    latencies: list[float] = []
+
+    async def submitter() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            await stub.SubmitTask(request)
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(submitter() for _ in range(submitters)))
+    submitted = time.perf_counter()
+    finished = await asyncio.wait_for(tracker, 600)
+    return {
+        "tasks": total,
+        "submit_per_s": round(total / (submitted - start)),
+        "end_to_end_per_s": round(total / (finished - start)),
+        "submit_rpc_p50_ms": round(_pct(latencies, 50) * 1000, 2),
+        "submit_rpc_p99_ms": round(_pct(latencies, 99) * 1000, 2),
+    }
+
+
+async def batches(
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub, total: int, batch: int, concurrency: int
+) -> dict[str, float]:
+    queue = "batched"
+    tracker = await _track(stub, queue, total)
+    request = pb.SubmitTasksRequest(specs=[_spec(queue)] * batch)
+    remaining = total // batch
+
+    async def submitter() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            reply = await stub.SubmitTasks(request)
+            assert all(r.code == 0 for r in reply.results)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(submitter() for _ in range(concurrency)))
+    submitted = time.perf_counter()
+    count = (total // batch) * batch
+    finished = await asyncio.wait_for(tracker, 600)
+    return {
+        "tasks": count,
+        "batch": batch,
+        "submit_per_s": round(count / (submitted - start)),
+        "end_to_end_per_s": round(count / (finished - start)),
+    }
+
+
+async def idle_latency(stub: coordinator_pb2_grpc.CoordinatorServiceStub, samples: int) -> dict[str, float]:
+    """Submit one task at a time; submit-to-start runs from the SubmitTask call to the handler's first line."""
+    queue = "idle"
+    call = stub.WatchTasks(pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True))
+    finished: asyncio.Queue[task_pb2.Task] = asyncio.Queue()
+
+    async def consume() -> None:
+        async for reply in call:
+            await finished.put(reply.event.task)
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)
+    request = pb.SubmitTaskRequest(spec=_spec(queue))
+    to_start: list[float] = []
+    to_ack: list[float] = []
+    for _ in range(samples):
+        t0 = time.time()
+        reply = await stub.SubmitTask(request)
+        to_ack.append(time.time() - t0)
+        while True:
+            task = await asyncio.wait_for(finished.get(), 10)
+            if task.id == reply.task.id:
+                break
+        output = examples_pb2.EchoResponse()
+        task.result.Unpack(output)
+        to_start.append(float(output.text) - t0)
+        await asyncio.sleep(0.01)  # idle: nothing else in flight
+    call.cancel()
+    consumer.cancel()
+    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+        await consumer
+    return {
+        "samples": samples,
+        "submit_to_start_p50_ms": round(_pct(to_start, 50) * 1000, 2),
+        "submit_to_start_p99_ms": round(_pct(to_start, 99) * 1000, 2),
+        "submit_ack_p50_ms": round(_pct(to_ack, 50) * 1000, 2),
+    }
+
+
+def _pct(values: list[float], pct: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    stack = Stack(args.workers, args.slots)
+    try:
+        await stack.start()
+        async with grpc.aio.insecure_channel(stack.address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            idle = await idle_latency(stub, args.latency_samples)
+            print(f"idle latency: {idle}", flush=True)
+            single = await one_rpc_each(stub, args.tasks, args.submitters)
+            print(f"one RPC each: {single}", flush=True)
+            batched = await batches(stub, args.tasks, args.batch, args.batch_concurrency)
+            print(f"batches:      {batched}", flush=True)
+        return {"one_rpc_each": single, "batches": batched, "idle": idle, "cpus": os.cpu_count()}
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--submitters", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch-concurrency", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=256)
+    parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--worker", metavar="ADDRESS", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args.worker, args.slots)
+    else:
+        print(json.dumps(run_loop(main(args))))

@@ -1,0 +1,755 @@
+"""The `herder` command line: run a coordinator or a worker, submit and inspect tasks.
+
+Every command talks to one coordinator (`--coordinator`, env HERDER_COORDINATOR) and
+prints rich tables, or JSON with `--output json` for scripts. A failure is one line on
+stderr and exit code 1 (2 for bad usage); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import (
+    any_pb2,
+    descriptor_pb2,
+    descriptor_pool,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    json_format,
+    struct_pb2,
+    timestamp_pb2,
+    wrappers_pb2,
+)
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from herder.clients import errors
+from herder.clients.client import (
+    DEFAULT_ADDRESS,
+    Client,
+    Retry,
+    State,
+    is_terminal,
+    parse_state,
+    state_name,
+    timestamp_to_datetime,
+)
+from herder.clients.proto.v1 import task_pb2
+
+PROG = "herder"
+ADDRESS_ENV = "HERDER_COORDINATOR"
+# Commands whose arguments belong to another program, passed on untouched.
+_PASSTHROUGH = ("coordinator", "dev")
+_GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output")
+# Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
+_PIPE_WIDTH = 250
+_UNREACHABLE_HINTS = ("failed to connect", "connection refused", "dns resolution failed", "connect failed")
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing (exit code 2)."""
+
+
+# --- entry point ---
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `herder` command line; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    head, passthrough = _split_passthrough(args_list)
+    args = parser.parse_args(head)
+    if args.command in _PASSTHROUGH:
+        args.passthrough = passthrough
+    runner: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return runner(args)
+    except KeyboardInterrupt:
+        # Ctrl-C on a stream (tasks watch, worker) is the normal way to stop it.
+        return 0 if getattr(args, "interrupt_ok", False) else 130
+    except UsageError as exc:
+        _error(str(exc))
+        return 2
+    except errors.HerderError as exc:
+        _error(describe_error(exc, args.coordinator))
+        return 1
+    except TimeoutError as exc:
+        _error(str(exc) or "timed out")
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`herder tasks watch | head`): stop quietly.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # the last line of defence: one line, not a traceback
+        _error(f"unexpected error: {type(exc).__name__}: {exc}")
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `herder` (global options work before or after the command)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Herder: a task coordinator for microservices, spoken over typed gRPC contracts.",
+        allow_abbrev=False,
+    )
+    _add_global_options(parser, os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS, "table")
+    # The same options after the command; SUPPRESS keeps them from resetting what came before it.
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_global_options(common, argparse.SUPPRESS, argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, help: str, run: Callable[[argparse.Namespace], int], parent: Any = commands
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(
+            name, help=help, description=help, parents=[common], allow_abbrev=False
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    commands.add_parser(
+        "coordinator",
+        help="run a coordinator (python -m herder.server; try `herder coordinator --help`)",
+        add_help=False,
+    ).set_defaults(run=_run_coordinator)
+
+    worker = command("worker", "run the example worker (examples.echo, examples.sleep, examples.flaky)", _run_worker)
+    worker.add_argument("--slots", type=_positive_int, default=4, help="tasks run at once (default 4)")
+
+    commands.add_parser(
+        "dev", help="run etcd, a coordinator and the example worker locally (Ctrl-C stops all)", add_help=False
+    ).set_defaults(run=_run_dev)
+
+    submit = command("submit", "submit a task", _async(_submit))
+    submit.add_argument("type", help="task type, such as examples.echo")
+    submit.add_argument("--json", dest="payload_json", metavar="JSON", help="input as JSON, @FILE, or - for stdin")
+    submit.add_argument("--queue", default="", help='queue name (default "default")')
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    submit.add_argument("--idempotency-key", default="", metavar="KEY", help="submitting again returns the same task")
+    submit.add_argument("--concurrency-key", default="", metavar="KEY", help="tenant key for fair sharing")
+    submit.add_argument("--delay", type=_seconds, metavar="S", help="do not start before S seconds from now")
+    submit.add_argument("--ttl", type=_seconds, metavar="S", help="expire if not started within S seconds")
+    submit.add_argument("--timeout", type=_seconds, metavar="S", help="fail an attempt that runs longer than S")
+    submit.add_argument("--max-attempts", type=_positive_int, metavar="N", help="attempts in all, 1 = no retry")
+    submit.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG", help="repeatable")
+    submit.add_argument("--meta", action="append", type=_key_value, default=[], metavar="K=V", help="repeatable")
+    submit.add_argument("--wait", action="store_true", help="wait for the task to finish and print its result")
+    submit.add_argument("--wait-timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds")
+
+    tasks = command("tasks", "list, inspect, watch and cancel tasks", _need_subcommand)
+    task_commands = tasks.add_subparsers(dest="tasks_command", metavar="SUBCOMMAND", required=True)
+    listing = command("list", "list tasks, newest filters first", _async(_tasks_list), task_commands)
+    _add_filters(listing)
+    listing.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50)")
+    get = command("get", "show one task with its result", _async(_tasks_get), task_commands)
+    get.add_argument("id")
+    watch = command(
+        "watch",
+        "stream task state changes until Ctrl-C (or until every task named has finished)",
+        _async(_tasks_watch),
+        task_commands,
+    )
+    watch.add_argument("ids", nargs="*", metavar="ID", help="tasks to watch (default: every task matching the filters)")
+    _add_filters(watch)
+    watch.add_argument("--skip-initial", action="store_true", help="only changes, not the current states")
+    watch.set_defaults(interrupt_ok=True)
+    cancel = command("cancel", "cancel a task", _async(_tasks_cancel), task_commands)
+    cancel.add_argument("id")
+    cancel.add_argument("--reason", default="", help="recorded with the cancellation")
+    priority = command(
+        "priority", "change the priority of a task not started yet", _async(_tasks_priority), task_commands
+    )
+    priority.add_argument("id")
+    priority.add_argument("priority", type=int)
+
+    command("types", "list registered task types", _async(_types))
+    command("queues", "list queues with backlog and wait times", _async(_queues))
+    command("status", "show the cluster (leader, replicas, etcd) and connected nodes", _async(_status))
+    return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, address: str, output: str) -> None:
+    parser.add_argument(
+        "--coordinator",
+        metavar="ADDR",
+        default=address,
+        help=f"coordinator address host:port (env {ADDRESS_ENV}, default {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--output", choices=("table", "json"), default=output, help="table for people, json for scripts"
+    )
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split `herder [globals] coordinator|dev ARGS...` so ARGS reach that program untouched."""
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in _GLOBAL_VALUE_OPTIONS:
+            index += 2
+        elif arg.startswith(tuple(f"{option}=" for option in _GLOBAL_VALUE_OPTIONS)):
+            index += 1
+        else:
+            break
+    if index < len(argv) and argv[index] in _PASSTHROUGH:
+        return argv[: index + 1], argv[index + 1 :]
+    return argv, []
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue", default="", help="only this queue")
+    parser.add_argument(
+        "--state", dest="states", action="append", type=_state, default=[], metavar="STATE", help="repeatable"
+    )
+    parser.add_argument("--type", default="", help="only this task type")
+    parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG", help="all must match")
+
+
+# --- argument types (argparse turns their errors into usage errors, exit 2) ---
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds, got {text}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _state(text: str) -> State:
+    try:
+        return parse_state(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# --- commands that hand over to another program ---
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    """Replace this process with the coordinator (clients never import herder.server)."""
+    os.execv(sys.executable, [sys.executable, "-m", "herder.server", *args.passthrough])
+
+
+def _run_dev(args: argparse.Namespace) -> int:
+    try:
+        module = importlib.import_module("herder.clients.dev")
+    except ModuleNotFoundError as exc:
+        if exc.name != "herder.clients.dev":
+            raise
+        _error("`herder dev` is not available in this installation")
+        return 1
+    dev_main: Callable[[list[str]], int | None] = module.main
+    return dev_main(args.passthrough) or 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    """Serve the example task types until SIGINT or SIGTERM (graceful: running tasks may finish)."""
+    from herder.clients.examples import build_example_worker
+    from herder.clients.worker import run_worker
+
+    args.interrupt_ok = True
+    addresses = [a.strip() for a in args.coordinator.split(",") if a.strip()]
+    worker = build_example_worker(addresses, slots=args.slots)
+    print(
+        f"herder example worker {worker.worker_id} serving {', '.join(worker.registrations)} "
+        f"for the coordinator at {args.coordinator} (Ctrl-C stops it)",
+        flush=True,
+    )
+    run_worker(worker)
+    return 0
+
+
+def _need_subcommand(args: argparse.Namespace) -> int:  # argparse enforces the subcommand
+    raise UsageError("missing subcommand")
+
+
+# --- commands that talk to the coordinator ---
+
+
+def _async(
+    command: Callable[[Client, Output, argparse.Namespace], Awaitable[int]],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        async def with_client() -> int:
+            async with Client(args.coordinator) as client:
+                try:
+                    return await command(client, Output(args.output, client), args)
+                finally:
+                    args.coordinator = client.address  # after following the leader, errors name the right one
+
+        return asyncio.run(with_client())
+
+    return run
+
+
+async def _submit(client: Client, out: Output, args: argparse.Namespace) -> int:
+    payload_json = _read_json_argument(args.payload_json) if args.payload_json is not None else None
+    handle = await client.submit(
+        args.type,
+        json=payload_json,
+        queue=args.queue,
+        priority=args.priority,
+        idempotency_key=args.idempotency_key,
+        concurrency_key=args.concurrency_key,
+        delay=args.delay,
+        ttl=args.ttl,
+        timeout=args.timeout,
+        retry=Retry(max_attempts=args.max_attempts) if args.max_attempts else None,
+        tags=args.tags,
+        metadata=dict(args.meta),
+    )
+    if not args.wait:
+        if out.json:
+            await out.print_json(handle.task)
+        else:
+            verb = "submitted" if handle.created else "already submitted:"
+            out.console.print(f"{verb} task [bold]{handle.id}[/] ({state_name(handle.task.state)})")
+        return 0
+    try:
+        await handle.wait(args.wait_timeout)
+    except TimeoutError:
+        raise TimeoutError(
+            f"timed out after {args.wait_timeout:g}s waiting for task {handle.id} "
+            f"(still {state_name(handle.task.state)})"
+        ) from None
+    task = await client.get(handle.id, include_result_json=True)
+    await out.print_task(task)
+    if task.state != task_pb2.TASK_STATE_SUCCEEDED:
+        _error(_failure_line(task))
+        return 1
+    return 0
+
+
+async def _tasks_list(client: Client, out: Output, args: argparse.Namespace) -> int:
+    tasks: list[task_pb2.Task] = []
+    page_size = min(args.limit, 1000)
+    async for task in client.iter_tasks(
+        queue=args.queue, states=args.states, type=args.type, tags=args.tags, page_size=page_size
+    ):
+        tasks.append(task)
+        if len(tasks) >= args.limit:
+            break
+    if out.json:
+        await out.print_json_list(tasks)
+        return 0
+    table = _table("ID", "TYPE", "QUEUE", "STATE", "PRI", "ATTEMPT", "WORKER", "CREATED")
+    for task in tasks:
+        table.add_row(
+            task.id,
+            task.spec.type,
+            task.spec.queue,
+            _styled_state(task.state),
+            str(task.spec.priority),
+            str(task.attempt),
+            task.worker_id,
+            _time(task.create_time),
+        )
+    out.console.print(table)
+    if not tasks:
+        out.console.print("no tasks", style="dim")
+    return 0
+
+
+async def _tasks_get(client: Client, out: Output, args: argparse.Namespace) -> int:
+    await out.print_task(await client.get(args.id, include_result_json=True))
+    return 0
+
+
+async def _tasks_watch(client: Client, out: Output, args: argparse.Namespace) -> int:
+    # Named tasks must exist (a typo would otherwise wait silently); the watch ends once all have finished.
+    unfinished = {
+        task.id for task in [await client.get(task_id) for task_id in args.ids] if not is_terminal(task.state)
+    }
+    if args.ids and not unfinished and args.skip_initial:
+        return 0
+    events = client.watch(
+        args.ids,
+        queue=args.queue,
+        states=args.states,
+        type=args.type,
+        tags=args.tags,
+        skip_initial=args.skip_initial,
+        include_result_json=True,
+    )
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if out.json:
+                print(json.dumps(await out.to_dict(event), separators=(",", ":")), flush=True)
+            else:
+                out.console.print(_event_line(event), highlight=False)
+            if args.ids and is_terminal(event.task.state):
+                unfinished.discard(event.task.id)
+                if not unfinished:
+                    return 0
+    return 0
+
+
+def _event_line(event: task_pb2.TaskEvent) -> str:
+    """One line per event: time, task, type, state change, attempt, worker, error."""
+    task = event.task
+    change = _styled_state(task.state)
+    if event.previous_state and not event.initial:
+        change = f"{state_name(event.previous_state)} -> {change}"
+    parts = [
+        datetime.now().strftime("%H:%M:%S"),
+        f"[bold]{task.id}[/]",
+        task.spec.type,
+        change,
+        f"attempt {task.attempt}" if task.attempt else "",
+        task.worker_id,
+        _error_text(task.error),
+    ]
+    return " ".join(p for p in parts if p)
+
+
+async def _tasks_cancel(client: Client, out: Output, args: argparse.Namespace) -> int:
+    task = await client.cancel(args.id, args.reason)
+    if out.json:
+        await out.print_json(task)
+    elif task.state == task_pb2.TASK_STATE_CANCELED:
+        out.console.print(f"task [bold]{task.id}[/] canceled")
+    else:
+        out.console.print(f"task [bold]{task.id}[/] cancellation requested ({state_name(task.state)})")
+    return 0
+
+
+async def _tasks_priority(client: Client, out: Output, args: argparse.Namespace) -> int:
+    task = await client.update_priority(args.id, args.priority)
+    if out.json:
+        await out.print_json(task)
+    else:
+        out.console.print(f"task [bold]{task.id}[/] priority {task.spec.priority}")
+    return 0
+
+
+async def _types(client: Client, out: Output, args: argparse.Namespace) -> int:
+    task_types = await client.task_types()
+    if out.json:
+        for task_type in task_types:
+            task_type.ClearField("descriptors")  # bulky and only useful to programs that fetch them via the API
+        await out.print_json_list(task_types)
+        return 0
+    table = _table("NAME", "INPUT", "OUTPUT", "DESCRIPTION", "REGISTERED")
+    for task_type in task_types:
+        table.add_row(
+            task_type.name,
+            task_type.input_type,
+            task_type.output_type,
+            task_type.description,
+            _time(task_type.register_time),
+        )
+    out.console.print(table)
+    if not task_types:
+        out.console.print("no task types registered", style="dim")
+    return 0
+
+
+async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
+    queues = await client.queues()
+    if out.json:
+        await out.print_json_list(queues)
+        return 0
+    table = _table("QUEUE", "PENDING", "QUEUED", "ASSIGNED", "RUNNING", "LIMIT", "WAIT P50", "WAIT P99", "RATE/S")
+    for queue in queues:
+        table.add_row(
+            queue.name,
+            str(queue.pending),
+            str(queue.queued),
+            str(queue.assigned),
+            str(queue.running),
+            str(queue.limit or "-"),
+            f"{queue.wait_p50.ToTimedelta().total_seconds():.3f}s",
+            f"{queue.wait_p99.ToTimedelta().total_seconds():.3f}s",
+            f"{queue.dispatch_rate:.1f}",
+        )
+    out.console.print(table)
+    if not queues:
+        out.console.print("no queues", style="dim")
+    return 0
+
+
+async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
+    status = await client.cluster_status()
+    nodes = await client.nodes()
+    if out.json:
+        document = {"cluster": await out.to_dict(status), "nodes": [await out.to_dict(n) for n in nodes]}
+        print(json.dumps(document, indent=2))
+        return 0
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    leader = f"{status.leader_id} at {status.leader_address}" if status.leader_id else "[red]none[/]"
+    summary.add_row("namespace", status.namespace)
+    summary.add_row("leader", f"{leader} (revision {status.leader_revision})" if status.leader_id else leader)
+    summary.add_row("etcd", f"{', '.join(status.etcd_endpoints)} v{status.etcd_version} rev {status.etcd_revision}")
+    summary.add_row("sessions", str(status.sessions))
+    summary.add_row(
+        "tasks", f"{status.tasks_pending} pending, {status.tasks_queued} queued, {status.tasks_running} running"
+    )
+    out.console.print(summary)
+    replicas = _table("ID", "ADDRESS", "ROLE", title="replicas")
+    for replica in status.replicas:
+        replicas.add_row(replica.id, replica.address, "leader" if replica.leader else "follower")
+    out.console.print(replicas)
+    table = _table("WORKER", "TYPES", "SLOTS", "RUNNING", "ADDRESS", "CONNECTED", "LAST HEARTBEAT", title="nodes")
+    for node in nodes:
+        table.add_row(
+            node.worker_id,
+            ", ".join(node.task_types),
+            str(node.slots),
+            str(node.running),
+            node.address,
+            _time(node.connect_time),
+            _time(node.last_heartbeat_time),
+        )
+    out.console.print(table)
+    if not nodes:
+        out.console.print("no nodes connected", style="dim")
+    return 0
+
+
+# --- output ---
+
+
+def _table(*columns: str, title: str | None = None) -> Table:
+    """A borderless table whose cells wrap rather than lose characters (ids must stay whole)."""
+    table = Table(title=title, title_justify="left", box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _console() -> Console:
+    # Piped output is read by programs and people with wide windows: do not squeeze it into 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=_PIPE_WIDTH)
+
+
+@dataclass
+class Output:
+    """Prints tables or JSON; renders `Any` fields with the registered task types' descriptors."""
+
+    format: str
+    client: Client
+    console: Console = field(default_factory=_console)
+    _pool: descriptor_pool.DescriptorPool | None = None
+
+    @property
+    def json(self) -> bool:
+        return self.format == "json"
+
+    async def print_json(self, message: Message) -> None:
+        print(json.dumps(await self.to_dict(message), indent=2))
+
+    async def print_json_list(self, messages: Iterable[Message]) -> None:
+        print(json.dumps([await self.to_dict(m) for m in messages], indent=2))
+
+    async def to_dict(self, message: Message) -> dict[str, Any]:
+        """The message as proto3 JSON; payloads and results of unknown types are decoded with the
+        descriptors registered with their task types, or left out when even those do not know them."""
+        try:
+            return json_format.MessageToDict(message)
+        except TypeError:  # an Any whose type this process has no generated code for
+            pass
+        pool = await self._registered_pool()
+        try:
+            return json_format.MessageToDict(message, descriptor_pool=pool)
+        except TypeError:
+            stripped = type(message)()
+            stripped.CopyFrom(message)
+            _clear_unknown_anys(stripped, pool)
+            return json_format.MessageToDict(stripped, descriptor_pool=pool)
+
+    async def print_task(self, task: task_pb2.Task) -> None:
+        if self.json:
+            await self.print_json(task)
+            return
+        spec = task.spec
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")
+        rows: list[tuple[str, str]] = [
+            ("id", task.id),
+            ("type", spec.type),
+            ("queue", spec.queue),
+            ("state", _styled_state(task.state) + (" (cancel requested)" if task.cancel_requested else "")),
+            ("priority", str(spec.priority)),
+            ("attempt", f"{task.attempt}" + (f" of {spec.retry.max_attempts}" if spec.retry.max_attempts else "")),
+            ("worker", task.worker_id),
+            ("waiting", task.waiting_reason),
+            ("created", _time(task.create_time)),
+            ("started", _time(task.start_time)),
+            ("finished", _time(task.finish_time)),
+            ("next run", _time(task.next_run_time)),
+            ("tags", ", ".join(spec.tags)),
+            ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(spec.metadata.items()))),
+        ]
+        if task.HasField("progress") and task.progress.fraction >= 0:
+            rows.append(("progress", f"{task.progress.fraction:.0%} {task.progress.message}".strip()))
+        if spec.HasField("payload"):
+            rows.append(("payload", await self._any_json(spec.payload)))
+        if task.result_json:
+            rows.append(("result", task.result_json))
+        elif task.HasField("result"):
+            rows.append(("result", await self._any_json(task.result)))
+        rows.append(("error", _error_text(task.error)))
+        rows.extend((f"attempt error {n}", _error_text(e)) for n, e in enumerate(task.attempt_errors, 1))
+        for name, value in rows:
+            if value:
+                grid.add_row(name, value)
+        self.console.print(grid, highlight=False)
+
+    async def _any_json(self, value: Any) -> str:
+        holder = task_pb2.TaskSpec(payload=value)
+        rendered = (await self.to_dict(holder)).get("payload")
+        if rendered is None:
+            return f"<{value.TypeName()}, {len(value.value)} bytes>"
+        rendered.pop("@type", None)
+        return json.dumps(rendered)
+
+    async def _registered_pool(self) -> descriptor_pool.DescriptorPool:
+        if self._pool is None:
+            self._pool = _pool_of(await self.client.task_types())
+        return self._pool
+
+
+def _pool_of(task_types: Iterable[task_pb2.TaskType]) -> descriptor_pool.DescriptorPool:
+    """A pool holding every registered type's files (well-known types first, for files that omit them)."""
+    pool = descriptor_pool.DescriptorPool()
+    files: list[descriptor_pb2.FileDescriptorProto] = []
+    for module in (any_pb2, duration_pb2, timestamp_pb2, struct_pb2, wrappers_pb2, empty_pb2, field_mask_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        files.append(proto)
+    for task_type in task_types:
+        files.extend(task_type.descriptors.file)
+    for proto in files:
+        # Another registration may carry a different copy of a shared file; the first one wins.
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            pool.Add(proto)
+    return pool
+
+
+def _clear_unknown_anys(message: Message, pool: descriptor_pool.DescriptorPool) -> None:
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        if descriptor.message_type.GetOptions().map_entry:
+            children = list(value.values()) if descriptor.message_type.fields_by_name["value"].message_type else []
+        elif descriptor.is_repeated:
+            children = list(value)
+        else:
+            children = [value]
+        for child in children:
+            if child.DESCRIPTOR.full_name == "google.protobuf.Any":
+                try:
+                    pool.FindMessageTypeByName(child.TypeName())
+                except KeyError:
+                    child.Clear()
+            else:
+                _clear_unknown_anys(child, pool)
+
+
+_STATE_STYLES = {
+    task_pb2.TASK_STATE_PENDING: "dim",
+    task_pb2.TASK_STATE_QUEUED: "cyan",
+    task_pb2.TASK_STATE_ASSIGNED: "blue",
+    task_pb2.TASK_STATE_RUNNING: "yellow",
+    task_pb2.TASK_STATE_SUCCEEDED: "green",
+    task_pb2.TASK_STATE_FAILED: "red",
+    task_pb2.TASK_STATE_CANCELED: "magenta",
+    task_pb2.TASK_STATE_EXPIRED: "red",
+}
+
+
+def _styled_state(state: State) -> str:
+    style = _STATE_STYLES.get(state)
+    return f"[{style}]{state_name(state)}[/]" if style else state_name(state)
+
+
+def _time(value: timestamp_pb2.Timestamp) -> str:
+    moment = timestamp_to_datetime(value)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else ""
+
+
+def _error_text(error: task_pb2.TaskError) -> str:
+    text = ": ".join(part for part in (error.type, error.message) if part)
+    return f"{text} (retryable)" if text and error.retryable else text
+
+
+def _failure_line(task: task_pb2.Task) -> str:
+    detail = _error_text(task.error)
+    return f"task {task.id} ended {state_name(task.state)}" + (f": {detail}" if detail else "")
+
+
+def _read_json_argument(text: str) -> str:
+    """--json's value: inline JSON, @FILE or - (stdin); checked here so a typo is a usage error."""
+    source = "--json"
+    if text == "-":
+        text, source = sys.stdin.read(), "stdin"
+    elif text.startswith("@"):
+        path = text[1:]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        source = path
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc}") from None
+    return text
+
+
+def describe_error(error: errors.HerderError, address: str) -> str:
+    """One line saying what went wrong, for people."""
+    if isinstance(error, errors.NotLeaderError):
+        leader = f" (the leader is at {error.leader_address})" if error.leader_address else " and no leader is known"
+        return f"the coordinator at {address} is not the leader{leader}"
+    if isinstance(error, errors.UnavailableError):
+        if any(hint in error.message.lower() for hint in _UNREACHABLE_HINTS):
+            return f"cannot reach the coordinator at {address}"
+        return f"the coordinator at {address} is unavailable: {error.message}"
+    if isinstance(error, errors.DeadlineExceededError):
+        return f"the coordinator at {address} did not answer in time"
+    return str(error)
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+__all__ = ["build_parser", "describe_error", "main"]

@@ -1,0 +1,916 @@
+"""The Herder client SDK: submit, inspect, watch and cancel tasks on a coordinator.
+
+`Client` is asyncio-first and speaks the generated `herder.v1` messages; `SyncClient`
+wraps it for synchronous code. A follower coordinator answers writes with
+`NotLeaderError`; the client reconnects to the leader it names and retries once.
+Every failed gRPC call surfaces as a `herder.clients.errors.HerderError`, converted
+in exactly one place (`_herder_errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json as jsonlib
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, overload
+
+import grpc
+from google.protobuf import any_pb2, descriptor_pool, duration_pb2, message_factory, timestamp_pb2
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+from opentelemetry import propagate
+
+from herder.clients import errors
+from herder.clients.backoff import Backoff
+from herder.clients.descriptors import MessageType, task_type_for
+from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
+
+if TYPE_CHECKING:
+    from herder.clients.proto.v1.coordinator_pb2_grpc import CoordinatorServiceAsyncStub
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+State: TypeAlias = task_pb2.TaskState.ValueType
+TERMINAL_STATES: frozenset[State] = frozenset(
+    {
+        task_pb2.TASK_STATE_SUCCEEDED,
+        task_pb2.TASK_STATE_FAILED,
+        task_pb2.TASK_STATE_CANCELED,
+        task_pb2.TASK_STATE_EXPIRED,
+    }
+)
+_STATE_PREFIX = "TASK_STATE_"
+
+# A restarted coordinator is found again within a fraction of a second instead of
+# gRPC's default reconnect backoff (1 s growing to 120 s).
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+
+def state_name(state: State) -> str:
+    """The short name of a state: TASK_STATE_RUNNING -> "RUNNING"."""
+    return task_pb2.TaskState.Name(state).removeprefix(_STATE_PREFIX)
+
+
+def parse_state(name: str) -> State:
+    """The state for a name such as "running", "RUNNING" or "TASK_STATE_RUNNING"; ValueError when unknown."""
+    key = name.strip().upper()
+    if not key.startswith(_STATE_PREFIX):
+        key = _STATE_PREFIX + key
+    try:
+        state = task_pb2.TaskState.Value(key)
+    except ValueError:
+        state = task_pb2.TASK_STATE_UNSPECIFIED
+    if state == task_pb2.TASK_STATE_UNSPECIFIED:
+        known = ", ".join(state_name(s).lower() for s in task_pb2.TaskState.values() if s)
+        raise ValueError(f"unknown task state {name!r} (one of {known})")
+    return state
+
+
+def is_terminal(state: State) -> bool:
+    """True for SUCCEEDED, FAILED, CANCELED and EXPIRED: the task will not change again."""
+    return state in TERMINAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How a task's failed attempts are retried; zero or None takes the coordinator's default.
+
+    - `max_attempts`: total attempts, the first included (1 = never retry).
+    - `initial_backoff`, `max_backoff`: seconds before the first retry, and the cap.
+    - `backoff_multiplier`: each retry waits this many times the previous one (>= 1).
+    - `jitter`: fraction 0..1 of the backoff randomly added or removed.
+    - `non_retryable_error_types`: TaskError types that fail the task at once.
+    """
+
+    max_attempts: int = 0
+    initial_backoff: float | None = None
+    backoff_multiplier: float = 0.0
+    max_backoff: float | None = None
+    jitter: float = 0.0
+    non_retryable_error_types: tuple[str, ...] = ()
+
+    def to_proto(self) -> task_pb2.RetryPolicy:
+        policy = task_pb2.RetryPolicy(
+            max_attempts=self.max_attempts,
+            backoff_multiplier=self.backoff_multiplier,
+            jitter=self.jitter,
+            non_retryable_error_types=self.non_retryable_error_types,
+        )
+        if self.initial_backoff is not None:
+            policy.initial_backoff.CopyFrom(_duration(self.initial_backoff))
+        if self.max_backoff is not None:
+            policy.max_backoff.CopyFrom(_duration(self.max_backoff))
+        return policy
+
+
+@dataclass(frozen=True, slots=True)
+class WatchReconnect:
+    """How `TaskHandle.watch` and `TaskHandle.result` survive a broken stream (a coordinator restart
+    or a leader change): re-open the watch after `backoff`, and give up with the last error once the
+    stream has failed for `give_up_after` seconds (default 30) without delivering an event.
+    """
+
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.1, max=2.0))
+    give_up_after: float = 30.0
+
+
+Seconds: TypeAlias = float | timedelta
+
+
+def task_spec(
+    type: str,
+    payload: Message | None = None,
+    *,
+    json: str | Mapping[str, Any] | None = None,
+    queue: str = "",
+    priority: int = 0,
+    idempotency_key: str = "",
+    concurrency_key: str = "",
+    delay: Seconds | None = None,
+    not_before: datetime | None = None,
+    ttl: Seconds | None = None,
+    timeout: Seconds | None = None,
+    retry: Retry | task_pb2.RetryPolicy | None = None,
+    tags: Iterable[str] = (),
+    metadata: Mapping[str, str] | None = None,
+    resources: task_pb2.Resources | None = None,
+) -> task_pb2.TaskSpec:
+    """A TaskSpec, as `Client.submit` sends it and `Client.submit_many` takes it.
+
+    `payload` is a typed message (packed into an Any; an Any is used as is); `json` is the
+    input as JSON text or a dict, encoded by the coordinator with the registered input type.
+    `delay` (seconds or timedelta from now) and `not_before` (a datetime, naive = UTC) both
+    postpone the start. Conflicting arguments raise InvalidArgumentError; nothing is sent.
+    """
+    violations: list[tuple[str, str]] = []
+    if payload is not None and json is not None:
+        violations.append(("payload_json", "give payload or json, not both"))
+    if delay is not None and not_before is not None:
+        violations.append(("not_before", "give delay or not_before, not both"))
+    if violations:
+        raise errors.bad_request("invalid task spec", violations)
+    spec = task_pb2.TaskSpec(
+        type=type,
+        queue=queue,
+        priority=priority,
+        idempotency_key=idempotency_key,
+        concurrency_key=concurrency_key,
+        tags=list(tags),
+        metadata=dict(metadata or {}),
+    )
+    if isinstance(payload, any_pb2.Any):
+        spec.payload.CopyFrom(payload)
+    elif payload is not None:
+        spec.payload.Pack(payload)
+    if json is not None:
+        spec.payload_json = json if isinstance(json, str) else jsonlib.dumps(json)
+    if delay is not None:
+        not_before = datetime.now(UTC) + _timedelta(delay)
+    if not_before is not None:
+        if not_before.tzinfo is None:
+            not_before = not_before.replace(tzinfo=UTC)
+        spec.not_before.FromDatetime(not_before)
+    if ttl is not None:
+        spec.ttl.CopyFrom(_duration(ttl))
+    if timeout is not None:
+        spec.timeout.CopyFrom(_duration(timeout))
+    if retry is not None:
+        spec.retry.CopyFrom(retry if isinstance(retry, task_pb2.RetryPolicy) else retry.to_proto())
+    if resources is not None:
+        spec.resources.CopyFrom(resources)
+    return spec
+
+
+def unpack(value: any_pb2.Any, output_type: type[M] | None = None) -> Message:
+    """The message inside an Any: as `output_type` when given (TypeError if it holds another type),
+    else as the generated class of its type when one is imported, else the Any itself."""
+    if output_type is not None:
+        out = output_type()
+        if not value.type_url:
+            return out
+        if not value.Unpack(out):
+            raise TypeError(f"the value is a {value.TypeName()}, not a {out.DESCRIPTOR.full_name}")
+        return out
+    try:
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(value.TypeName())
+    except KeyError:
+        return value
+    message = message_factory.GetMessageClass(descriptor)()
+    value.Unpack(message)
+    return message
+
+
+@contextlib.contextmanager
+def _herder_errors() -> Iterator[None]:
+    """The one place a failed gRPC call becomes a HerderError."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise errors.from_rpc_error(exc) from exc
+
+
+class Client:
+    """An asyncio client of one Herder coordinator (following the leader when told to).
+
+    Use `async with Client(address) as client:` or call `close()`. Calls time out after
+    `timeout` seconds (DeadlineExceededError); streams (`watch`) have no deadline. A call
+    cancelled by its caller cancels the RPC. Channels open lazily on the first call and
+    belong to that event loop: use a client from one loop only (`SyncClient` for threads).
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 10.0,
+        watch_reconnect: WatchReconnect | None = None,
+    ) -> None:
+        self._address = address
+        # Where to start over when the leader it was sent to is gone (the configured address).
+        self._home = address
+        self._timeout = timeout
+        self.watch_reconnect = watch_reconnect or WatchReconnect()
+        # One channel per coordinator address seen, reused if leadership moves back.
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """The coordinator this client talks to now (the leader's, once it was redirected)."""
+        return self._address
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every channel; calls in flight are cancelled. Safe to call twice."""
+        self._closed = True
+        channels, self._channels = builtins.list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+    # --- tasks ---
+
+    async def submit(
+        self,
+        type: str,
+        payload: Message | None = None,
+        *,
+        json: str | Mapping[str, Any] | None = None,
+        queue: str = "",
+        priority: int = 0,
+        idempotency_key: str = "",
+        concurrency_key: str = "",
+        delay: Seconds | None = None,
+        not_before: datetime | None = None,
+        ttl: Seconds | None = None,
+        timeout: Seconds | None = None,
+        retry: Retry | task_pb2.RetryPolicy | None = None,
+        tags: Iterable[str] = (),
+        metadata: Mapping[str, str] | None = None,
+        resources: task_pb2.Resources | None = None,
+    ) -> TaskHandle:
+        """Submit one task; returns once it is committed. See `task_spec` for the arguments.
+
+        With an idempotency key that matches an existing task, the handle is that task's
+        (`handle.created` is False). Invalid input raises InvalidArgumentError naming the fields.
+        """
+        spec = task_spec(
+            type,
+            payload,
+            json=json,
+            queue=queue,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
+            delay=delay,
+            not_before=not_before,
+            ttl=ttl,
+            timeout=timeout,
+            retry=retry,
+            tags=tags,
+            metadata=metadata,
+            resources=resources,
+        )
+        response = await self._unary(lambda s: s.SubmitTask, coordinator_pb2.SubmitTaskRequest(spec=spec))
+        return TaskHandle(self, response.task, created=response.created)
+
+    async def submit_many(self, specs: Iterable[task_pb2.TaskSpec]) -> builtins.list[TaskHandle | errors.HerderError]:
+        """Submit a batch (build specs with `task_spec`); one result per spec, in order.
+
+        A rejected item is its error (InvalidArgumentError, ...) in the list, not raised; the
+        others are stored. A failure of the whole call (unreachable coordinator) raises.
+        """
+        request = coordinator_pb2.SubmitTasksRequest(specs=builtins.list(specs))
+        response = await self._unary(lambda s: s.SubmitTasks, request)
+        results: builtins.list[TaskHandle | errors.HerderError] = []
+        for item in response.results:
+            if item.code:
+                status = status_pb2.Status(code=item.code, message=item.message, details=item.details)
+                results.append(errors.from_status_proto(status))
+            else:
+                results.append(TaskHandle(self, item.task, created=item.created))
+        return results
+
+    async def get(self, id: str, *, include_result_json: bool = False) -> task_pb2.Task:
+        """The task as stored now; NotFoundError when there is no such task."""
+        request = coordinator_pb2.GetTaskRequest(id=id, include_result_json=include_result_json)
+        return (await self._unary(lambda s: s.GetTask, request)).task
+
+    async def handle(self, id: str) -> TaskHandle:
+        """A handle on an existing task (to wait for its result); NotFoundError when there is none."""
+        return TaskHandle(self, await self.get(id), created=False)
+
+    async def list(
+        self,
+        *,
+        queue: str = "",
+        states: Iterable[State] = (),
+        type: str = "",
+        tags: Iterable[str] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[builtins.list[task_pb2.Task], str]:
+        """One page of tasks matching every filter given, and the next page's token ("" on the last)."""
+        request = coordinator_pb2.ListTasksRequest(
+            queue=queue,
+            states=builtins.list(states),
+            type=type,
+            tags=builtins.list(tags),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = await self._unary(lambda s: s.ListTasks, request)
+        return builtins.list(response.tasks), response.next_page_token
+
+    async def iter_tasks(
+        self,
+        *,
+        queue: str = "",
+        states: Iterable[State] = (),
+        type: str = "",
+        tags: Iterable[str] = (),
+        page_size: int = 0,
+    ) -> AsyncGenerator[task_pb2.Task, None]:
+        """Every matching task, fetching page after page as the iteration goes."""
+        states, tags = tuple(states), tuple(tags)
+        token = ""
+        while True:
+            tasks, token = await self.list(
+                queue=queue, states=states, type=type, tags=tags, page_size=page_size, page_token=token
+            )
+            for task in tasks:
+                yield task
+            if not token:
+                return
+
+    async def cancel(self, id: str, reason: str = "") -> task_pb2.Task:
+        """Cancel a task that has not finished; a running one is cancelled on its worker.
+
+        Returns the task (CANCELED, or still RUNNING with cancel_requested until its worker stops).
+        FailedPreconditionError when it already finished, NotFoundError when there is no such task.
+        """
+        request = coordinator_pb2.CancelTaskRequest(id=id, reason=reason)
+        return (await self._unary(lambda s: s.CancelTask, request)).task
+
+    async def update_priority(self, id: str, priority: int) -> task_pb2.Task:
+        """Change the priority of a task that has not started."""
+        request = coordinator_pb2.UpdateTaskPriorityRequest(id=id, priority=priority)
+        return (await self._unary(lambda s: s.UpdateTaskPriority, request)).task
+
+    async def watch(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        queue: str = "",
+        states: Iterable[State] = (),
+        type: str = "",
+        tags: Iterable[str] = (),
+        skip_initial: bool = False,
+        include_result_json: bool = False,
+    ) -> AsyncGenerator[task_pb2.TaskEvent, None]:
+        """State changes of the given tasks (or of every task matching the filters): the current
+        state of each first (`event.initial`), unless `skip_initial`, then every change.
+
+        Runs until the caller stops iterating (close it with `contextlib.aclosing` or break and
+        let it be collected; the stream is cancelled then). A broken stream raises
+        UnavailableError; `TaskHandle.watch` is the variant that reconnects.
+        """
+        request = coordinator_pb2.WatchTasksRequest(
+            ids=builtins.list(ids),
+            queue=queue,
+            states=builtins.list(states),
+            type=type,
+            tags=builtins.list(tags),
+            skip_initial=skip_initial,
+            include_result_json=include_result_json,
+        )
+        followed = False
+        while True:
+            call = self._stub().WatchTasks(request, metadata=_trace_metadata())
+            received = False
+            try:
+                with _herder_errors():
+                    async for response in call:
+                        received = True
+                        yield response.event
+                return
+            except errors.NotLeaderError as exc:
+                if received or followed or not self._follow(exc):
+                    raise
+                followed = True
+            finally:
+                call.cancel()
+
+    # --- task types and cluster ---
+
+    async def register_task_type(
+        self, name: str, input_class: MessageType, output_class: MessageType, description: str = ""
+    ) -> task_pb2.TaskType:
+        """Register (or update) a task type with its input and output messages and their descriptors."""
+        task_type = task_type_for(name, input_class, output_class, description=description)
+        request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type)
+        return (await self._unary(lambda s: s.RegisterTaskType, request)).task_type
+
+    async def task_types(self) -> builtins.list[task_pb2.TaskType]:
+        response = await self._unary(lambda s: s.ListTaskTypes, coordinator_pb2.ListTaskTypesRequest())
+        return builtins.list(response.task_types)
+
+    async def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
+        response = await self._unary(lambda s: s.ListQueues, coordinator_pb2.ListQueuesRequest())
+        return builtins.list(response.queues)
+
+    async def nodes(self) -> builtins.list[coordinator_pb2.Node]:
+        response = await self._unary(lambda s: s.ListNodes, coordinator_pb2.ListNodesRequest())
+        return builtins.list(response.nodes)
+
+    async def cluster_status(self) -> coordinator_pb2.GetClusterStatusResponse:
+        return await self._unary(lambda s: s.GetClusterStatus, coordinator_pb2.GetClusterStatusRequest())
+
+    # --- plumbing ---
+
+    def _stub(self) -> CoordinatorServiceAsyncStub:
+        if self._closed:
+            raise errors.FailedPreconditionError("the client is closed")
+        channel = self._channels.get(self._address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(self._address, options=_CHANNEL_OPTIONS)
+            self._channels[self._address] = channel
+        return coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+
+    def _follow(self, error: errors.NotLeaderError) -> bool:
+        """Switch to the leader a follower named; False when there is nowhere new to go."""
+        if not error.leader_address or error.leader_address == self._address:
+            return False
+        self._address = error.leader_address
+        return True
+
+    def _go_home(self) -> None:
+        """Return to the configured address after the leader it was redirected to went away;
+        that coordinator will name the new leader."""
+        self._address = self._home
+
+    async def _unary(
+        self,
+        method: Callable[[CoordinatorServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]],
+        request: Req,
+    ) -> Resp:
+        try:
+            return await self._unary_once(method, request)
+        except errors.NotLeaderError as exc:
+            if not self._follow(exc):
+                raise
+        return await self._unary_once(method, request)
+
+    async def _unary_once(
+        self,
+        method: Callable[[CoordinatorServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]],
+        request: Req,
+    ) -> Resp:
+        with _herder_errors():
+            return await method(self._stub())(request, timeout=self._timeout, metadata=_trace_metadata())
+
+
+class TaskHandle:
+    """A submitted task: its id, the last state seen, and ways to wait for it or cancel it."""
+
+    def __init__(self, client: Client, task: task_pb2.Task, *, created: bool = True) -> None:
+        self._client = client
+        self._task = task
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"TaskHandle(id={self.id!r}, state={state_name(self._task.state)})"
+
+    @property
+    def id(self) -> str:
+        return self._task.id
+
+    @property
+    def task(self) -> task_pb2.Task:
+        """The task as last seen by this handle (submit, refresh, watch or result)."""
+        return self._task
+
+    async def refresh(self, *, include_result_json: bool = False) -> task_pb2.Task:
+        """Fetch the task again and remember it."""
+        self._task = await self._client.get(self.id, include_result_json=include_result_json)
+        return self._task
+
+    async def watch(self) -> AsyncGenerator[task_pb2.TaskEvent, None]:
+        """The task's events, from its current state until it reaches a terminal state.
+
+        A stream broken by a coordinator restart or leader change is re-opened (see
+        `WatchReconnect`); events already seen are not repeated. Raises the last error when
+        the stream stays broken for `give_up_after` seconds; any other error is raised at once.
+        Closing or cancelling the iteration cancels the stream.
+        """
+        settings = self._client.watch_reconnect
+        last_revision = 0
+        failures = 0
+        failing_since: float | None = None
+        while True:
+            try:
+                async with contextlib.aclosing(self._client.watch([self.id])) as events:
+                    async for event in events:
+                        failures, failing_since = 0, None
+                        if event.revision and event.revision <= last_revision:
+                            continue
+                        last_revision = max(last_revision, event.revision)
+                        self._task = event.task
+                        yield event
+                        if is_terminal(event.task.state):
+                            return
+                failure: errors.HerderError = errors.UnavailableError(f"the watch of task {self.id} keeps ending")
+            # Transient: a restart or leader change (UNAVAILABLE), a server shutting streams down
+            # (CANCELLED), a watcher the coordinator dropped for lagging (RESOURCE_EXHAUSTED).
+            except (errors.UnavailableError, errors.CancelledError, errors.ResourceExhaustedError) as exc:
+                failure = exc
+                if not isinstance(exc, errors.NotLeaderError):
+                    self._client._go_home()
+            now = time.monotonic()
+            failing_since = failing_since if failing_since is not None else now
+            if now - failing_since >= settings.give_up_after:
+                raise failure
+            failures += 1
+            await asyncio.sleep(settings.backoff.delay(failures))
+
+    async def wait(self, timeout: float | None = None) -> task_pb2.Task:
+        """The task once it reached a terminal state (whichever it is); TimeoutError after `timeout`
+        seconds. Cancelling the wait cancels only the wait, not the task."""
+        if not is_terminal(self._task.state):
+            async with asyncio.timeout(timeout):
+                async with contextlib.aclosing(self.watch()) as events:
+                    async for _ in events:
+                        pass
+        if self._task.state == task_pb2.TASK_STATE_SUCCEEDED and not self._task.HasField("result"):
+            await self.refresh()
+        return self._task
+
+    @overload
+    async def result(self, timeout: float | None = None, output_type: None = None) -> Message: ...
+    @overload
+    async def result(self, timeout: float | None, output_type: type[M]) -> M: ...
+    @overload
+    async def result(self, timeout: float | None = None, *, output_type: type[M]) -> M: ...
+
+    async def result(self, timeout: float | None = None, output_type: type[M] | None = None) -> Message:
+        """Wait (watching, not polling) for the task to finish and return its output message.
+
+        The output is unpacked into `output_type` when given, else into the generated class
+        of its type when imported, else returned as the Any. Raises TaskFailedError when the
+        task ends FAILED, CANCELED or EXPIRED, and TimeoutError after `timeout` seconds.
+        """
+        task = await self.wait(timeout)
+        if task.state != task_pb2.TASK_STATE_SUCCEEDED:
+            raise _task_failed(task)
+        return unpack(task.result, output_type)
+
+    async def cancel(self, reason: str = "") -> task_pb2.Task:
+        """Ask the coordinator to cancel the task; see `Client.cancel`."""
+        self._task = await self._client.cancel(self.id, reason)
+        return self._task
+
+
+def _task_failed(task: task_pb2.Task) -> errors.TaskFailedError:
+    state = state_name(task.state)
+    detail = ": ".join(part for part in (task.error.type, task.error.message) if part)
+    message = f"task {task.id} {state}" + (f": {detail}" if detail else "")
+    return errors.TaskFailedError(message, task_id=task.id, state=state, error_type=task.error.type)
+
+
+def _trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The caller's trace context (W3C traceparent) as call metadata, so a task joins the caller's trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple((key.lower(), value) for key, value in carrier.items())
+
+
+def _timedelta(value: Seconds) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=value)
+
+
+def _duration(value: Seconds) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(_timedelta(value))
+    return duration
+
+
+def timestamp_to_datetime(value: timestamp_pb2.Timestamp) -> datetime | None:
+    """A Timestamp as an aware UTC datetime; None when unset (zero)."""
+    if not value.seconds and not value.nanos:
+        return None
+    return value.ToDatetime(tzinfo=UTC)
+
+
+class SyncClient:
+    """The same client for synchronous code: an asyncio `Client` on its own loop in a daemon thread.
+
+    Methods block until done and return plain values; `submit` returns a `SyncTaskHandle`.
+    KeyboardInterrupt while a call blocks cancels that call. Close it (or use `with`) to stop the thread.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 10.0,
+        watch_reconnect: WatchReconnect | None = None,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="herder-sync-client", daemon=True)
+        self._thread.start()
+        self._client = Client(address, timeout=timeout, watch_reconnect=watch_reconnect)
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self._client.address
+
+    @property
+    def client(self) -> Client:
+        """The asyncio client underneath (runs on this wrapper's own loop)."""
+        return self._client
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channels and stop the loop thread. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the client's loop and wait for it (cancelled on KeyboardInterrupt)."""
+        if self._closed:
+            coroutine.close()
+            raise errors.FailedPreconditionError("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def submit(
+        self,
+        type: str,
+        payload: Message | None = None,
+        *,
+        json: str | Mapping[str, Any] | None = None,
+        queue: str = "",
+        priority: int = 0,
+        idempotency_key: str = "",
+        concurrency_key: str = "",
+        delay: Seconds | None = None,
+        not_before: datetime | None = None,
+        ttl: Seconds | None = None,
+        timeout: Seconds | None = None,
+        retry: Retry | task_pb2.RetryPolicy | None = None,
+        tags: Iterable[str] = (),
+        metadata: Mapping[str, str] | None = None,
+        resources: task_pb2.Resources | None = None,
+    ) -> SyncTaskHandle:
+        """Submit one task; see `Client.submit`."""
+        handle = self.run(
+            self._client.submit(
+                type,
+                payload,
+                json=json,
+                queue=queue,
+                priority=priority,
+                idempotency_key=idempotency_key,
+                concurrency_key=concurrency_key,
+                delay=delay,
+                not_before=not_before,
+                ttl=ttl,
+                timeout=timeout,
+                retry=retry,
+                tags=tags,
+                metadata=metadata,
+                resources=resources,
+            )
+        )
+        return SyncTaskHandle(self, handle)
+
+    def submit_many(self, specs: Iterable[task_pb2.TaskSpec]) -> builtins.list[SyncTaskHandle | errors.HerderError]:
+        results = self.run(self._client.submit_many(specs))
+        return [r if isinstance(r, errors.HerderError) else SyncTaskHandle(self, r) for r in results]
+
+    def get(self, id: str, *, include_result_json: bool = False) -> task_pb2.Task:
+        return self.run(self._client.get(id, include_result_json=include_result_json))
+
+    def handle(self, id: str) -> SyncTaskHandle:
+        return SyncTaskHandle(self, self.run(self._client.handle(id)))
+
+    def list(
+        self,
+        *,
+        queue: str = "",
+        states: Iterable[State] = (),
+        type: str = "",
+        tags: Iterable[str] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[builtins.list[task_pb2.Task], str]:
+        return self.run(
+            self._client.list(
+                queue=queue, states=states, type=type, tags=tags, page_size=page_size, page_token=page_token
+            )
+        )
+
+    def iter_tasks(
+        self,
+        *,
+        queue: str = "",
+        states: Iterable[State] = (),
+        type: str = "",
+        tags: Iterable[str] = (),
+        page_size: int = 0,
+    ) -> Iterator[task_pb2.Task]:
+        return self._iterate(
+            self._client.iter_tasks(queue=queue, states=states, type=type, tags=tags, page_size=page_size)
+        )
+
+    def cancel(self, id: str, reason: str = "") -> task_pb2.Task:
+        return self.run(self._client.cancel(id, reason))
+
+    def update_priority(self, id: str, priority: int) -> task_pb2.Task:
+        return self.run(self._client.update_priority(id, priority))
+
+    def watch(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        queue: str = "",
+        states: Iterable[State] = (),
+        type: str = "",
+        tags: Iterable[str] = (),
+        skip_initial: bool = False,
+        include_result_json: bool = False,
+    ) -> Iterator[task_pb2.TaskEvent]:
+        """See `Client.watch`; the stream is cancelled when the iterator is closed."""
+        return self._iterate(
+            self._client.watch(
+                ids,
+                queue=queue,
+                states=states,
+                type=type,
+                tags=tags,
+                skip_initial=skip_initial,
+                include_result_json=include_result_json,
+            )
+        )
+
+    def register_task_type(
+        self, name: str, input_class: MessageType, output_class: MessageType, description: str = ""
+    ) -> task_pb2.TaskType:
+        return self.run(self._client.register_task_type(name, input_class, output_class, description))
+
+    def task_types(self) -> builtins.list[task_pb2.TaskType]:
+        return self.run(self._client.task_types())
+
+    def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
+        return self.run(self._client.queues())
+
+    def nodes(self) -> builtins.list[coordinator_pb2.Node]:
+        return self.run(self._client.nodes())
+
+    def cluster_status(self) -> coordinator_pb2.GetClusterStatusResponse:
+        return self.run(self._client.cluster_status())
+
+    def _iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> T:
+            return await anext(iterator)
+
+        async def close() -> None:
+            close_fn: Callable[[], Awaitable[None]] | None = getattr(iterator, "aclose", None)
+            if close_fn is not None:
+                await close_fn()
+
+        try:
+            while True:
+                try:
+                    yield self.run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                self.run(close())
+
+
+class SyncTaskHandle:
+    """`TaskHandle` for synchronous code; its methods block."""
+
+    def __init__(self, client: SyncClient, handle: TaskHandle) -> None:
+        self._client = client
+        self._handle = handle
+
+    def __repr__(self) -> str:
+        return repr(self._handle).replace("TaskHandle", "SyncTaskHandle", 1)
+
+    @property
+    def id(self) -> str:
+        return self._handle.id
+
+    @property
+    def task(self) -> task_pb2.Task:
+        return self._handle.task
+
+    @property
+    def created(self) -> bool:
+        return self._handle.created
+
+    def refresh(self, *, include_result_json: bool = False) -> task_pb2.Task:
+        return self._client.run(self._handle.refresh(include_result_json=include_result_json))
+
+    def watch(self) -> Iterator[task_pb2.TaskEvent]:
+        return self._client._iterate(self._handle.watch())
+
+    def wait(self, timeout: float | None = None) -> task_pb2.Task:
+        return self._client.run(self._handle.wait(timeout))
+
+    @overload
+    def result(self, timeout: float | None = None, output_type: None = None) -> Message: ...
+    @overload
+    def result(self, timeout: float | None, output_type: type[M]) -> M: ...
+    @overload
+    def result(self, timeout: float | None = None, *, output_type: type[M]) -> M: ...
+
+    def result(self, timeout: float | None = None, output_type: type[M] | None = None) -> Message:
+        """See `TaskHandle.result`: blocks until the task finishes or `timeout` seconds pass."""
+        return self._client.run(self._handle.result(timeout, output_type))
+
+    def cancel(self, reason: str = "") -> task_pb2.Task:
+        return self._client.run(self._handle.cancel(reason))
+
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "TERMINAL_STATES",
+    "Client",
+    "Retry",
+    "State",
+    "SyncClient",
+    "SyncTaskHandle",
+    "TaskHandle",
+    "WatchReconnect",
+    "is_terminal",
+    "parse_state",
+    "state_name",
+    "task_spec",
+    "timestamp_to_datetime",
+    "unpack",
+]

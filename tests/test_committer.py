@@ -1,0 +1,87 @@
+"""The committer against a real etcd: batching, merged writes, large requests, order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from herder.clients.embedded_etcd import EmbeddedEtcd
+from herder.server import _etcd
+from herder.server._etcd import Etcd
+from herder.server.committer import Committer, Write
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def fenced(etcd: EmbeddedEtcd, namespace: str) -> AsyncIterator[tuple[Etcd, Committer, bytes]]:
+    kv = Etcd([etcd.endpoint])
+    await kv.connect()
+    prefix = f"/herder/{namespace}/".encode()
+    leader = prefix + b"leader"
+    reply = await kv.txn([], [_etcd.put(leader, b"me")])
+    committer = Committer(kv, leader, reply.header.revision)
+    yield kv, committer, prefix
+    await committer.close()
+    await kv.close()
+
+
+async def test_concurrent_writes_share_transactions(fenced: tuple[Etcd, Committer, bytes]) -> None:
+    kv, committer, prefix = fenced
+    revisions = await asyncio.gather(
+        *(committer.commit([Write(prefix + b"k%04d" % i, b"v%d" % i)]) for i in range(1000))
+    )
+    assert all(r > 0 for r in revisions)
+    assert committer.operations == 1000
+    assert committer.transactions < 1000 / 4
+    stored = {kv_.key: kv_.value async for kv_ in kv.scan_prefix(prefix + b"k")}
+    assert len(stored) == 1000 and stored[prefix + b"k0007"] == b"v7"
+
+
+async def test_writes_to_one_waiting_key_merge_and_the_last_value_wins(
+    fenced: tuple[Etcd, Committer, bytes],
+) -> None:
+    kv, committer, prefix = fenced
+    key = prefix + b"task"
+    futures = [committer.submit([Write(key, b"state-%d" % i)]) for i in range(50)]
+    revisions = await asyncio.gather(*futures)
+    assert revisions == sorted(revisions)
+    found, _ = await kv.get(key)
+    assert found is not None and found.value == b"state-49"
+
+
+async def test_a_request_larger_than_a_transaction_resolves_after_all_of_it_landed(
+    fenced: tuple[Etcd, Committer, bytes],
+) -> None:
+    kv, committer, prefix = fenced
+    writes = [Write(prefix + b"big%04d" % i, b"x" * 100) for i in range(700)]
+    await committer.commit(writes)
+    keys = [kv_.key async for kv_ in kv.scan_prefix(prefix + b"big")]
+    assert len(keys) == 700
+    assert committer.transactions >= 700 // 128
+
+
+async def test_writes_to_one_key_are_answered_in_order(fenced: tuple[Etcd, Committer, bytes]) -> None:
+    kv, committer, prefix = fenced
+    answered: dict[int, list[int]] = {k: [] for k in range(7)}
+    futures = []
+    for i in range(300):
+        future = committer.submit([Write(prefix + b"o%d" % (i % 7), b"%d" % i)])
+        future.add_done_callback(lambda _, i=i: answered[i % 7].append(i))
+        futures.append(future)
+    await asyncio.gather(*futures)
+    await asyncio.sleep(0)
+    for key, order in answered.items():
+        assert order == sorted(order) and len(order) == len(range(key, 300, 7))
+        found, _ = await kv.get(prefix + b"o%d" % key)
+        assert found is not None and found.value == b"%d" % order[-1]
+
+
+async def test_deletes_remove_keys(fenced: tuple[Etcd, Committer, bytes]) -> None:
+    kv, committer, prefix = fenced
+    await committer.commit([Write(prefix + b"gone", b"1")])
+    await committer.commit([Write(prefix + b"gone", None)])
+    found, _ = await kv.get(prefix + b"gone")
+    assert found is None
