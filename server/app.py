@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.server import election, keys, validation
 from herder.server._etcd import Etcd, EtcdError
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.leader import LeaderSettings, NamespaceLeader
+from herder.server.reflection import ContractReflection
 from herder.server.service import CoordinatorServicer
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class Coordinator:
         self.limits = config.limits
         self.etcd = Etcd(config.etcd, timeout=config.etcd_timeout)
         self.leader: NamespaceLeader | None = None
+        self.reflection = ContractReflection()
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -90,10 +91,7 @@ class Coordinator:
         )
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        self.reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         try:
             self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as exc:
@@ -139,6 +137,8 @@ class Coordinator:
                 await leader.stop()
                 await leadership.resign()
                 continue
+            for task_type in leader.registry.all():
+                self.reflection.add(task_type.descriptors)
             self.leader = leader
             self._leader_address = self.address
             await self._set_health(True)

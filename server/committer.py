@@ -135,7 +135,10 @@ class Committer:
         except FencedError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
-            self._fail(FencedError("the committer was stopped"))
+            # A deliberate stop (stepping down or shutting down), not a failure.
+            if self.error is None:
+                self.error = FencedError("the committer was stopped")
+            self._fail(self.error)
             raise
 
     def _take_batch(self) -> _Batch | None:
@@ -200,7 +203,9 @@ class Committer:
     def _fail(self, error: FencedError) -> None:
         if self.error is None:
             self.error = error
-        log.error("committer stopped: %s", self.error)
+            log.error("committer stopped: %s", error)
+        else:
+            log.info("committer stopped: %s", self.error)
         for batch in self._in_flight:
             if batch.task is not None:
                 batch.task.cancel()

@@ -210,8 +210,14 @@ class NamespaceLeader:
 
     # ----------------------------------------------------------------- submit
 
-    async def submit(self, specs: list[task_pb2.TaskSpec]) -> list[tuple[task_pb2.Task, bool]]:
-        """Store validated specs; answers after every one is committed. Specs must be validated already."""
+    async def submit(
+        self, specs: list[task_pb2.TaskSpec], trace_context: dict[str, str] | None = None
+    ) -> list[tuple[task_pb2.Task, bool]]:
+        """Store validated specs; answers after every one is committed. Specs must be validated already.
+
+        trace_context (W3C traceparent/tracestate of the submitter) is stored with each task, so
+        the handler's span joins the submitter's trace.
+        """
         self._check()
         now = _now_ts()
         wall = time.time()
@@ -228,6 +234,8 @@ class NamespaceLeader:
             if not task.spec.queue:
                 task.spec.queue = "default"
             task.create_time.CopyFrom(now)
+            if trace_context:
+                task.trace_context.update(trace_context)
             entry = Entry(task, fresh=True)
             self._entries[task.id] = entry
             if spec.HasField("not_before") and spec.not_before.ToNanoseconds() / 1e9 > wall:

@@ -42,6 +42,18 @@ def _unary(method: Handler[R]) -> Handler[R]:
     return wrapper
 
 
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def _trace_context(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """The caller's W3C trace context from the call's metadata."""
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in _TRACE_HEADERS and isinstance(value, str) and len(value) <= 512:
+            found[key] = value
+    return found
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, coordinator: Any) -> None:
         # herder.server.app.Coordinator; typed loosely to keep the import one-way.
@@ -74,7 +86,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         leader = self._leader()
         spec = request.spec
         validation.raise_if(self._prepare(leader, spec, "spec"), "invalid task spec")
-        [(task, created)] = await leader.submit([spec])
+        [(task, created)] = await leader.submit([spec], _trace_context(context))
         return coordinator_pb2.SubmitTaskResponse(task=task, created=created)
 
     @_unary
@@ -94,7 +106,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 results[i].details.extend(status.details)
             else:
                 accepted.append((i, spec))
-        stored = await leader.submit([spec for _, spec in accepted])
+        stored = await leader.submit([spec for _, spec in accepted], _trace_context(context))
         for (i, _), (task, created) in zip(accepted, stored, strict=True):
             results[i].task.CopyFrom(task)
             results[i].created = created
@@ -188,6 +200,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         violations = validation.validate_task_type(task_type, self._limits, "task_type")
         validation.raise_if(violations, "invalid task type")
         stored = await leader.register_type(task_type)
+        self._coordinator.reflection.add(stored.descriptors)
         return coordinator_pb2.RegisterTaskTypeResponse(task_type=stored)
 
     @_unary

@@ -406,3 +406,11 @@ async def test_connect_must_start_with_hello(coordinator) -> None:  # noqa: F811
             async for _ in stub.Connect(requests()):
                 pass
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_submitters_trace_context_is_stored_with_the_task(stub) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    spec = task_pb2.TaskSpec(type=ECHO, payload_json="{}")
+    reply = await stub.SubmitTask(pb.SubmitTaskRequest(spec=spec), metadata=(("traceparent", traceparent),))
+    assert dict(reply.task.trace_context) == {"traceparent": traceparent}
+    assert dict((await state_of(stub, reply.task.id)).trace_context) == {"traceparent": traceparent}

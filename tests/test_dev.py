@@ -1,0 +1,317 @@
+"""`herder dev` as a user runs it: a real subprocess starting a real etcd, coordinator and worker,
+driven with grpcurl, stopped with signals. Every process it starts is killed at teardown."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+
+from herder.clients.embedded_etcd import free_port
+from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+pytestmark = pytest.mark.timeout(150)
+
+BIN = Path(sys.executable).parent
+READY_LINE = "herder dev is running"
+START_TIMEOUT = 60.0
+
+
+class Dev:
+    """One `herder dev` subprocess in its own process group, on free ports, with `data_dir`."""
+
+    def __init__(self, data_dir: Path, *, listen_port: int = 0, etcd_port: int = 0) -> None:
+        self.data_dir = data_dir
+        self.listen_port = listen_port or free_port()
+        self.etcd_port = etcd_port or free_port()
+        self.out_path = data_dir.parent / f"{data_dir.name}-{self.listen_port}.out"
+        self.err_path = data_dir.parent / f"{data_dir.name}-{self.listen_port}.err"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.known_children: dict[int, psutil.Process] = {}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.listen_port}"
+
+    def start(self, stdout: int | None = None) -> Dev:
+        """Start it; its output goes to files, or stdout to the file descriptor `stdout`."""
+        command = [
+            str(BIN / "herder"),
+            "dev",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            self.address,
+            "--etcd-port",
+            str(self.etcd_port),
+            "--worker-slots",
+            "2",
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.process = subprocess.Popen(
+                command,
+                stdout=out if stdout is None else stdout,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text(errors="replace") if self.err_path.exists() else ""
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait for the ready banner (printed once the worker is connected) and note the children."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while READY_LINE not in self.out:
+            if self.process.poll() is not None:
+                pytest.fail(f"herder dev exited with {self.process.returncode}\n{self.out}\n{self.err}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"herder dev not ready within {timeout:g}s\n{self.out}\n{self.err}")
+            time.sleep(0.05)
+        self.children()
+
+    def children(self) -> list[psutil.Process]:
+        """The dev process's children now (also remembered for cleanup)."""
+        assert self.process is not None
+        try:
+            found = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        self.known_children.update((child.pid, child) for child in found)
+        return found
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"herder dev did not exit within {timeout:g}s\n{self.out}\n{self.err}")
+
+    def kill_all(self) -> None:
+        """SIGKILL the dev process group and every child it had, whatever state they are in."""
+        if self.process is None:
+            return
+        self.children()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for child in self.known_children.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.is_running():  # false for a recycled pid: psutil compares creation times
+                    child.kill()
+        self.process.wait(10)
+        psutil.wait_procs(list(self.known_children.values()), timeout=10)
+
+
+@contextlib.contextmanager
+def running_dev(data_dir: Path, **ports: int) -> Iterator[Dev]:
+    dev = Dev(data_dir, **ports)
+    try:
+        dev.start().wait_ready()
+        yield dev
+    finally:
+        dev.kill_all()
+
+
+@pytest.fixture(scope="module")
+def shared_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
+    """One `herder dev` for the tests that only talk to it."""
+    with running_dev(tmp_path_factory.mktemp("dev") / "data") as dev:
+        yield dev
+
+
+def grpcurl(address: str, *args: str, data: dict[str, Any] | None = None) -> str:
+    command = [str(BIN / "grpcurl"), "-plaintext", "-max-time", "10"]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    result = subprocess.run([*command, address, *args], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, f"grpcurl {' '.join(args)} failed: {result.stderr}"
+    return result.stdout
+
+
+def submit_echo(address: str, text: str) -> str:
+    spec = {"type": "examples.echo", "payload_json": json.dumps({"text": text})}
+    response = json.loads(grpcurl(address, "herder.v1.CoordinatorService/SubmitTask", data={"spec": spec}))
+    task_id: str = response["task"]["id"]
+    return task_id
+
+
+def get_task(address: str, task_id: str) -> dict[str, Any]:
+    request = {"id": task_id, "include_result_json": True}
+    task: dict[str, Any] = json.loads(grpcurl(address, "herder.v1.CoordinatorService/GetTask", data=request))["task"]
+    return task
+
+
+def wait_finished(address: str, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        task = get_task(address, task_id)
+        if task["state"] in {"TASK_STATE_SUCCEEDED", "TASK_STATE_FAILED", "TASK_STATE_CANCELED"}:
+            return task
+        assert time.monotonic() < deadline, f"task {task_id} still {task['state']} after {timeout:g}s"
+        time.sleep(0.1)
+
+
+def wait_worker_connected(dev: Dev, timeout: float = START_TIMEOUT) -> None:
+    """Wait until the coordinator lists the example worker (for a dev whose output cannot be read)."""
+    assert dev.process is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        assert dev.process.poll() is None, f"herder dev exited with {dev.process.returncode}\n{dev.err}"
+        # A fresh channel each time: no reconnect backoff left from before the port was open.
+        with grpc.insecure_channel(dev.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            with contextlib.suppress(grpc.RpcError):
+                nodes = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=1.0).nodes
+                if any("examples.echo" in node.task_types for node in nodes):
+                    return
+        assert time.monotonic() < deadline, f"no worker connected within {timeout:g}s\n{dev.err}"
+        time.sleep(0.1)
+
+
+def processes_mentioning(*needles: str) -> list[psutil.Process]:
+    """Live processes whose command line contains any of `needles`."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(needle in cmdline for needle in needles) and process.pid != os.getpid():
+            found.append(process)
+    return found
+
+
+def test_echo_submitted_with_grpcurl_succeeds_with_json_result(shared_dev: Dev) -> None:
+    task_id = submit_echo(shared_dev.address, "hi")
+    task = wait_finished(shared_dev.address, task_id)
+    assert task["state"] == "TASK_STATE_SUCCEEDED", task
+    assert json.loads(task["result_json"]) == {"text": "hi"}
+    assert task["worker_id"].startswith("herder-dev-")
+
+
+def test_grpcurl_lists_the_coordinator_health_and_reflection(shared_dev: Dev) -> None:
+    services = grpcurl(shared_dev.address, "list").split()
+    for name in ("herder.v1.CoordinatorService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"):
+        assert name in services
+
+
+def test_banner_shows_addresses_and_commands_to_try(shared_dev: Dev) -> None:
+    out = shared_dev.out
+    assert f"127.0.0.1:{shared_dev.etcd_port}" in out
+    assert shared_dev.address in out
+    assert str(shared_dev.data_dir) in out
+    assert "examples.echo, examples.sleep, examples.flaky" in out
+    assert f"-plaintext {shared_dev.address} list" in out
+    request = '{"spec":{"type":"examples.echo","payload_json":"{\\"text\\":\\"hi\\"}"}}'
+    assert f"-d '{request}' {shared_dev.address} herder.v1.CoordinatorService/SubmitTask" in out
+    assert 'submit examples.echo --json \'{"text":"hi"}\' --wait' in out
+
+
+def test_second_dev_on_the_same_data_dir_is_refused(shared_dev: Dev) -> None:
+    second = Dev(shared_dev.data_dir).start()
+    try:
+        assert second.wait_exit() == 1
+        assert second.err.strip() == (
+            f"herder dev: the data dir {shared_dev.data_dir} is in use by another herder dev "
+            f"(pid {shared_dev.process.pid if shared_dev.process else ''})"
+        )
+        assert not processes_mentioning(f"--listen {second.address}", f"127.0.0.1:{second.etcd_port}")
+    finally:
+        second.kill_all()
+
+
+def test_sigterm_stops_every_child_and_exits_zero(tmp_path: Path) -> None:
+    with running_dev(tmp_path / "data") as dev:
+        children = dev.children()
+        commands = [" ".join(child.cmdline()) for child in children]
+        assert len(children) == 3, commands
+        assert any("etcd" in c and f"127.0.0.1:{dev.etcd_port}" in c for c in commands), commands
+        assert any("herder.server" in c for c in commands), commands
+        assert any("herder.clients.examples" in c for c in commands), commands
+        assert dev.process is not None
+        dev.process.send_signal(signal.SIGTERM)
+        assert dev.wait_exit() == 0, dev.err
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
+        assert "herder dev: stopped" in dev.out
+        assert "Traceback" not in dev.err
+
+
+def test_tasks_survive_a_restart_on_the_same_data_dir(tmp_path: Path) -> None:
+    with running_dev(tmp_path / "data") as dev:
+        task_id = submit_echo(dev.address, "kept")
+        assert wait_finished(dev.address, task_id)["state"] == "TASK_STATE_SUCCEEDED"
+        assert dev.process is not None
+        dev.process.send_signal(signal.SIGINT)
+        assert dev.wait_exit() == 0, dev.err
+    with running_dev(tmp_path / "data", etcd_port=dev.etcd_port) as again:
+        task = get_task(again.address, task_id)
+        assert task["state"] == "TASK_STATE_SUCCEEDED"
+        assert json.loads(task["result_json"]) == {"text": "kept"}
+
+
+def test_a_child_that_dies_is_named_and_the_rest_are_stopped(tmp_path: Path) -> None:
+    with running_dev(tmp_path / "data") as dev:
+        children = dev.children()
+        worker = next(c for c in children if "herder.clients.examples" in " ".join(c.cmdline()))
+        worker.kill()
+        assert dev.wait_exit() == 1
+        assert f"herder dev: the worker (pid {worker.pid}) exited unexpectedly on signal SIGKILL" in dev.err
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
+
+
+def test_output_closed_by_its_reader_still_stops_every_child(tmp_path: Path) -> None:
+    # Like `herder dev | head -1` followed by Ctrl-C: every print after the first line hits a closed pipe.
+    read_end, write_end = os.pipe()
+    dev = Dev(tmp_path / "data")
+    try:
+        dev.start(stdout=write_end)
+        os.close(write_end)
+        os.close(read_end)
+        wait_worker_connected(dev)
+        children = dev.children()
+        assert len(children) == 3
+        assert dev.process is not None
+        dev.process.send_signal(signal.SIGINT)
+        assert dev.wait_exit() == 0, dev.err
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
+        assert "Traceback" not in dev.err
+    finally:
+        dev.kill_all()
+
+
+@pytest.mark.parametrize("taken", ["coordinator", "etcd"])
+def test_a_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path, taken: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        data_dir = tmp_path / "data"
+        dev = Dev(data_dir, **{"listen_port" if taken == "coordinator" else "etcd_port": port}).start()
+        try:
+            assert dev.wait_exit() == 1
+            assert dev.err.strip() == f"herder dev: port 127.0.0.1:{port} is already in use (another herder dev?)"
+            assert "Traceback" not in dev.out + dev.err
+            assert not processes_mentioning(str(data_dir), f"--listen {dev.address}", f"127.0.0.1:{dev.etcd_port}")
+        finally:
+            dev.kill_all()
