@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
+from types import FrameType
 
 import pytest
 
 from herder.clients.embedded_etcd import EmbeddedEtcd
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A suite stopped with SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so fixtures
+# still stop the etcd, coordinator and worker processes they started.
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")
