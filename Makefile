@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint gen fmt bench clean
+.PHONY: setup run test lint gen fmt bench breaking clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: setup
 
 gen: setup
 	$(BIN)/python scripts/gen_protos.py
+
+# Contract changes that would break existing clients, against main (BASE=<git ref> to compare elsewhere).
+BASE ?= main
+breaking: setup
+	$(BIN)/buf breaking --against '.git#branch=$(BASE)'
 
 fmt: setup
 	$(BIN)/ruff format clients server supervisor tests bench scripts

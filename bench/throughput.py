@@ -258,13 +258,17 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         await stack.start()
         async with grpc.aio.insecure_channel(stack.address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-            idle = await idle_latency(stub, args.latency_samples)
-            print(f"idle latency: {idle}", flush=True)
-            single = await one_rpc_each(stub, args.tasks, args.submitters)
-            print(f"one RPC each: {single}", flush=True)
-            batched = await batches(stub, args.tasks, args.batch, args.batch_concurrency)
-            print(f"batches:      {batched}", flush=True)
-        return {"one_rpc_each": single, "batches": batched, "idle": idle, "cpus": os.cpu_count()}
+            figures: dict[str, object] = {}
+            if "idle" in args.phases:
+                figures["idle"] = await idle_latency(stub, args.latency_samples)
+                print(f"idle latency: {figures['idle']}", flush=True)
+            if "single" in args.phases:
+                figures["one_rpc_each"] = await one_rpc_each(stub, args.tasks, args.submitters)
+                print(f"one RPC each: {figures['one_rpc_each']}", flush=True)
+            if "batches" in args.phases:
+                figures["batches"] = await batches(stub, args.tasks, args.batch, args.batch_concurrency)
+                print(f"batches:      {figures['batches']}", flush=True)
+        return {**figures, "cpus": os.cpu_count()}
     finally:
         stack.stop()
 
@@ -278,6 +282,9 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument(
+        "--phases", default="idle,single,batches", help="comma-separated: idle, single, batches (default all)"
+    )
     parser.add_argument("--worker", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

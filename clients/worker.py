@@ -11,14 +11,17 @@ await worker.run()  # until worker.shutdown()
 ```
 
 The session follows the Connect protocol: hello, welcome, then assignments
-(acknowledged at once), progress, results and heartbeats on one stream. When the
-stream fails the worker reconnects with backoff and re-claims what it still runs;
-results the coordinator has not acknowledged are kept and sent again.
+(acknowledged at once), progress, results and heartbeats on one stream, written by
+one writer task: acknowledgements and results that pile up while it writes go out
+together in one message. When the stream fails the worker reconnects with backoff
+and re-claims what it still runs; results the coordinator has not acknowledged are
+kept and sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -239,8 +242,20 @@ class _Attempt:
     abandoned: bool = False
 
 
+# What waits for the session's writer: a result, or a message (None: the half-close) and whether it was written.
+_Outgoing = _Attempt | tuple[coordinator_pb2.ConnectRequest | None, asyncio.Future[bool]]
+
+
 class _Session:
-    """One open Connect stream after its welcome; writes are serialized."""
+    """One open Connect stream after its welcome, written by one writer task.
+
+    Acknowledgements and results wait in the session, and each write drains what has piled up into
+    one AssignmentAck or one AttemptResults: a lone message goes out at once, and batches form only
+    while a write is in progress (under load, one write carries many). Pending acknowledgements go
+    before anything else, so the coordinator sees an attempt's ack before its progress and result;
+    everything else keeps the order it was queued in. Handlers never write themselves, so cancelling
+    one cannot cancel the call (grpc cancels a call whose write is cancelled).
+    """
 
     def __init__(
         self,
@@ -254,29 +269,143 @@ class _Session:
         self.session_id = welcome.session_id
         self.heartbeat_interval = _seconds(welcome.heartbeat_interval) or settings.heartbeat_interval
         self.heartbeat_timeout = _seconds(welcome.heartbeat_timeout) or settings.heartbeat_timeout
-        self._write_lock = asyncio.Lock()
+        self._acks: list[coordinator_pb2.AttemptRef] = []
+        # Messages, results (_Attempt) and the half-close (None), in the order they were queued.
+        self._queue: collections.deque[_Outgoing] = collections.deque()
+        self._wake = asyncio.Event()
+        self._open = True
+        self._writer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _Session:
+        self._writer = asyncio.create_task(self._write_loop(), name=f"herder-writer {self.session_id}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """End the call and the writer; whatever was still queued counts as not sent."""
+        self.call.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.wait({self._writer})
+        self._fail_queued()
+
+    def ack(self, ref: _Ref) -> None:
+        """Queue an assignment's acknowledgement (dropped when the stream is gone: the ack timeout re-queues it)."""
+        if self._open:
+            self._acks.append(_ref_proto(ref))
+            self._wake.set()
+
+    def send_result(self, attempt: _Attempt) -> bool:
+        """Queue the attempt's result; False when the stream is gone.
+
+        If the write fails, attempt.result_sent_in is cleared again, so a later session resends it.
+        """
+        if not self._open:
+            return False
+        self._queue.append(attempt)
+        self._wake.set()
+        return True
 
     async def send(self, request: coordinator_pb2.ConnectRequest) -> bool:
-        """Write one message; False when the stream is gone (the caller keeps what it could not send)."""
-        async with self._write_lock:
-            if self.call.done():
-                return False
-            try:
-                await self.call.write(request)
-            except (grpc.RpcError, asyncio.InvalidStateError):
-                return False
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-                return False  # the call was cancelled (abandoned stream), not this task
-            return True
+        """Write one message (progress, heartbeat) in turn; False when the stream is gone.
+
+        Cancelling the caller withdraws the message if it has not been written yet.
+        """
+        if not self._open:
+            return False
+        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, written))
+        self._wake.set()
+        return await written
 
     async def close(self) -> None:
-        """Half-close: the coordinator sees the end of the stream and closes its side."""
-        async with self._write_lock:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await self.call.done_writing()
+        """Half-close after what is queued: the coordinator sees the end of the stream and closes its side."""
+        if not self._open:
+            return
+        closed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((None, closed))
+        self._wake.set()
+        await closed
+
+    async def _write_loop(self) -> None:
+        try:
+            while self._open:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._open and (self._acks or self._queue):
+                    await self._write_next()
+        except Exception:
+            _log.exception("session %s: the writer failed; ending the stream", self.session_id)
+            self.call.cancel()  # the read loop ends and the worker reconnects
+        finally:
+            self._fail_queued()
+
+    async def _write_next(self) -> None:
+        if self._acks:
+            refs, self._acks = self._acks, []
+            await self._write(coordinator_pb2.ConnectRequest(ack=coordinator_pb2.AssignmentAck(refs=refs)))
+            return
+        head = self._queue.popleft()
+        if isinstance(head, _Attempt):
+            attempts = [head]
+            while self._queue and isinstance(following := self._queue[0], _Attempt):
+                attempts.append(following)
+                self._queue.popleft()
+            results = coordinator_pb2.AttemptResults(results=[a.result for a in attempts if a.result is not None])
+            written = False
+            try:
+                written = await self._write(coordinator_pb2.ConnectRequest(results=results))
+            finally:
+                if not written:
+                    self._unsent(attempts)
+            return
+        request, done = head
+        if done.done():
+            return  # the sender stopped waiting: withdrawn
+        written = False
+        try:
+            if request is not None:
+                written = await self._write(request)
+            else:
+                self._open = False
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    await self.call.done_writing()
+                written = True
+        finally:
+            if not done.done():
+                done.set_result(written)
+
+    async def _write(self, request: coordinator_pb2.ConnectRequest) -> bool:
+        """Write one message; a failure means the stream is gone, and nothing more is written."""
+        try:
+            if not self.call.done():
+                await self.call.write(request)
+                return True
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # The call was cancelled (an abandoned stream), not the writer.
+        self._open = False
+        return False
+
+    def _fail_queued(self) -> None:
+        self._open = False
+        self._acks.clear()
+        while self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, _Attempt):
+                self._unsent([item])
+            elif not item[1].done():
+                item[1].set_result(False)
+
+    def _unsent(self, attempts: Iterable[_Attempt]) -> None:
+        for attempt in attempts:
+            if attempt.result_sent_in == self.session_id:
+                attempt.result_sent_in = ""
 
 
 class Worker:
@@ -554,26 +683,25 @@ class Worker:
                     await self._register(stub)
                 call = stub.Connect()
                 welcome = await self._hello(call)
-                session = _Session(call, welcome, address, self._settings)
-                self._session = session
-                self._welcomed_at = asyncio.get_running_loop().time()
-                self._connected.set()
-                _log.info(
-                    "worker %s connected to %s (session %s, %d reclaimed, %d rejected)",
-                    self._worker_id,
-                    address,
-                    session.session_id,
-                    len(welcome.reclaimed),
-                    len(welcome.rejected),
-                )
-                heartbeats = asyncio.create_task(self._heartbeat_loop(session))
-                try:
-                    await self._on_welcome(session, welcome)
-                    await self._read_loop(session)
-                finally:
-                    heartbeats.cancel()
-                    await asyncio.wait({heartbeats})
-                    call.cancel()
+                async with _Session(call, welcome, address, self._settings) as session:
+                    self._session = session
+                    self._welcomed_at = asyncio.get_running_loop().time()
+                    self._connected.set()
+                    _log.info(
+                        "worker %s connected to %s (session %s, %d reclaimed, %d rejected)",
+                        self._worker_id,
+                        address,
+                        session.session_id,
+                        len(welcome.reclaimed),
+                        len(welcome.rejected),
+                    )
+                    heartbeats = asyncio.create_task(self._heartbeat_loop(session))
+                    try:
+                        self._on_welcome(welcome)
+                        await self._read_loop(session)
+                    finally:
+                        heartbeats.cancel()
+                        await asyncio.wait({heartbeats})
             except grpc.aio.AioRpcError as exc:
                 raise errors.from_rpc_error(exc) from exc
         finally:
@@ -619,14 +747,14 @@ class Worker:
             raise _StreamLost(f"protocol error: expected a welcome, got {first.WhichOneof('message')}")
         return first.welcome
 
-    async def _on_welcome(self, session: _Session, welcome: coordinator_pb2.Welcome) -> None:
+    def _on_welcome(self, welcome: coordinator_pb2.Welcome) -> None:
         reclaimed = {(r.task_id, r.attempt) for r in welcome.reclaimed}
         for ref, attempt in list(self._attempts.items()):
             if ref not in reclaimed and not attempt.abandoned:
                 _log.info("attempt %s/%d is no longer this worker's; dropping it", *ref)
                 self._abandon(attempt)
         for attempt in list(self._attempts.values()):
-            await self._send_result(attempt)
+            self._send_result(attempt)
 
     async def _heartbeat_loop(self, session: _Session) -> None:
         while True:
@@ -644,12 +772,14 @@ class Worker:
             if not isinstance(response, coordinator_pb2.ConnectResponse):
                 raise _StreamLost("the coordinator closed the stream")
             kind = response.WhichOneof("message")
-            if kind == "assignment":
-                await self._on_assignment(session, response.assignment.task)
+            if kind == "assignments":
+                for task in response.assignments.tasks:
+                    await self._on_assignment(session, task)
             elif kind == "cancel":
                 self._on_cancel(response.cancel)
-            elif kind == "result_ack":
-                self._on_result_ack(response.result_ack)
+            elif kind == "result_acks":
+                for ack in response.result_acks.acks:
+                    self._on_result_ack(ack)
             elif kind == "welcome":
                 _log.warning("worker %s: ignoring a second welcome on session %s", self._worker_id, session.session_id)
 
@@ -657,11 +787,10 @@ class Worker:
 
     async def _on_assignment(self, session: _Session, task: task_pb2.Task) -> None:
         ref = (task.id, task.attempt)
-        ack = coordinator_pb2.ConnectRequest(ack=coordinator_pb2.AssignmentAck(ref=_ref_proto(ref)))
         known = self._attempts.get(ref)
         if known is not None:
             if not known.abandoned:  # the coordinator repeats an assignment whose ack it missed
-                await session.send(ack)
+                session.ack(ref)
             return
         registration = self._registrations.get(task.spec.type)
         # Not acknowledging is how a worker declines: the coordinator re-queues after ack_timeout.
@@ -679,9 +808,10 @@ class Worker:
         attempt = _Attempt(ref=ref, task=task, registration=registration, context=context)
         self._attempts[ref] = attempt
         self._no_attempts.clear()
-        # The runner starts after the ack is queued on the write lock (FIFO), so its progress follows the ack.
+        # The ack is queued before the runner can queue progress or a result, and acks are written
+        # first; the attempt starts without waiting for the ack's write.
+        session.ack(ref)
         attempt.runner = asyncio.create_task(self._execute(attempt), name=f"herder-attempt {ref[0]}/{ref[1]}")
-        await session.send(ack)
 
     def _on_cancel(self, cancel: coordinator_pb2.CancelAttempt) -> None:
         attempt = self._attempts.get((cancel.ref.task_id, cancel.ref.attempt))
@@ -715,7 +845,7 @@ class Worker:
             self._no_attempts.set()
 
     async def _execute(self, attempt: _Attempt) -> None:
-        """Run one attempt to its outcome and report it; the result is written shielded from cancellation."""
+        """Run one attempt to its outcome and queue its result (kept for the next session when none is open)."""
         try:
             result = await self._outcome(attempt)
         finally:
@@ -724,7 +854,7 @@ class Worker:
             self._forget(attempt)
             return
         attempt.result = result
-        await asyncio.shield(self._send_result(attempt))
+        self._send_result(attempt)
 
     async def _outcome(self, attempt: _Attempt) -> coordinator_pb2.AttemptResult:
         registration, task, ctx = attempt.registration, attempt.task, attempt.context
@@ -753,15 +883,14 @@ class Worker:
             raise
         return _result_of(attempt, handler, result)
 
-    async def _send_result(self, attempt: _Attempt) -> None:
+    def _send_result(self, attempt: _Attempt) -> None:
         session = self._session
         if session is None or attempt.result is None or attempt.abandoned:
             return  # kept: resent after the next welcome if the coordinator reclaims the attempt
         if attempt.result_sent_in == session.session_id:
             return
-        attempt.result_sent_in = session.session_id
-        if not await session.send(coordinator_pb2.ConnectRequest(result=attempt.result)):
-            attempt.result_sent_in = ""
+        if session.send_result(attempt):
+            attempt.result_sent_in = session.session_id
 
     async def _report_progress(self, ref: _Ref, fraction: float, text: str) -> None:
         session = self._session

@@ -1,14 +1,12 @@
 """One committer per leader: groups concurrent writes into fenced etcd transactions.
 
-Every write is a whole record, so only a key's latest value matters: a write
-to a key that is still waiting replaces the waiting value, and both callers
-are answered when it lands. Each transaction holds at most `max_ops`
-operations and about `max_bytes` of payload (etcd allows 128 operations and
-1.5 MiB per request by default) and compares the leader key's create revision,
-so a deposed leader's write fails instead of landing. Up to `max_in_flight`
-transactions are sent at once, never two holding the same key; transactions
-are settled in the order they were sent, so the callers of one key are
-answered in the order they wrote.
+Each transaction holds at most `max_ops` operations and about `max_bytes` of
+payload (etcd allows 128 operations and 1.5 MiB per request by default) and
+compares the leader key's create revision, so a deposed leader's write fails
+instead of landing. Up to `max_in_flight` transactions are sent at once. A key
+is in at most one of them, and its writes land one after another, each at its
+own revision (watchers rely on that order); meanwhile other keys' writes keep
+filling transactions. Transactions are settled in the order they were sent.
 """
 
 from __future__ import annotations
@@ -56,12 +54,6 @@ class _Request:
     revision: int = 0
 
 
-@dataclass(eq=False, slots=True)
-class _Waiting:
-    value: bytes | None
-    requests: list[_Request]
-
-
 @dataclass(eq=False)
 class _Batch:
     ops: list[Any] = field(default_factory=list)
@@ -84,7 +76,8 @@ class Committer:
         self._etcd = etcd
         self._fence = _etcd.create_revision_is(fence_key, fence_revision)
         self._limits = limits or CommitLimits()
-        self._waiting: dict[bytes, _Waiting] = {}
+        # Per key, its writes not yet sent, oldest first.
+        self._waiting: dict[bytes, deque[tuple[bytes | None, _Request]]] = {}
         self._in_flight: deque[_Batch] = deque()
         self._busy: set[bytes] = set()
         self._wakeup = asyncio.Event()
@@ -107,10 +100,9 @@ class Committer:
         for write in writes:
             waiting = self._waiting.get(write.key)
             if waiting is None:
-                self._waiting[write.key] = _Waiting(write.value, [request])
+                self._waiting[write.key] = deque([(write.value, request)])
             else:
-                waiting.value = write.value
-                waiting.requests.append(request)
+                waiting.append((write.value, request))
         self._wakeup.set()
         return future
 
@@ -150,18 +142,21 @@ class Committer:
             # Two transactions in flight could land in either order: a key waits for the one holding it.
             if key in self._busy:
                 continue
-            length = len(key) + len(waiting.value or b"")
+            value, request = waiting[0]
+            length = len(key) + len(value or b"")
             if batch.ops and size + length > self._limits.max_bytes:
                 break
             size += length
             batch.keys.add(key)
-            value = waiting.value
             batch.ops.append(_etcd.put(key, value) if value is not None else _etcd.delete(key))
-            batch.requests.extend(waiting.requests)
+            batch.requests.append(request)
         if not batch.ops:
             return None
         for key in batch.keys:
-            del self._waiting[key]
+            waiting = self._waiting[key]
+            waiting.popleft()
+            if not waiting:
+                del self._waiting[key]
         self._busy |= batch.keys
         return batch
 
@@ -212,7 +207,7 @@ class Committer:
             self._settle(batch.requests, self.error)
         self._in_flight.clear()
         for waiting in self._waiting.values():
-            self._settle(waiting.requests, self.error)
+            self._settle([request for _, request in waiting], self.error)
         self._waiting.clear()
         self.failed.set()
 

@@ -192,6 +192,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         raise errors.UnimplementedError("ListQueues arrives with the scheduler")
 
     @_unary
+    async def SetLimit(
+        self, request: coordinator_pb2.SetLimitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.SetLimitResponse:
+        raise errors.UnimplementedError("SetLimit arrives with the scheduler")
+
+    @_unary
+    async def ListLimits(
+        self, request: coordinator_pb2.ListLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.ListLimitsResponse:
+        raise errors.UnimplementedError("ListLimits arrives with the scheduler")
+
+    @_unary
     async def RegisterTaskType(
         self, request: coordinator_pb2.RegisterTaskTypeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.RegisterTaskTypeResponse:
@@ -343,11 +355,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         reader = asyncio.create_task(self._read(leader, session, context))
         try:
             await context.write(coordinator_pb2.ConnectResponse(welcome=welcome))
-            while True:
-                message = await session.outbox.get()
-                if message is None:
-                    break
-                await context.write(message)
+            while messages := await session.next_messages():
+                for message in messages:
+                    await context.write(message)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -370,9 +380,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     break
                 kind = message.WhichOneof("message")
                 if kind == "ack":
-                    leader.acknowledge(session, message.ack.ref)
-                elif kind == "result":
-                    leader.result(session, message.result)
+                    for ref in message.ack.refs:
+                        leader.acknowledge(session, ref)
+                elif kind == "results":
+                    for result in message.results.results:
+                        leader.result(session, result)
                 elif kind == "progress":
                     leader.progress(session, message.progress)
                 elif kind == "heartbeat":

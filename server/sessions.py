@@ -37,7 +37,11 @@ class Session:
     closed: bool = False
     # task id -> attempt, for every attempt this session was sent and has not finished.
     held: dict[str, int] = field(default_factory=dict)
-    outbox: asyncio.Queue[coordinator_pb2.ConnectResponse | None] = field(default_factory=asyncio.Queue)
+    # What waits to be written; the writer batches assignments and result acks into one message each.
+    _assignments: list[bytes] = field(default_factory=list)
+    _result_acks: list[coordinator_pb2.ResultAck] = field(default_factory=list)
+    _others: list[coordinator_pb2.ConnectResponse] = field(default_factory=list)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def free(self) -> int:
@@ -45,15 +49,52 @@ class Session:
             return 0
         return self.slots - len(self.held)
 
-    def send(self, message: coordinator_pb2.ConnectResponse) -> None:
+    def send_assignment(self, record: bytes) -> None:
+        """Queue a serialized Task (as committed) to be sent as an assignment."""
         if not self.closed:
-            self.outbox.put_nowait(message)
+            self._assignments.append(record)
+            self._ready.set()
+
+    def send_result_ack(self, ref: coordinator_pb2.AttemptRef, accepted: bool, reason: str = "") -> None:
+        if not self.closed:
+            self._result_acks.append(coordinator_pb2.ResultAck(ref=ref, accepted=accepted, reason=reason))
+            self._ready.set()
+
+    def send(self, message: coordinator_pb2.ConnectResponse) -> None:
+        """Queue any other message (cancel, heartbeat ack); sent after pending assignments and acks."""
+        if not self.closed:
+            self._others.append(message)
+            self._ready.set()
+
+    async def next_messages(self) -> list[coordinator_pb2.ConnectResponse]:
+        """Wait for something to send; everything pending, batched. Empty once the session ended."""
+        while not self._ready.is_set():
+            await self._ready.wait()
+        self._ready.clear()
+        if self.closed:
+            return []
+        messages = []
+        if self._assignments:
+            message = coordinator_pb2.ConnectResponse()
+            tasks = message.assignments.tasks
+            for record in self._assignments:
+                tasks.add().MergeFromString(record)
+            self._assignments.clear()
+            messages.append(message)
+        if self._result_acks:
+            message = coordinator_pb2.ConnectResponse()
+            message.result_acks.acks.extend(self._result_acks)
+            self._result_acks.clear()
+            messages.append(message)
+        messages.extend(self._others)
+        self._others.clear()
+        return messages
 
     def end(self) -> None:
         """Close the stream from the coordinator's side."""
         if not self.closed:
             self.closed = True
-            self.outbox.put_nowait(None)
+            self._ready.set()
 
     def beat(self) -> None:
         self.last_heartbeat = time.monotonic()

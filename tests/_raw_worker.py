@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -58,12 +59,14 @@ class RawWorker:
                     if kind == "welcome":
                         self.welcome = message.welcome
                         welcomed.set()
-                    elif kind == "assignment":
-                        await self.assignments.put(message.assignment.task)
+                    elif kind == "assignments":
+                        for task in message.assignments.tasks:
+                            await self.assignments.put(task)
                     elif kind == "cancel":
                         await self.cancels.put(message.cancel)
-                    elif kind == "result_ack":
-                        await self.result_acks.put(message.result_ack)
+                    elif kind == "result_acks":
+                        for ack in message.result_acks.acks:
+                            await self.result_acks.put(ack)
             except grpc.aio.AioRpcError as exc:
                 self.error = exc
             finally:
@@ -88,20 +91,24 @@ class RawWorker:
                 return
             yield message
 
-    async def send(self, **kwargs: Message) -> None:
+    async def send(self, **kwargs: Any) -> None:
+        """Queue one ConnectRequest; kwargs name its oneof field (heartbeat=..., results=...)."""
         await self._out.put(coordinator_pb2.ConnectRequest(**kwargs))
 
+    async def send_result(self, result: coordinator_pb2.AttemptResult) -> None:
+        await self.send(results=coordinator_pb2.AttemptResults(results=[result]))
+
     async def ack(self, task: task_pb2.Task) -> None:
-        await self.send(ack=coordinator_pb2.AssignmentAck(ref=ref(task.id, task.attempt)))
+        await self.send(ack=coordinator_pb2.AssignmentAck(refs=[ref(task.id, task.attempt)]))
 
     async def succeed(self, task_id: str, attempt: int, output: Message) -> coordinator_pb2.ResultAck:
         value = any_pb2.Any()
         value.Pack(output)
-        await self.send(result=coordinator_pb2.AttemptResult(ref=ref(task_id, attempt), output=value))
+        await self.send_result(coordinator_pb2.AttemptResult(ref=ref(task_id, attempt), output=value))
         return await asyncio.wait_for(self.result_acks.get(), 10)
 
     async def fail(self, task_id: str, attempt: int, error: task_pb2.TaskError) -> coordinator_pb2.ResultAck:
-        await self.send(result=coordinator_pb2.AttemptResult(ref=ref(task_id, attempt), error=error))
+        await self.send_result(coordinator_pb2.AttemptResult(ref=ref(task_id, attempt), error=error))
         return await asyncio.wait_for(self.result_acks.get(), 10)
 
     async def next_assignment(self, timeout: float = 10) -> task_pb2.Task:

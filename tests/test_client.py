@@ -49,15 +49,15 @@ async def run_one(address: str, outcome: Outcome = echo, task_type: str = ECHO) 
         assert (await stream.read()).WhichOneof("message") == "welcome"
         while True:
             message = await stream.read()
-            if message.WhichOneof("message") == "assignment":
+            if message.WhichOneof("message") == "assignments":
                 break
-        task = message.assignment.task
+        task = message.assignments.tasks[0]
         ref = coordinator_pb2.AttemptRef(task_id=task.id, attempt=task.attempt)
-        await stream.write(coordinator_pb2.ConnectRequest(ack=coordinator_pb2.AssignmentAck(ref=ref)))
+        await stream.write(coordinator_pb2.ConnectRequest(ack=coordinator_pb2.AssignmentAck(refs=[ref])))
         result = outcome(task)
         result.ref.CopyFrom(ref)
-        await stream.write(coordinator_pb2.ConnectRequest(result=result))
-        while (await stream.read()).WhichOneof("message") != "result_ack":
+        await stream.write(coordinator_pb2.ConnectRequest(results=coordinator_pb2.AttemptResults(results=[result])))
+        while (await stream.read()).WhichOneof("message") != "result_acks":
             pass
         stream.cancel()
         return task

@@ -40,16 +40,20 @@ async def test_concurrent_writes_share_transactions(fenced: tuple[Etcd, Committe
     assert len(stored) == 1000 and stored[prefix + b"k0007"] == b"v7"
 
 
-async def test_writes_to_one_waiting_key_merge_and_the_last_value_wins(
+async def test_writes_to_one_key_land_in_order_each_at_its_own_revision(
     fenced: tuple[Etcd, Committer, bytes],
 ) -> None:
     kv, committer, prefix = fenced
     key = prefix + b"task"
     futures = [committer.submit([Write(key, b"state-%d" % i)]) for i in range(50)]
+    others = [committer.submit([Write(prefix + b"other%d" % i, b"x")]) for i in range(200)]
     revisions = await asyncio.gather(*futures)
-    assert revisions == sorted(revisions)
+    await asyncio.gather(*others)
+    assert revisions == sorted(set(revisions))
     found, _ = await kv.get(key)
     assert found is not None and found.value == b"state-49"
+    # Other keys share transactions with the chain of one key's writes.
+    assert committer.transactions < 50 + 200 // 4
 
 
 async def test_a_request_larger_than_a_transaction_resolves_after_all_of_it_landed(

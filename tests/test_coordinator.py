@@ -263,7 +263,7 @@ async def test_cancel_queued_running_finished_and_unknown(stub, coordinator) -> 
         assert requested.cancel_requested
         pushed = await asyncio.wait_for(worker.cancels.get(), 10)
         assert (pushed.ref.task_id, pushed.ref.attempt) == (running.id, 1)
-        await worker.send(result=pb.AttemptResult(ref=pushed.ref, canceled="stopped"))
+        await worker.send(results=pb.AttemptResults(results=[pb.AttemptResult(ref=pushed.ref, canceled="stopped")]))
         assert (await asyncio.wait_for(worker.result_acks.get(), 10)).accepted
     assert (await state_of(stub, running.id)).state == S.TASK_STATE_CANCELED
 
@@ -414,3 +414,21 @@ async def test_submitters_trace_context_is_stored_with_the_task(stub) -> None:
     reply = await stub.SubmitTask(pb.SubmitTaskRequest(spec=spec), metadata=(("traceparent", traceparent),))
     assert dict(reply.task.trace_context) == {"traceparent": traceparent}
     assert dict((await state_of(stub, reply.task.id)).trace_context) == {"traceparent": traceparent}
+
+
+async def test_filtered_watch_streams_changes_of_matching_tasks_only(stub) -> None:
+    marker = await submit(stub, queue="watched")
+    call = stub.WatchTasks(pb.WatchTasksRequest(queue="watched"))
+    stream = call.__aiter__()
+    first = (await asyncio.wait_for(stream.__anext__(), 10)).event
+    assert (first.task.id, first.initial) == (marker.id, True)  # the watch is registered
+    other = await submit(stub, queue="elsewhere")
+    await stub.CancelTask(pb.CancelTaskRequest(id=other.id))
+    watched = await submit(stub, queue="watched")
+    await stub.CancelTask(pb.CancelTaskRequest(id=watched.id))
+    events = []
+    while not events or events[-1].task.state != S.TASK_STATE_CANCELED:
+        events.append((await asyncio.wait_for(stream.__anext__(), 10)).event)
+    call.cancel()
+    assert {e.task.id for e in events} == {watched.id}
+    assert [e.task.state for e in events] == [S.TASK_STATE_QUEUED, S.TASK_STATE_CANCELED]

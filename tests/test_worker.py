@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2
 
 from herder.clients import errors
 from herder.clients.backoff import Backoff
-from herder.clients.client import Client, Retry, TaskHandle
+from herder.clients.client import Client, Retry, TaskHandle, task_spec
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.examples import build_example_worker, echo
 from herder.clients.proto.examples.v1 import examples_pb2
@@ -278,6 +278,42 @@ async def test_example_worker_process_finishes_its_task_on_sigterm(coordinator: 
             task = await client.get(handle.id)
     assert code == 0
     assert (task.state, task.attempt) == (S.TASK_STATE_SUCCEEDED, 1)
+
+
+async def test_many_assignments_at_once_are_acknowledged_and_reported(coordinator: Coordinator) -> None:
+    gate = Gate()
+    worker = gate.serve(Worker(coordinator.address, slots=64, settings=FAST))
+    async with Client(coordinator.address) as client, serving(worker):
+        session = worker.session_id
+        submitted = await client.submit_many(task_spec(GATE, examples_pb2.EchoRequest(text=str(i))) for i in range(64))
+        handles = [h for h in submitted if isinstance(h, TaskHandle)]
+        await until(lambda: len(gate.runs) == 64)
+        gate.release.set()  # the results pile up while the writer writes, and go out together
+        texts = [(await h.result(10, output_type=examples_pb2.EchoResponse)).text for h in handles]
+        assert worker.session_id == session
+    assert texts == [f"{i} #1" for i in range(64)]
+    assert gate.runs == [1] * 64  # every ack arrived in time: no attempt was re-queued
+
+
+async def test_cancelling_a_handler_while_it_reports_progress_keeps_the_session(coordinator: Coordinator) -> None:
+    worker = Worker(coordinator.address, settings=FAST)
+    started = asyncio.Event()
+
+    @worker.task(GATE)
+    async def chatty(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+        started.set()
+        while True:  # cancelled while a progress message is queued or being written
+            await ctx.progress(-1, "working")
+
+    async with Client(coordinator.address) as client, serving(worker):
+        session = worker.session_id
+        handle = await client.submit(GATE, examples_pb2.EchoRequest(text="x"))
+        async with asyncio.timeout(10):
+            await started.wait()
+        await client.cancel(handle.id, "enough")
+        await until(lambda: worker.running == 0)  # the result was acknowledged
+        assert worker.session_id == session
+        assert (await client.get(handle.id)).state == S.TASK_STATE_CANCELED
 
 
 def gate_worker(gate: Gate, address: str) -> Worker:

@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from herder.clients.proto.v1 import task_pb2 as _task_pb2
 import builtins as _builtins
 import sys
@@ -21,6 +22,32 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _LimitScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LimitScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LimitScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LIMIT_SCOPE_UNSPECIFIED: _LimitScope.ValueType  # 0
+    LIMIT_SCOPE_GLOBAL: _LimitScope.ValueType  # 1
+    """Every task of the namespace."""
+    LIMIT_SCOPE_QUEUE: _LimitScope.ValueType  # 2
+    """Tasks of one queue (Limit.name)."""
+    LIMIT_SCOPE_CONCURRENCY_KEY: _LimitScope.ValueType  # 3
+    """Tasks with one concurrency key (Limit.name), across queues."""
+
+class LimitScope(_LimitScope, metaclass=_LimitScopeEnumTypeWrapper):
+    """What a limit applies to."""
+
+LIMIT_SCOPE_UNSPECIFIED: LimitScope.ValueType  # 0
+LIMIT_SCOPE_GLOBAL: LimitScope.ValueType  # 1
+"""Every task of the namespace."""
+LIMIT_SCOPE_QUEUE: LimitScope.ValueType  # 2
+"""Tasks of one queue (Limit.name)."""
+LIMIT_SCOPE_CONCURRENCY_KEY: LimitScope.ValueType  # 3
+"""Tasks with one concurrency key (Limit.name), across queues."""
+Global___LimitScope: _TypeAlias = LimitScope  # noqa: Y015
 
 @_typing.final
 class SubmitTaskRequest(_message.Message):
@@ -491,6 +518,120 @@ class ListQueuesRequest(_message.Message):
 Global___ListQueuesRequest: _TypeAlias = ListQueuesRequest  # noqa: Y015
 
 @_typing.final
+class Limit(_message.Message):
+    """Scheduling settings of one scope."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
+    scope: Global___LimitScope.ValueType
+    name: _builtins.str
+    """The queue or concurrency key; empty for the global scope."""
+    max_running: _builtins.int
+    """Most tasks running (assigned or running) at once; 0 for no limit."""
+    weight: _builtins.int
+    """Concurrency keys only: the key's share of its queue, in tasks per round (0 means 1)."""
+    @_builtins.property
+    def retention(self) -> _duration_pb2.Duration:
+        """Queues only: how long finished tasks are kept (0 means the coordinator's default)."""
+
+    def __init__(
+        self,
+        *,
+        scope: Global___LimitScope.ValueType = ...,
+        name: _builtins.str = ...,
+        max_running: _builtins.int = ...,
+        weight: _builtins.int = ...,
+        retention: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_running", b"max_running", "name", b"name", "retention", b"retention", "scope", b"scope", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Limit: _TypeAlias = Limit  # noqa: Y015
+
+@_typing.final
+class SetLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> Global___Limit: ...
+    def __init__(
+        self,
+        *,
+        limit: Global___Limit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLimitRequest: _TypeAlias = SetLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> Global___Limit: ...
+    def __init__(
+        self,
+        *,
+        limit: Global___Limit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLimitResponse: _TypeAlias = SetLimitResponse  # noqa: Y015
+
+@_typing.final
+class ListLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLimitsRequest: _TypeAlias = ListLimitsRequest  # noqa: Y015
+
+@_typing.final
+class ListLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___Limit]: ...
+    def __init__(
+        self,
+        *,
+        limits: _abc.Iterable[Global___Limit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLimitsResponse: _TypeAlias = ListLimitsResponse  # noqa: Y015
+
+@_typing.final
 class QueueStats(_message.Message):
     """What a queue holds and how fast it moves."""
 
@@ -506,6 +647,10 @@ class QueueStats(_message.Message):
     WAIT_P50_FIELD_NUMBER: _builtins.int
     WAIT_P99_FIELD_NUMBER: _builtins.int
     DISPATCH_RATE_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
     queued: _builtins.int
@@ -515,12 +660,20 @@ class QueueStats(_message.Message):
     """Concurrency limit; 0 for none."""
     dispatch_rate: _builtins.float
     """Tasks started per second over the recent window."""
+    held: _builtins.int
+    """Queued tasks a limit holds back."""
+    succeeded: _builtins.int
+    failed: _builtins.int
     @_builtins.property
     def oldest_queued_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def wait_p50(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def wait_p99(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def retention(self) -> _duration_pb2.Duration:
+        """How long finished tasks of this queue are kept."""
+
     def __init__(
         self,
         *,
@@ -534,10 +687,14 @@ class QueueStats(_message.Message):
         wait_p50: _duration_pb2.Duration | None = ...,
         wait_p99: _duration_pb2.Duration | None = ...,
         dispatch_rate: _builtins.float = ...,
+        held: _builtins.int = ...,
+        retention: _duration_pb2.Duration | None = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_time", b"oldest_queued_time", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_time", b"oldest_queued_time", "retention", b"retention", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "dispatch_rate", b"dispatch_rate", "limit", b"limit", "name", b"name", "oldest_queued_time", b"oldest_queued_time", "pending", b"pending", "queued", b"queued", "running", b"running", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "dispatch_rate", b"dispatch_rate", "failed", b"failed", "held", b"held", "limit", b"limit", "name", b"name", "oldest_queued_time", b"oldest_queued_time", "pending", b"pending", "queued", b"queued", "retention", b"retention", "running", b"running", "succeeded", b"succeeded", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -857,21 +1014,21 @@ Global___AttemptRef: _TypeAlias = AttemptRef  # noqa: Y015
 
 @_typing.final
 class AssignmentAck(_message.Message):
-    """The worker accepts an assignment; the task becomes RUNNING."""
+    """The worker accepts assignments; the tasks become RUNNING."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    REF_FIELD_NUMBER: _builtins.int
+    REFS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def ref(self) -> Global___AttemptRef: ...
+    def refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRef]: ...
     def __init__(
         self,
         *,
-        ref: Global___AttemptRef | None = ...,
+        refs: _abc.Iterable[Global___AttemptRef] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refs", b"refs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -900,6 +1057,28 @@ class ProgressUpdate(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProgressUpdate: _TypeAlias = ProgressUpdate  # noqa: Y015
+
+@_typing.final
+class AttemptResults(_message.Message):
+    """Results of attempts, as many as the worker has ready."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AttemptResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptResults: _TypeAlias = AttemptResults  # noqa: Y015
 
 @_typing.final
 class AttemptResult(_message.Message):
@@ -967,12 +1146,16 @@ Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
 class ConnectRequest(_message.Message):
+    """What a worker sends. Acknowledgements and results are batched: under load one
+    message carries many, which is most of what a busy stream costs.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HELLO_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
-    RESULT_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___WorkerHello: ...
@@ -981,7 +1164,7 @@ class ConnectRequest(_message.Message):
     @_builtins.property
     def progress(self) -> Global___ProgressUpdate: ...
     @_builtins.property
-    def result(self) -> Global___AttemptResult: ...
+    def results(self) -> Global___AttemptResults: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
     def __init__(
@@ -990,14 +1173,14 @@ class ConnectRequest(_message.Message):
         hello: Global___WorkerHello | None = ...,
         ack: Global___AssignmentAck | None = ...,
         progress: Global___ProgressUpdate | None = ...,
-        result: Global___AttemptResult | None = ...,
+        results: Global___AttemptResults | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "results", b"results"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "progress", "result", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "progress", "results", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -1049,26 +1232,26 @@ class Welcome(_message.Message):
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
 @_typing.final
-class Assignment(_message.Message):
-    """Run this attempt."""
+class Assignments(_message.Message):
+    """Run these attempts (each Task carries its attempt number)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def task(self) -> _task_pb2.Task: ...
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Task]: ...
     def __init__(
         self,
         *,
-        task: _task_pb2.Task | None = ...,
+        tasks: _abc.Iterable[_task_pb2.Task] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+Global___Assignments: _TypeAlias = Assignments  # noqa: Y015
 
 @_typing.final
 class CancelAttempt(_message.Message):
@@ -1097,7 +1280,7 @@ Global___CancelAttempt: _TypeAlias = CancelAttempt  # noqa: Y015
 
 @_typing.final
 class ResultAck(_message.Message):
-    """The coordinator accepted (or rejected, as stale) a result."""
+    """The coordinator committed (accepted) or rejected, as stale, a result."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1124,6 +1307,26 @@ class ResultAck(_message.Message):
 Global___ResultAck: _TypeAlias = ResultAck  # noqa: Y015
 
 @_typing.final
+class ResultAcks(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]: ...
+    def __init__(
+        self,
+        *,
+        acks: _abc.Iterable[Global___ResultAck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResultAcks: _TypeAlias = ResultAcks  # noqa: Y015
+
+@_typing.final
 class HeartbeatAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1140,37 +1343,41 @@ Global___HeartbeatAck: _TypeAlias = HeartbeatAck  # noqa: Y015
 
 @_typing.final
 class ConnectResponse(_message.Message):
+    """What the coordinator sends on a worker session; assignments and result
+    acknowledgements are batched like the worker's messages.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WELCOME_FIELD_NUMBER: _builtins.int
-    ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
-    RESULT_ACK_FIELD_NUMBER: _builtins.int
+    RESULT_ACKS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
-    def assignment(self) -> Global___Assignment: ...
+    def assignments(self) -> Global___Assignments: ...
     @_builtins.property
     def cancel(self) -> Global___CancelAttempt: ...
     @_builtins.property
-    def result_ack(self) -> Global___ResultAck: ...
+    def result_acks(self) -> Global___ResultAcks: ...
     @_builtins.property
     def heartbeat_ack(self) -> Global___HeartbeatAck: ...
     def __init__(
         self,
         *,
         welcome: Global___Welcome | None = ...,
-        assignment: Global___Assignment | None = ...,
+        assignments: Global___Assignments | None = ...,
         cancel: Global___CancelAttempt | None = ...,
-        result_ack: Global___ResultAck | None = ...,
+        result_acks: Global___ResultAcks | None = ...,
         heartbeat_ack: Global___HeartbeatAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "message", b"message", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "message", b"message", "result_acks", b"result_acks", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "message", b"message", "result_ack", b"result_ack", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel", b"cancel", "heartbeat_ack", b"heartbeat_ack", "message", b"message", "result_acks", b"result_acks", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignment", "cancel", "result_ack", "heartbeat_ack"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignments", "cancel", "result_acks", "heartbeat_ack"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

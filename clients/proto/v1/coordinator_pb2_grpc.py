@@ -88,6 +88,16 @@ class CoordinatorServiceStub:
                 request_serializer=herder_dot_v1_dot_coordinator__pb2.ListQueuesRequest.SerializeToString,
                 response_deserializer=herder_dot_v1_dot_coordinator__pb2.ListQueuesResponse.FromString,
                 _registered_method=True)
+        self.SetLimit = channel.unary_unary(
+                '/herder.v1.CoordinatorService/SetLimit',
+                request_serializer=herder_dot_v1_dot_coordinator__pb2.SetLimitRequest.SerializeToString,
+                response_deserializer=herder_dot_v1_dot_coordinator__pb2.SetLimitResponse.FromString,
+                _registered_method=True)
+        self.ListLimits = channel.unary_unary(
+                '/herder.v1.CoordinatorService/ListLimits',
+                request_serializer=herder_dot_v1_dot_coordinator__pb2.ListLimitsRequest.SerializeToString,
+                response_deserializer=herder_dot_v1_dot_coordinator__pb2.ListLimitsResponse.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/herder.v1.CoordinatorService/ListNodes',
                 request_serializer=herder_dot_v1_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
@@ -176,6 +186,20 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetLimit(self, request, context):
+        """Sets a concurrency limit (global, per queue or per concurrency key), a key's fair-share
+        weight or a queue's retention; durable, and in effect for the next dispatch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListNodes(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -248,6 +272,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListQueues,
                     request_deserializer=herder_dot_v1_dot_coordinator__pb2.ListQueuesRequest.FromString,
                     response_serializer=herder_dot_v1_dot_coordinator__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'SetLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLimit,
+                    request_deserializer=herder_dot_v1_dot_coordinator__pb2.SetLimitRequest.FromString,
+                    response_serializer=herder_dot_v1_dot_coordinator__pb2.SetLimitResponse.SerializeToString,
+            ),
+            'ListLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLimits,
+                    request_deserializer=herder_dot_v1_dot_coordinator__pb2.ListLimitsRequest.FromString,
+                    response_serializer=herder_dot_v1_dot_coordinator__pb2.ListLimitsResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -539,6 +573,60 @@ class CoordinatorService:
             '/herder.v1.CoordinatorService/ListQueues',
             herder_dot_v1_dot_coordinator__pb2.ListQueuesRequest.SerializeToString,
             herder_dot_v1_dot_coordinator__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herder.v1.CoordinatorService/SetLimit',
+            herder_dot_v1_dot_coordinator__pb2.SetLimitRequest.SerializeToString,
+            herder_dot_v1_dot_coordinator__pb2.SetLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herder.v1.CoordinatorService/ListLimits',
+            herder_dot_v1_dot_coordinator__pb2.ListLimitsRequest.SerializeToString,
+            herder_dot_v1_dot_coordinator__pb2.ListLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,11 @@ class CoordinatorServiceStub:
     RegisterTaskType: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterTaskTypeRequest, _coordinator_pb2.RegisterTaskTypeResponse]
     ListTaskTypes: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListTaskTypesRequest, _coordinator_pb2.ListTaskTypesResponse]
     ListQueues: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListQueuesRequest, _coordinator_pb2.ListQueuesResponse]
+    SetLimit: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SetLimitRequest, _coordinator_pb2.SetLimitResponse]
+    """Sets a concurrency limit (global, per queue or per concurrency key), a key's fair-share
+    weight or a queue's retention; durable, and in effect for the next dispatch.
+    """
+    ListLimits: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListLimitsRequest, _coordinator_pb2.ListLimitsResponse]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListNodesRequest, _coordinator_pb2.ListNodesResponse]
     GetClusterStatus: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetClusterStatusRequest, _coordinator_pb2.GetClusterStatusResponse]
     Connect: _grpc.StreamStreamMultiCallable[_coordinator_pb2.ConnectRequest, _coordinator_pb2.ConnectResponse]
@@ -81,6 +86,11 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     RegisterTaskType: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterTaskTypeRequest, _coordinator_pb2.RegisterTaskTypeResponse]  # type: ignore[assignment]
     ListTaskTypes: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListTaskTypesRequest, _coordinator_pb2.ListTaskTypesResponse]  # type: ignore[assignment]
     ListQueues: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListQueuesRequest, _coordinator_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    SetLimit: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SetLimitRequest, _coordinator_pb2.SetLimitResponse]  # type: ignore[assignment]
+    """Sets a concurrency limit (global, per queue or per concurrency key), a key's fair-share
+    weight or a queue's retention; durable, and in effect for the next dispatch.
+    """
+    ListLimits: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListLimitsRequest, _coordinator_pb2.ListLimitsResponse]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListNodesRequest, _coordinator_pb2.ListNodesResponse]  # type: ignore[assignment]
     GetClusterStatus: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetClusterStatusRequest, _coordinator_pb2.GetClusterStatusResponse]  # type: ignore[assignment]
     Connect: _aio.StreamStreamMultiCallable[_coordinator_pb2.ConnectRequest, _coordinator_pb2.ConnectResponse]  # type: ignore[assignment]
@@ -168,6 +178,23 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.ListQueuesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListQueuesResponse, _abc.Awaitable[_coordinator_pb2.ListQueuesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetLimit(
+        self,
+        request: _coordinator_pb2.SetLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SetLimitResponse, _abc.Awaitable[_coordinator_pb2.SetLimitResponse]]:
+        """Sets a concurrency limit (global, per queue or per concurrency key), a key's fair-share
+        weight or a queue's retention; durable, and in effect for the next dispatch.
+        """
+
+    @_abc_1.abstractmethod
+    def ListLimits(
+        self,
+        request: _coordinator_pb2.ListLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListLimitsResponse, _abc.Awaitable[_coordinator_pb2.ListLimitsResponse]]: ...
 
     @_abc_1.abstractmethod
     def ListNodes(
