@@ -43,6 +43,18 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         default=_flag_bool("ACCEPT_UNREGISTERED_TYPES"),
         help="accept tasks whose type is not registered (their payload is not checked)",
     )
+    parser.add_argument(
+        "--retention",
+        type=float,
+        default=float(_env("RETENTION", str(24 * 3600))),
+        help="seconds finished tasks are kept unless their queue sets its own (default one day)",
+    )
+    parser.add_argument(
+        "--idempotency-window",
+        type=float,
+        default=float(_env("IDEMPOTENCY_WINDOW", str(24 * 3600))),
+        help="seconds an idempotency key returns its task (default one day)",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning or error")
     args = parser.parse_args(argv)
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
@@ -59,6 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         problems.append("--heartbeat-interval must be positive and below --heartbeat-timeout")
     if args.ack_timeout <= 0:
         problems.append("--ack-timeout: must be positive")
+    if args.retention < 0 or args.idempotency_window < 0:
+        problems.append("--retention and --idempotency-window must not be negative")
     if problems:
         parser.error("; ".join(problems))
     logging.basicConfig(
@@ -77,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
                 ack_timeout=args.ack_timeout,
             ),
             accept_unregistered_types=args.accept_unregistered_types,
+            retention=args.retention,
+            idempotency_window=args.idempotency_window,
         ),
     )
 

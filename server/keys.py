@@ -1,4 +1,4 @@
-"""The etcd key layout of a namespace: /herder/<namespace>/{leader,members/,tasks/,idem/,types/,locks/}."""
+"""The etcd key layout of a namespace: /herder/<namespace>/{leader,members/,tasks/,idem/,types/,limits/,gc/,locks/}."""
 
 from __future__ import annotations
 
@@ -41,3 +41,25 @@ def types_prefix(ns: bytes) -> bytes:
 
 def task_type(ns: bytes, name: str) -> bytes:
     return types_prefix(ns) + name.encode()
+
+
+def limits_prefix(ns: bytes) -> bytes:
+    return ns + b"limits/"
+
+
+def limit(ns: bytes, scope: int, name: str) -> bytes:
+    return limits_prefix(ns) + f"{scope}/{name}".encode()
+
+
+def gc_prefix(ns: bytes) -> bytes:
+    """Finished tasks by deletion time: gc/<milliseconds, 16 hex digits>/<task id>."""
+    return ns + b"gc/"
+
+
+def gc(ns: bytes, delete_at: float, task_id: str) -> bytes:
+    return gc_prefix(ns) + f"{int(delete_at * 1000):016x}/{task_id}".encode()
+
+
+def gc_until(ns: bytes, now: float) -> bytes:
+    """The range end covering every gc key due at or before now."""
+    return gc_prefix(ns) + f"{int(now * 1000) + 1:016x}".encode()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
@@ -29,9 +29,11 @@ from herder.server._etcd import Etcd
 from herder.server.committer import Committer, Write
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.election import Leadership
-from herder.server.queues import DelayQueue, ReadyQueues
+from herder.server.queues import DelayQueue
 from herder.server.retry import RetryDefaults, next_backoff
+from herder.server.scheduler import Scheduler
 from herder.server.sessions import Session, SessionSettings
+from herder.server.stats import QueueBook
 from herder.server.watchers import Change, WatchHub
 
 log = logging.getLogger(__name__)
@@ -41,15 +43,26 @@ TERMINAL = frozenset({S.TASK_STATE_SUCCEEDED, S.TASK_STATE_FAILED, S.TASK_STATE_
 ACTIVE = frozenset({S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING})
 
 WORKER_LOST = "herder.worker_lost"
+TIMEOUT = "herder.timeout"
+EXPIRED = "herder.expired"
 ACK_TIMEOUT = "herder.ack_timeout"
 BAD_OUTPUT = "herder.bad_output"
 
 
 @dataclass(frozen=True, slots=True)
 class LeaderSettings:
+    """retention: seconds finished tasks are kept (a queue's own retention overrides it).
+    idempotency_window: seconds after submission during which an idempotency key returns its task;
+    a finished task is kept at least that long, so the key keeps answering.
+    gc_interval: how often finished tasks past their retention are deleted.
+    """
+
     sessions: SessionSettings = field(default_factory=SessionSettings)
     retry: RetryDefaults = field(default_factory=RetryDefaults)
     accept_unregistered_types: bool = False
+    retention: float = 24 * 3600.0
+    idempotency_window: float = 24 * 3600.0
+    gc_interval: float = 1.0
 
 
 @dataclass(eq=False, slots=True)
@@ -63,6 +76,8 @@ class Entry:
     ack_timer: asyncio.TimerHandle | None = None
     # Monotonic time after which an attempt no session holds is re-queued.
     orphan_deadline: float = 0.0
+    # The attempt whose timeout is armed.
+    timeout_attempt: int = 0
     # A progress write is on its way; later updates wait for it and go in one write.
     progress_writing: bool = False
     progress_dirty: bool = False
@@ -110,11 +125,17 @@ class NamespaceLeader:
         self.sessions: dict[str, Session] = {}
         self._entries: dict[str, Entry] = {}
         self._idempotency: dict[str, str] = {}
-        self._ready = ReadyQueues()
+        self.scheduler = Scheduler()
+        self.book = QueueBook()
+        # Scheduling settings by (scope, name), as stored.
+        self.limits: dict[tuple[int, str], coordinator_pb2.Limit] = {}
+        # PENDING tasks by run time; unstarted tasks by expiry (ttl); attempts by timeout.
         self._delayed = DelayQueue()
+        self._expiry = DelayQueue()
+        self._timeouts = DelayQueue()
         self._sequence = 0
         self._dispatch_scheduled = False
-        self._delay_wakeup = asyncio.Event()
+        self._timer_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = asyncio.Event()
 
@@ -124,12 +145,15 @@ class NamespaceLeader:
         """Rebuild queues and types from etcd, then start the background loops."""
         await self._load()
         self._tasks = [
-            asyncio.create_task(self._delay_loop(), name="herder-delays"),
+            asyncio.create_task(self._timer_loop(), name="herder-timers"),
             asyncio.create_task(self._liveness_loop(), name="herder-liveness"),
+            asyncio.create_task(self._gc_loop(), name="herder-gc"),
         ]
         self._schedule_dispatch()
 
     async def _load(self) -> None:
+        async for kv in self.etcd.scan_prefix(keys.limits_prefix(self.prefix)):
+            self._apply_limit(coordinator_pb2.Limit.FromString(kv.value))
         async for kv in self.etcd.scan_prefix(keys.types_prefix(self.prefix)):
             tt = task_pb2.TaskType.FromString(kv.value)
             with contextlib.suppress(errors.HerderError):
@@ -141,18 +165,26 @@ class NamespaceLeader:
         async for kv in self.etcd.scan_prefix(keys.tasks_prefix(self.prefix)):
             task = task_pb2.Task.FromString(kv.value)
             self._sequence = max(self._sequence, task.sequence)
+            self.book.transition(task.spec.queue, 0, task.state)
             if task.state in TERMINAL:
                 continue
             entry = Entry(task, kv.value, kv.mod_revision)
             self._entries[task.id] = entry
             loaded += 1
             if task.state == S.TASK_STATE_QUEUED:
-                self._ready.push(task.spec.type, task.spec.priority, task.sequence, task.id)
+                self._push(task)
             elif task.state == S.TASK_STATE_PENDING:
-                self._delayed.push(task.next_run_time.ToNanoseconds() / 1e9, task.id)
+                self._delayed.push(_seconds_ts(task.next_run_time), task.id)
             else:
+                spec = task.spec
+                self.scheduler.add_running(
+                    task.id, spec.type, spec.queue, spec.priority, spec.concurrency_key, task.sequence
+                )
+                self._arm_timeout(entry, _seconds_ts(task.assign_time))
                 # Its worker may still be running it: wait for it to reconnect and re-claim.
                 entry.orphan_deadline = grace
+            if task.attempt == 0 and task.spec.HasField("ttl"):
+                self._expiry.push(_seconds_ts(task.create_time) + _seconds(task.spec.ttl), task.id)
         log.info("namespace %s: rebuilt %d unfinished tasks from etcd", self.namespace, loaded)
 
     async def stop(self) -> None:
@@ -194,6 +226,7 @@ class NamespaceLeader:
         task = entry.task
         data = task.SerializeToString()
         state = task.state
+        self.book.transition(task.spec.queue, previous_state, state)
         future = self.committer.submit([Write(keys.task(self.prefix, task.id), data), *extra])
 
         def committed(f: asyncio.Future[int]) -> None:
@@ -247,15 +280,18 @@ class NamespaceLeader:
                 task.trace_context.update(trace_context)
             entry = Entry(task, fresh=True)
             self._entries[task.id] = entry
-            if spec.HasField("not_before") and spec.not_before.ToNanoseconds() / 1e9 > wall:
+            if spec.HasField("not_before") and _seconds_ts(spec.not_before) > wall:
                 task.state = S.TASK_STATE_PENDING
                 task.next_run_time.CopyFrom(spec.not_before)
-                self._delayed.push(spec.not_before.ToNanoseconds() / 1e9, task.id)
-                self._delay_wakeup.set()
+                self._delayed.push(_seconds_ts(spec.not_before), task.id)
+                self._timer_wakeup.set()
             else:
                 task.state = S.TASK_STATE_QUEUED
                 task.queue_time.CopyFrom(now)
-                self._ready.push(spec.type, spec.priority, task.sequence, task.id)
+                self._push(task)
+            if spec.HasField("ttl"):
+                self._expiry.push(wall + _seconds(spec.ttl), task.id)
+                self._timer_wakeup.set()
             if key:
                 self._idempotency[key] = task.id
             created.append(entry)
@@ -369,13 +405,22 @@ class NamespaceLeader:
             task.error.CopyFrom(error)
         if result is not None:
             task.result.CopyFrom(result)
-        return self._write(entry, previous)
+        # Deleted after the queue's retention, and not before its idempotency key stops answering.
+        delete_at = time.time() + self.retention(task.spec.queue)
+        if task.spec.idempotency_key:
+            delete_at = max(delete_at, _seconds_ts(task.create_time) + self.settings.idempotency_window)
+        marker = f"{state}\n{task.spec.queue}\n{task.spec.idempotency_key}".encode()
+        return self._write(entry, previous, (Write(keys.gc(self.prefix, delete_at, task.id), marker),))
 
     def _release(self, entry: Entry) -> None:
         """Detach a task from queues, timers and its session."""
         task = entry.task
-        self._ready.discard(task.id)
+        self.scheduler.remove(task.id)
+        if self.scheduler.finished(task.id):
+            self._schedule_dispatch()
         self._delayed.discard(task.id)
+        self._expiry.discard(task.id)
+        self._timeouts.discard(task.id)
         if entry.ack_timer is not None:
             entry.ack_timer.cancel()
             entry.ack_timer = None
@@ -406,14 +451,14 @@ class NamespaceLeader:
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
-        if self.deposed or not self._ready:
+        if self.deposed or not self.scheduler:
             return
         sessions = [s for s in self.sessions.values() if s.free > 0]
         random.shuffle(sessions)
-        while sessions and self._ready:
+        while sessions and self.scheduler:
             still_free = []
             for session in sessions:
-                task_id = self._ready.pop_best(session.task_types)
+                task_id = self.scheduler.pick(session.task_types)
                 if task_id is None:
                     continue
                 self._assign(self._entries[task_id], session)
@@ -433,6 +478,10 @@ class NamespaceLeader:
         task.waiting_reason = ""
         entry.session = session
         session.held[task.id] = task.attempt
+        now = time.time()
+        self.book.dispatched(task.spec.queue, now - _seconds_ts(task.queue_time))
+        self._expiry.discard(task.id)
+        self._arm_timeout(entry, now)
         if not entry.fresh:
             self._send_assignment_after(self._write(entry, previous), entry, session)
 
@@ -479,8 +528,7 @@ class NamespaceLeader:
         task.ClearField("next_run_time")
         task.worker_id = ""
         task.session_id = ""
-        self._ready.push(task.spec.type, task.spec.priority, task.sequence, task.id)
-        self._schedule_dispatch()
+        self._push(task)
         return self._write(entry, previous)
 
     def _attempt_failed(
@@ -488,7 +536,7 @@ class NamespaceLeader:
     ) -> asyncio.Future[int]:
         """Record a failed attempt; retry it (now or after a backoff) or fail the task."""
         task = entry.task
-        if error.type in (WORKER_LOST, ACK_TIMEOUT):
+        if error.type in (WORKER_LOST, ACK_TIMEOUT, TIMEOUT):
             error.retryable = True
         task.attempt_errors.append(error)
         policy = task.spec.retry
@@ -515,7 +563,7 @@ class NamespaceLeader:
         due = time.time() + delay
         task.next_run_time.FromNanoseconds(int(due * 1e9))
         self._delayed.push(due, task.id)
-        self._delay_wakeup.set()
+        self._timer_wakeup.set()
         return self._write(entry, previous)
 
     def _held_by(self, session: Session, ref: coordinator_pb2.AttemptRef) -> Entry | None:
@@ -700,30 +748,188 @@ class NamespaceLeader:
                         task_pb2.TaskError(type=WORKER_LOST, message=f"worker {entry.task.worker_id} went away"),
                     )
 
-    async def _delay_loop(self) -> None:
+    def _push(self, task: task_pb2.Task) -> None:
+        spec = task.spec
+        self.scheduler.push(task.id, spec.type, spec.queue, spec.priority, spec.concurrency_key, task.sequence)
+        self._schedule_dispatch()
+
+    def _arm_timeout(self, entry: Entry, started: float) -> None:
+        """Fail the current attempt if it is still running `spec.timeout` after it was assigned."""
+        task = entry.task
+        if task.spec.HasField("timeout") and _seconds(task.spec.timeout) > 0:
+            entry.timeout_attempt = task.attempt
+            self._timeouts.push(started + _seconds(task.spec.timeout), task.id)
+            self._timer_wakeup.set()
+
+    async def _timer_loop(self) -> None:
+        """Delays and backoffs ending, unstarted tasks expiring, attempts timing out."""
+        timers = (self._delayed, self._expiry, self._timeouts)
         while True:
-            due = self._delayed.next_due()
-            self._delay_wakeup.clear()
-            if due is None:
-                await self._delay_wakeup.wait()
+            self._timer_wakeup.clear()
+            dues = [due for due in (t.next_due() for t in timers) if due is not None]
+            if not dues:
+                await self._timer_wakeup.wait()
                 continue
-            wait = due - time.time()
+            wait = min(dues) - time.time()
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._delay_wakeup.wait(), wait)
+                    await asyncio.wait_for(self._timer_wakeup.wait(), wait)
                 continue
-            for task_id in self._delayed.pop_due(time.time()):
+            now = time.time()
+            for task_id in self._delayed.pop_due(now):
                 entry = self._entries.get(task_id)
                 if entry is not None and entry.task.state == S.TASK_STATE_PENDING:
                     self._requeue(entry)
+            for task_id in self._expiry.pop_due(now):
+                entry = self._entries.get(task_id)
+                if entry is not None and entry.task.attempt == 0 and entry.task.state not in TERMINAL | ACTIVE:
+                    error = task_pb2.TaskError(type=EXPIRED, message="not started within its ttl")
+                    self._finish(entry, S.TASK_STATE_EXPIRED, error=error)
+            for task_id in self._timeouts.pop_due(now):
+                entry = self._entries.get(task_id)
+                if entry is not None and entry.task.state in ACTIVE and entry.task.attempt == entry.timeout_attempt:
+                    self._time_out(entry)
+
+    def _time_out(self, entry: Entry) -> None:
+        task = entry.task
+        limit = _seconds(task.spec.timeout)
+        if entry.session is not None:
+            ref = coordinator_pb2.AttemptRef(task_id=task.id, attempt=task.attempt)
+            entry.session.send(
+                coordinator_pb2.ConnectResponse(cancel=coordinator_pb2.CancelAttempt(ref=ref, reason="timed out"))
+            )
+        log.info("task %s attempt %d timed out after %.3gs", task.id, task.attempt, limit)
+        error = task_pb2.TaskError(type=TIMEOUT, message=f"attempt {task.attempt} ran longer than {limit:g}s")
+        self._attempt_failed(entry, error)
+
+    # ----------------------------------------------------------------- retention
+
+    async def _gc_loop(self) -> None:
+        """Delete finished tasks whose retention has passed, with their idempotency keys."""
+        while True:
+            await asyncio.sleep(self.settings.gc_interval)
+            try:
+                await self.collect_garbage()
+            except errors.HerderError as exc:
+                log.warning("retention: %s", exc)
+
+    async def collect_garbage(self, page: int = 500) -> int:
+        """Delete up to `page` finished tasks that are due; returns how many went."""
+        start = keys.gc_prefix(self.prefix)
+        due, _, _ = await self.etcd.range(start, keys.gc_until(self.prefix, time.time()), limit=page)
+        writes: list[Write] = []
+        for kv in due:
+            task_id = kv.key.rsplit(b"/", 1)[1].decode()
+            state, queue, idempotency_key = kv.value.decode().split("\n", 2)
+            writes += [Write(kv.key, None), Write(keys.task(self.prefix, task_id), None)]
+            if idempotency_key and self._idempotency.get(idempotency_key) == task_id:
+                del self._idempotency[idempotency_key]
+                writes.append(Write(keys.idempotency(self.prefix, idempotency_key), None))
+            self.book.forget(queue, int(state))
+        if writes:
+            await self._await(self.committer.submit(writes))
+        return len(due)
+
+    def retention(self, queue: str) -> float:
+        limit = self.limits.get((coordinator_pb2.LIMIT_SCOPE_QUEUE, queue))
+        if limit is not None and limit.HasField("retention") and _seconds(limit.retention) > 0:
+            return _seconds(limit.retention)
+        return self.settings.retention
+
+    # ----------------------------------------------------------------- scheduling settings
+
+    async def set_limit(self, limit: coordinator_pb2.Limit) -> coordinator_pb2.Limit:
+        """Store a validated limit; it applies to the next dispatch."""
+        self._check()
+        stored = coordinator_pb2.Limit()
+        stored.CopyFrom(limit)
+        await self._await(
+            self.committer.submit([Write(keys.limit(self.prefix, limit.scope, limit.name), stored.SerializeToString())])
+        )
+        self._apply_limit(stored)
+        return stored
+
+    def _apply_limit(self, limit: coordinator_pb2.Limit) -> None:
+        self.limits[(limit.scope, limit.name)] = limit
+        if limit.scope == coordinator_pb2.LIMIT_SCOPE_GLOBAL:
+            self.scheduler.set_global_limit(limit.max_running)
+        elif limit.scope == coordinator_pb2.LIMIT_SCOPE_QUEUE:
+            self.scheduler.set_queue_limit(limit.name, limit.max_running)
+        elif limit.scope == coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY:
+            self.scheduler.set_key_limit(limit.name, limit.max_running)
+            self.scheduler.set_key_weight(limit.name, limit.weight or 1)
+        self._schedule_dispatch()
+
+    async def update_priority(self, task_id: str, priority: int) -> task_pb2.Task:
+        """Change a PENDING or QUEUED task's priority, durably; the next dispatch uses it."""
+        self._check()
+        entry = self._entries.get(task_id)
+        if entry is None or not entry.committed:
+            task = await self.get(task_id)
+            raise errors.FailedPreconditionError(
+                f"task {task_id} is {S.Name(task.state).removeprefix('TASK_STATE_')}: only a task not started"
+                " yet can change priority"
+            )
+        task = entry.task
+        if task.state not in (S.TASK_STATE_PENDING, S.TASK_STATE_QUEUED):
+            raise errors.FailedPreconditionError(
+                f"task {task_id} is {S.Name(task.state).removeprefix('TASK_STATE_')}: only a task not started"
+                " yet can change priority"
+            )
+        if task.spec.priority != priority:
+            task.spec.priority = priority
+            if task.state == S.TASK_STATE_QUEUED:
+                self.scheduler.update_priority(task_id, priority)
+                self._schedule_dispatch()
+            await self._await(self._write(entry, task.state))
+        return task_pb2.Task.FromString(entry.committed)
+
+    def waiting_reason(self, task_id: str) -> str:
+        """Why a queued task is held back (a limit it is under), or ""."""
+        return self.scheduler.hold_reason(task_id)
 
     # ----------------------------------------------------------------- status
 
     def counts(self) -> dict[int, int]:
-        found: dict[int, int] = {}
-        for entry in self._entries.values():
-            found[entry.task.state] = found.get(entry.task.state, 0) + 1
+        return dict(self.book.totals())
+
+    def queue_stats(self) -> list[coordinator_pb2.QueueStats]:
+        names = set(self.book.queues()) | set(self.scheduler.queues())
+        names |= {name for scope, name in self.limits if scope == coordinator_pb2.LIMIT_SCOPE_QUEUE}
+        found = []
+        for name in sorted(names):
+            figures = self.book.figures(name)
+            counts = figures.counts
+            stats = coordinator_pb2.QueueStats(
+                name=name,
+                pending=counts.get(S.TASK_STATE_PENDING, 0),
+                queued=counts.get(S.TASK_STATE_QUEUED, 0),
+                assigned=counts.get(S.TASK_STATE_ASSIGNED, 0),
+                running=counts.get(S.TASK_STATE_RUNNING, 0),
+                limit=self.scheduler.queue_limit(name),
+                dispatch_rate=round(figures.dispatch_rate, 3),
+                succeeded=counts.get(S.TASK_STATE_SUCCEEDED, 0),
+                failed=counts.get(S.TASK_STATE_FAILED, 0),
+            )
+            stats.wait_p50.FromNanoseconds(int(figures.wait_p50 * 1e9))
+            stats.wait_p99.FromNanoseconds(int(figures.wait_p99 * 1e9))
+            stats.retention.FromNanoseconds(int(self.retention(name) * 1e9))
+            oldest = self.scheduler.oldest(name)
+            if oldest is not None and oldest in self._entries:
+                stats.oldest_queued_time.CopyFrom(self._entries[oldest].task.queue_time)
+                # A whole queue waits when its own or the global limit is full; a key limit holds only its key.
+                if self.scheduler.hold_reason(oldest).startswith(("queue", "the global")):
+                    stats.held = stats.queued
+            found.append(stats)
         return found
+
+
+def _seconds(value: duration_pb2.Duration) -> float:
+    return value.seconds + value.nanos / 1e9
+
+
+def _seconds_ts(value: timestamp_pb2.Timestamp) -> float:
+    return value.seconds + value.nanos / 1e9
 
 
 def _after_commit(future: asyncio.Future[int], action: Callable[[], None]) -> None:

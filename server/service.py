@@ -114,8 +114,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     def _render(self, task: task_pb2.Task, include_json: bool) -> task_pb2.Task:
         leader = self._coordinator.leader
-        if include_json and task.HasField("result") and leader is not None:
+        if leader is None:
+            return task
+        if include_json and task.HasField("result"):
             task.result_json = render_json(task.result, leader.registry, task.spec.type)
+        if task.state == task_pb2.TASK_STATE_QUEUED:
+            task.waiting_reason = leader.waiting_reason(task.id)
         return task
 
     @_unary
@@ -183,25 +187,38 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def UpdateTaskPriority(
         self, request: coordinator_pb2.UpdateTaskPriorityRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.UpdateTaskPriorityResponse:
-        raise errors.UnimplementedError("UpdateTaskPriority arrives with the scheduler")
+        violations = validation.validate_id(request.id, "id", self._limits)
+        if abs(request.priority) > self._limits.max_abs_priority:
+            violations.append(
+                errors.FieldViolation(
+                    "priority", f"must be between -{self._limits.max_abs_priority} and {self._limits.max_abs_priority}"
+                )
+            )
+        validation.raise_if(violations, "invalid priority update")
+        task = await self._leader().update_priority(request.id, request.priority)
+        return coordinator_pb2.UpdateTaskPriorityResponse(task=self._render(task, False))
 
     @_unary
     async def ListQueues(
         self, request: coordinator_pb2.ListQueuesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListQueuesResponse:
-        raise errors.UnimplementedError("ListQueues arrives with the scheduler")
+        return coordinator_pb2.ListQueuesResponse(queues=self._leader().queue_stats())
 
     @_unary
     async def SetLimit(
         self, request: coordinator_pb2.SetLimitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.SetLimitResponse:
-        raise errors.UnimplementedError("SetLimit arrives with the scheduler")
+        validation.raise_if(validation.validate_limit(request.limit, self._limits), "invalid limit")
+        stored = await self._leader().set_limit(request.limit)
+        return coordinator_pb2.SetLimitResponse(limit=stored)
 
     @_unary
     async def ListLimits(
         self, request: coordinator_pb2.ListLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListLimitsResponse:
-        raise errors.UnimplementedError("ListLimits arrives with the scheduler")
+        leader = self._leader()
+        ordered = sorted(leader.limits.items(), key=lambda item: item[0])
+        return coordinator_pb2.ListLimitsResponse(limits=[limit for _, limit in ordered])
 
     @_unary
     async def RegisterTaskType(

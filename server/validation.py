@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from herder.clients import errors
 from herder.clients.errors import FieldViolation
-from herder.clients.proto.v1 import task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server import contracts
 
 # Type and queue names: safe in etcd keys, metric labels and command lines.
@@ -307,3 +307,40 @@ __all__ = [
     "validate_spec",
     "validate_task_type",
 ]
+
+
+_MAX_RETENTION_SECONDS = 366 * 24 * 3600
+
+
+def validate_limit(limit: coordinator_pb2.Limit, limits: Limits, prefix: str = "limit") -> list[FieldViolation]:
+    """A SetLimit request: the scope decides which name and fields make sense."""
+    found: list[FieldViolation] = []
+    scope = limit.scope
+    if scope == coordinator_pb2.LIMIT_SCOPE_GLOBAL:
+        if limit.name:
+            found.append(FieldViolation(f"{prefix}.name", "must be empty for the global scope"))
+    elif scope == coordinator_pb2.LIMIT_SCOPE_QUEUE:
+        found += validate_name(limit.name, f"{prefix}.name", limits)
+    elif scope == coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY:
+        if not limit.name:
+            found.append(FieldViolation(f"{prefix}.name", "is required: the concurrency key"))
+        elif len(limit.name) > limits.max_name_length or not limit.name.isprintable():
+            found.append(
+                FieldViolation(f"{prefix}.name", f"must be 1 to {limits.max_name_length} printable characters")
+            )
+    else:
+        found.append(FieldViolation(f"{prefix}.scope", "must be GLOBAL, QUEUE or CONCURRENCY_KEY"))
+    if not 0 <= limit.max_running <= 1_000_000_000:
+        found.append(FieldViolation(f"{prefix}.max_running", "must be between 0 (no limit) and 1000000000"))
+    if limit.weight and scope != coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY:
+        found.append(FieldViolation(f"{prefix}.weight", "applies to concurrency keys only"))
+    elif limit.weight > 1000:
+        found.append(FieldViolation(f"{prefix}.weight", "must be at most 1000"))
+    if limit.HasField("retention"):
+        if scope != coordinator_pb2.LIMIT_SCOPE_QUEUE:
+            found.append(FieldViolation(f"{prefix}.retention", "applies to queues only"))
+        else:
+            found += _duration(limit.retention, f"{prefix}.retention")
+            if limit.retention.seconds > _MAX_RETENTION_SECONDS:
+                found.append(FieldViolation(f"{prefix}.retention", "must be at most 366 days"))
+    return found
