@@ -4,10 +4,13 @@ Starts its own etcd, coordinator and worker processes, then measures:
 - one RPC per task: N tasks from many concurrent submitters, submit to SUCCEEDED;
 - batches: N tasks through SubmitTasks, every task tracked to SUCCEEDED;
 - idle submit-to-start latency: one task at a time, from the SubmitTask call to the
-  worker's acknowledgement (the task's start_time), p50 and p99.
+  first line of the handler, p50 and p99;
+- fair: the first two again with tasks spread over --keys concurrency keys and global,
+  queue and key limits set (loose enough not to throttle), to show what fairness costs.
 Prints a human summary and, on its last line, the figures as JSON. A measurement, not a test.
 
-    python bench/throughput.py [--tasks 5000] [--submitters 64] [--batch 500] [--workers 2] [--slots 256]
+    python bench/throughput.py [--tasks 5000] [--submitters 64] [--batch 500] [--workers 1] [--slots 256]
+                               [--keys 100] [--phases idle,single,batches,fair]
 """
 
 from __future__ import annotations
@@ -122,10 +125,14 @@ async def _until(check: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-def _spec(queue: str) -> task_pb2.TaskSpec:
-    spec = task_pb2.TaskSpec(type=TASK_TYPE, queue=queue)
+def _spec(queue: str, key: str = "") -> task_pb2.TaskSpec:
+    spec = task_pb2.TaskSpec(type=TASK_TYPE, queue=queue, concurrency_key=key)
     spec.payload.Pack(examples_pb2.EchoRequest())
     return spec
+
+
+def _keys(count: int) -> list[str]:
+    return [f"tenant-{i}" for i in range(count)] if count else [""]
 
 
 async def _track(stub: coordinator_pb2_grpc.CoordinatorServiceStub, queue: str, count: int) -> asyncio.Task[float]:
@@ -150,11 +157,11 @@ async def _track(stub: coordinator_pb2_grpc.CoordinatorServiceStub, queue: str, 
 
 
 async def one_rpc_each(
-    stub: coordinator_pb2_grpc.CoordinatorServiceStub, total: int, submitters: int
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub, total: int, submitters: int, keys: int = 0, tag: str = ""
 ) -> dict[str, float]:
-    queue = "one-rpc"
+    queue = f"one-rpc{tag}"
     tracker = await _track(stub, queue, total)
-    request = pb.SubmitTaskRequest(spec=_spec(queue))
+    requests = [pb.SubmitTaskRequest(spec=_spec(queue, key)) for key in _keys(keys)]
     remaining = total
     latencies: list[float] = []
 
@@ -163,7 +170,7 @@ async def one_rpc_each(
         while remaining > 0:
             remaining -= 1
             t0 = time.perf_counter()
-            await stub.SubmitTask(request)
+            await stub.SubmitTask(requests[remaining % len(requests)])
             latencies.append(time.perf_counter() - t0)
 
     start = time.perf_counter()
@@ -180,11 +187,17 @@ async def one_rpc_each(
 
 
 async def batches(
-    stub: coordinator_pb2_grpc.CoordinatorServiceStub, total: int, batch: int, concurrency: int
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    total: int,
+    batch: int,
+    concurrency: int,
+    keys: int = 0,
+    tag: str = "",
 ) -> dict[str, float]:
-    queue = "batched"
+    queue = f"batched{tag}"
     tracker = await _track(stub, queue, total)
-    request = pb.SubmitTasksRequest(specs=[_spec(queue)] * batch)
+    names = _keys(keys)
+    request = pb.SubmitTasksRequest(specs=[_spec(queue, names[i % len(names)]) for i in range(batch)])
     remaining = total // batch
 
     async def submitter() -> None:
@@ -252,6 +265,31 @@ def _pct(values: list[float], pct: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
+async def fairness_and_limits(
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub, args: argparse.Namespace
+) -> dict[str, object]:
+    """The same two runs with tasks spread over concurrency keys and every kind of limit set.
+
+    The limits are loose enough not to throttle (the point is their bookkeeping's cost):
+    each key may run a quarter of the slots, each queue all of them, the namespace ten times that.
+    """
+    slots = args.workers * args.slots
+    scopes = [
+        pb.Limit(scope=pb.LIMIT_SCOPE_GLOBAL, max_running=slots * 10),
+        pb.Limit(scope=pb.LIMIT_SCOPE_QUEUE, name="one-rpc-fair", max_running=slots),
+        pb.Limit(scope=pb.LIMIT_SCOPE_QUEUE, name="batched-fair", max_running=slots),
+        *(
+            pb.Limit(scope=pb.LIMIT_SCOPE_CONCURRENCY_KEY, name=key, max_running=max(slots // 4, 1))
+            for key in _keys(args.keys)
+        ),
+    ]
+    for limit in scopes:
+        await stub.SetLimit(pb.SetLimitRequest(limit=limit))
+    single = await one_rpc_each(stub, args.tasks, args.submitters, args.keys, "-fair")
+    batched = await batches(stub, args.tasks, args.batch, args.batch_concurrency, args.keys, "-fair")
+    return {"one_rpc_each": single, "batches": batched}
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     stack = Stack(args.workers, args.slots)
     try:
@@ -268,6 +306,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             if "batches" in args.phases:
                 figures["batches"] = await batches(stub, args.tasks, args.batch, args.batch_concurrency)
                 print(f"batches:      {figures['batches']}", flush=True)
+            if "fair" in args.phases:
+                figures["fair"] = await fairness_and_limits(stub, args)
+                print(f"with {args.keys} keys and limits: {figures['fair']}", flush=True)
         return {**figures, "cpus": os.cpu_count()}
     finally:
         stack.stop()
@@ -283,8 +324,11 @@ if __name__ == "__main__":
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument(
-        "--phases", default="idle,single,batches", help="comma-separated: idle, single, batches (default all)"
+        "--phases",
+        default="idle,single,batches,fair",
+        help="comma-separated: idle, single, batches, fair (the last two again over --keys keys with limits)",
     )
+    parser.add_argument("--keys", type=int, default=100, help="concurrency keys in the fair phase")
     parser.add_argument("--worker", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

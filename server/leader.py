@@ -28,8 +28,8 @@ from herder.server import keys
 from herder.server._etcd import Etcd
 from herder.server.committer import Committer, Write
 from herder.server.contracts import TaskTypeRegistry
+from herder.server.deadlines import Deadlines
 from herder.server.election import Leadership
-from herder.server.queues import DelayQueue
 from herder.server.retry import RetryDefaults, next_backoff
 from herder.server.scheduler import Scheduler
 from herder.server.sessions import Session, SessionSettings
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 S = task_pb2.TaskState
 TERMINAL = frozenset({S.TASK_STATE_SUCCEEDED, S.TASK_STATE_FAILED, S.TASK_STATE_CANCELED, S.TASK_STATE_EXPIRED})
 ACTIVE = frozenset({S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING})
+WAITING = frozenset({S.TASK_STATE_PENDING, S.TASK_STATE_QUEUED})
 
 WORKER_LOST = "herder.worker_lost"
 TIMEOUT = "herder.timeout"
@@ -67,9 +68,14 @@ class LeaderSettings:
 
 @dataclass(eq=False, slots=True)
 class Entry:
-    """A task the leader tracks: its latest state and the record last committed for it."""
+    """A task the leader tracks: its latest state and the record last committed for it.
 
-    task: task_pb2.Task
+    A task that waits (QUEUED or PENDING) with nothing left to write keeps only its committed
+    record; the message is parsed again when something touches it. That is most of a backlog's
+    memory: a parsed Task costs about four times its record.
+    """
+
+    _task: task_pb2.Task | None
     committed: bytes = b""
     revision: int = 0
     session: Session | None = None
@@ -84,6 +90,19 @@ class Entry:
     # Created by a submit that has not written it yet: dispatch may assign it in memory,
     # and the submit's one write then stores it already assigned.
     fresh: bool = False
+    # Writes submitted and not yet committed.
+    writes_pending: int = 0
+
+    @property
+    def task(self) -> task_pb2.Task:
+        if self._task is None:
+            self._task = task_pb2.Task.FromString(self.committed)
+        return self._task
+
+    def rest(self) -> None:
+        """Drop the parsed message of a waiting task whose every change is committed."""
+        if self.writes_pending == 0 and self._task is not None and self._task.state in WAITING:
+            self._task = None
 
 
 def new_task_id() -> str:
@@ -130,9 +149,9 @@ class NamespaceLeader:
         # Scheduling settings by (scope, name), as stored.
         self.limits: dict[tuple[int, str], coordinator_pb2.Limit] = {}
         # PENDING tasks by run time; unstarted tasks by expiry (ttl); attempts by timeout.
-        self._delayed = DelayQueue()
-        self._expiry = DelayQueue()
-        self._timeouts = DelayQueue()
+        self._delayed = Deadlines()
+        self._expiry = Deadlines()
+        self._timeouts = Deadlines()
         self._sequence = 0
         self._dispatch_scheduled = False
         self._timer_wakeup = asyncio.Event()
@@ -170,6 +189,7 @@ class NamespaceLeader:
                 continue
             entry = Entry(task, kv.value, kv.mod_revision)
             self._entries[task.id] = entry
+            entry.rest()
             loaded += 1
             if task.state == S.TASK_STATE_QUEUED:
                 self._push(task)
@@ -228,12 +248,15 @@ class NamespaceLeader:
         state = task.state
         self.book.transition(task.spec.queue, previous_state, state)
         future = self.committer.submit([Write(keys.task(self.prefix, task.id), data), *extra])
+        entry.writes_pending += 1
 
         def committed(f: asyncio.Future[int]) -> None:
+            entry.writes_pending -= 1
             if f.cancelled() or f.exception() is not None:
                 return
             revision = f.result()
             entry.committed, entry.revision = data, revision
+            entry.rest()
             if self.hub.wants(task.id):
                 self.hub.publish(task_pb2.Task.FromString(data), Change(data, previous_state, revision))
             if state in TERMINAL and self._entries.get(task.id) is entry:

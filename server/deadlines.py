@@ -5,8 +5,8 @@ from __future__ import annotations
 import heapq
 
 
-class DelayQueue:
-    """Task ids keyed by the time they become ready (seconds since the epoch)."""
+class Deadlines:
+    """Task ids keyed by a due time (seconds since the epoch)."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, str]] = []
