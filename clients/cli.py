@@ -1,4 +1,5 @@
-"""The `herder` command line: run a coordinator or a worker, submit and inspect tasks.
+"""The `herder` command line: run a coordinator or a worker, submit and inspect tasks, see queues
+and set limits.
 
 Every command talks to one coordinator (`--coordinator`, env HERDER_COORDINATOR) and
 prints rich tables, or JSON with `--output json` for scripts. A failure is one line on
@@ -16,7 +17,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import (
@@ -42,11 +43,13 @@ from herder.clients.client import (
     Retry,
     State,
     is_terminal,
+    parse_scope,
     parse_state,
+    scope_name,
     state_name,
     timestamp_to_datetime,
 )
-from herder.clients.proto.v1 import task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 
 PROG = "herder"
 ADDRESS_ENV = "HERDER_COORDINATOR"
@@ -56,6 +59,14 @@ _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output")
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
 _PIPE_WIDTH = 250
 _UNREACHABLE_HINTS = ("failed to connect", "connection refused", "dns resolution failed", "connect failed")
+# Memory sizes as Kubernetes writes them: 512Mi, 2G, 1048576.
+_MEMORY_UNITS = {
+    "": 1,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
+}  # fmt: skip
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
 
 
 class UsageError(Exception):
@@ -144,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--ttl", type=_seconds, metavar="S", help="expire if not started within S seconds")
     submit.add_argument("--timeout", type=_seconds, metavar="S", help="fail an attempt that runs longer than S")
     submit.add_argument("--max-attempts", type=_positive_int, metavar="N", help="attempts in all, 1 = no retry")
+    submit.add_argument(
+        "--cpu", type=_cpu_millis, metavar="CPU", help="CPU requested: cores (0.5) or millicores (500m)"
+    )
+    submit.add_argument("--memory", type=_memory_bytes, metavar="SIZE", help="memory requested: bytes, 512Mi, 2G, ...")
     submit.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG", help="repeatable")
     submit.add_argument("--meta", action="append", type=_key_value, default=[], metavar="K=V", help="repeatable")
     submit.add_argument("--wait", action="store_true", help="wait for the task to finish and print its result")
@@ -176,7 +191,37 @@ def build_parser() -> argparse.ArgumentParser:
     priority.add_argument("priority", type=int)
 
     command("types", "list registered task types", _async(_types))
-    command("queues", "list queues with backlog and wait times", _async(_queues))
+
+    queues = command(
+        "queues",
+        "list queues: backlog by state, held back by limits, running (assigned or running), limit, "
+        "oldest waiting task, wait p50/p99, dispatch rate, retention, finished counts",
+        _async(_queues),
+    )
+    queue_commands = queues.add_subparsers(dest="queues_command", metavar="SUBCOMMAND")
+    queue_limit = command(
+        "set-limit", "set a queue's concurrency limit (and retention)", _async(_queues_set_limit), queue_commands
+    )
+    queue_limit.add_argument("queue")
+    queue_limit.add_argument("max_running", type=int, metavar="N", help="most tasks running at once, 0 = no limit")
+    queue_limit.add_argument("--retention", type=_seconds, metavar="S", help="keep finished tasks S seconds")
+
+    limits = command("limits", "list limits: global, per queue and per concurrency key", _async(_limits))
+    limit_commands = limits.add_subparsers(dest="limits_command", metavar="SUBCOMMAND")
+    limit_set = command(
+        "set",
+        "set a limit: `global N`, `queue NAME [--max-running N] [--retention S]` or "
+        "`key NAME [--max-running N] [--weight W]`; options left out keep their current values",
+        _async(_limits_set),
+        limit_commands,
+    )
+    limit_set.add_argument("scope", metavar="SCOPE", help="global, queue or key (a concurrency key)")
+    limit_set.add_argument("target", nargs="*", metavar="NAME|N", help="N for global; the queue or key's NAME")
+    limit_set.add_argument("--max-running", type=int, metavar="N", help="most tasks running at once, 0 = no limit")
+    limit_set.add_argument("--weight", type=int, metavar="W", help="a key's tasks per fair-share round (0 means 1)")
+    limit_set.add_argument(
+        "--retention", type=_seconds, metavar="S", help="a queue keeps finished tasks S seconds (0: the default)"
+    )
     command("status", "show the cluster (leader, replicas, etcd) and connected nodes", _async(_status))
     return parser
 
@@ -238,6 +283,28 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be zero or more seconds, got {text}")
+    return value
+
+
+def _cpu_millis(text: str) -> int:
+    try:
+        millis = int(text[:-1]) if text.endswith("m") else round(float(text) * 1000)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a CPU amount (cores: 0.5, or millis: 500m): {text!r}") from None
+    if not 0 <= millis <= _UINT32_MAX:
+        raise argparse.ArgumentTypeError(f"CPU out of range: {text!r}")
+    return millis
+
+
+def _memory_bytes(text: str) -> int:
+    number = text.rstrip("KMGTkmgtIi")
+    unit = _MEMORY_UNITS.get(text[len(number) :].lower())
+    try:
+        value = round(float(number) * unit) if unit is not None else -1
+    except (ValueError, OverflowError):
+        value = -1
+    if not 0 <= value <= _UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"not a memory size (bytes, or with Ki, Mi, Gi, K, M, G): {text!r}")
     return value
 
 
@@ -330,6 +397,11 @@ async def _submit(client: Client, out: Output, args: argparse.Namespace) -> int:
         retry=Retry(max_attempts=args.max_attempts) if args.max_attempts else None,
         tags=args.tags,
         metadata=dict(args.meta),
+        resources=(
+            task_pb2.Resources(cpu_millis=args.cpu or 0, memory_bytes=args.memory or 0)
+            if args.cpu is not None or args.memory is not None
+            else None
+        ),
     )
     if not args.wait:
         if out.json:
@@ -480,25 +552,105 @@ async def _types(client: Client, out: Output, args: argparse.Namespace) -> int:
 async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
     queues = await client.queues()
     if out.json:
-        await out.print_json_list(queues)
+        await out.print_json_list(queues, defaults=True)
         return 0
-    table = _table("QUEUE", "PENDING", "QUEUED", "ASSIGNED", "RUNNING", "LIMIT", "WAIT P50", "WAIT P99", "RATE/S")
+    table = _table(
+        "QUEUE", "PENDING", "QUEUED", "HELD", "RUNNING", "LIMIT", "OLDEST", "WAIT P50", "WAIT P99", "RATE/S",
+        "RETENTION", "SUCCEEDED", "FAILED",
+    )  # fmt: skip
+    now = datetime.now(UTC)
     for queue in queues:
+        oldest = timestamp_to_datetime(queue.oldest_queued_time)
         table.add_row(
             queue.name,
             str(queue.pending),
             str(queue.queued),
-            str(queue.assigned),
-            str(queue.running),
+            str(queue.held),
+            str(queue.assigned + queue.running),
             str(queue.limit or "-"),
-            f"{queue.wait_p50.ToTimedelta().total_seconds():.3f}s",
-            f"{queue.wait_p99.ToTimedelta().total_seconds():.3f}s",
+            # Clamped: the coordinator's clock may run a little ahead of this one.
+            _span(max((now - oldest).total_seconds(), 0.0)) if oldest else "-",
+            _span_of(queue.wait_p50),
+            _span_of(queue.wait_p99),
             f"{queue.dispatch_rate:.1f}",
+            _span_of(queue.retention),
+            str(queue.succeeded),
+            str(queue.failed),
         )
     out.console.print(table)
     if not queues:
         out.console.print("no queues", style="dim")
     return 0
+
+
+async def _queues_set_limit(client: Client, out: Output, args: argparse.Namespace) -> int:
+    limit = await client.set_limit("queue", args.queue, max_running=args.max_running, retention=args.retention)
+    await _print_limit(out, limit)
+    return 0
+
+
+async def _limits(client: Client, out: Output, args: argparse.Namespace) -> int:
+    limits = sorted(await client.limits(), key=lambda limit: (limit.scope, limit.name))
+    if out.json:
+        await out.print_json_list(limits, defaults=True)
+        return 0
+    table = _table("SCOPE", "NAME", "MAX RUNNING", "WEIGHT", "RETENTION")
+    for limit in limits:
+        table.add_row(scope_name(limit.scope), limit.name or "-", *_limit_cells(limit))
+    out.console.print(table)
+    if not limits:
+        out.console.print("no limits set", style="dim")
+    return 0
+
+
+async def _limits_set(client: Client, out: Output, args: argparse.Namespace) -> int:
+    # An unknown scope is the coordinator's kind of error (InvalidArgumentError on limit.scope), not a usage one.
+    scope = parse_scope(args.scope)
+    if scope == coordinator_pb2.LIMIT_SCOPE_GLOBAL:
+        name, rest = "", list(args.target)
+    elif args.target:
+        name, rest = args.target[0], list(args.target[1:])
+    else:
+        raise UsageError(f"limits set {args.scope}: give the {scope_name(scope)}'s NAME")
+    if len(rest) > 1:
+        raise UsageError(f"limits set {args.scope}: unexpected arguments {' '.join(rest[1:])}")
+    max_running = args.max_running
+    if rest:
+        if max_running is not None:
+            raise UsageError("give N or --max-running, not both")
+        try:
+            max_running = int(rest[0])
+        except ValueError:
+            raise UsageError(f"N must be a whole number, got {rest[0]!r}") from None
+    if max_running is None and args.weight is None and args.retention is None:
+        raise UsageError("nothing to set: give N, --max-running, --weight or --retention")
+    limit = await client.set_limit(scope, name, max_running=max_running, weight=args.weight, retention=args.retention)
+    await _print_limit(out, limit)
+    return 0
+
+
+def _limit_cells(limit: coordinator_pb2.Limit) -> tuple[str, str, str]:
+    """MAX RUNNING, WEIGHT and RETENTION as people read them; "-" where the scope has no such setting."""
+    max_running = str(limit.max_running) if limit.max_running else "no limit"
+    weight = str(limit.weight or 1) if limit.scope == coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY else "-"
+    retention = "-"
+    if limit.scope == coordinator_pb2.LIMIT_SCOPE_QUEUE:
+        retention = _span_of(limit.retention) if _nonzero(limit.retention) else "default"
+    return max_running, weight, retention
+
+
+async def _print_limit(out: Output, limit: coordinator_pb2.Limit) -> None:
+    if out.json:
+        await out.print_json(limit, defaults=True)
+        return
+    _, weight, retention = _limit_cells(limit)
+    parts = [f"max running {limit.max_running}" if limit.max_running else "no limit"]
+    if weight != "-":
+        parts.append(f"weight {weight}")
+    if retention != "-":
+        parts.append(f"retention {retention}")
+    target = scope_name(limit.scope) + (f" [bold]{limit.name}[/]" if limit.name else "")
+    out.console.print(f"limit set: {target}: {', '.join(parts)}", highlight=False)
 
 
 async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
@@ -570,27 +722,32 @@ class Output:
     def json(self) -> bool:
         return self.format == "json"
 
-    async def print_json(self, message: Message) -> None:
-        print(json.dumps(await self.to_dict(message), indent=2))
+    async def print_json(self, message: Message, *, defaults: bool = False) -> None:
+        print(json.dumps(await self.to_dict(message, defaults=defaults), indent=2))
 
-    async def print_json_list(self, messages: Iterable[Message]) -> None:
-        print(json.dumps([await self.to_dict(m) for m in messages], indent=2))
+    async def print_json_list(self, messages: Iterable[Message], *, defaults: bool = False) -> None:
+        print(json.dumps([await self.to_dict(m, defaults=defaults) for m in messages], indent=2))
 
-    async def to_dict(self, message: Message) -> dict[str, Any]:
+    async def to_dict(self, message: Message, *, defaults: bool = False) -> dict[str, Any]:
         """The message as proto3 JSON; payloads and results of unknown types are decoded with the
-        descriptors registered with their task types, or left out when even those do not know them."""
+        descriptors registered with their task types, or left out when even those do not know them.
+        With `defaults`, zero fields are printed too (counters and limits that scripts read)."""
         try:
-            return json_format.MessageToDict(message)
+            return json_format.MessageToDict(message, always_print_fields_with_no_presence=defaults)
         except TypeError:  # an Any whose type this process has no generated code for
             pass
         pool = await self._registered_pool()
         try:
-            return json_format.MessageToDict(message, descriptor_pool=pool)
+            return json_format.MessageToDict(
+                message, always_print_fields_with_no_presence=defaults, descriptor_pool=pool
+            )
         except TypeError:
             stripped = type(message)()
             stripped.CopyFrom(message)
             _clear_unknown_anys(stripped, pool)
-            return json_format.MessageToDict(stripped, descriptor_pool=pool)
+            return json_format.MessageToDict(
+                stripped, always_print_fields_with_no_presence=defaults, descriptor_pool=pool
+            )
 
     async def print_task(self, task: task_pb2.Task) -> None:
         if self.json:
@@ -609,6 +766,7 @@ class Output:
             ("attempt", f"{task.attempt}" + (f" of {spec.retry.max_attempts}" if spec.retry.max_attempts else "")),
             ("worker", task.worker_id),
             ("waiting", task.waiting_reason),
+            ("resources", _resources_text(spec.resources)),
             ("created", _time(task.create_time)),
             ("started", _time(task.start_time)),
             ("finished", _time(task.finish_time)),
@@ -702,6 +860,54 @@ def _styled_state(state: State) -> str:
 def _time(value: timestamp_pb2.Timestamp) -> str:
     moment = timestamp_to_datetime(value)
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else ""
+
+
+def _span(seconds: float) -> str:
+    """A duration as people read it: 4.2ms, 850ms, 12.5s, 4m05s, 2h03m, 3d04h."""
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f}ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _nonzero(value: duration_pb2.Duration) -> bool:
+    return bool(value.seconds or value.nanos)
+
+
+def _span_of(value: duration_pb2.Duration) -> str:
+    """A Duration as `_span` writes it; "-" when unset."""
+    return _span(value.ToTimedelta().total_seconds()) if _nonzero(value) else "-"
+
+
+def _resources_text(resources: task_pb2.Resources) -> str:
+    parts = []
+    if resources.cpu_millis:
+        parts.append(f"cpu {resources.cpu_millis}m")
+    if resources.memory_bytes:
+        parts.append(f"memory {_size(resources.memory_bytes)}")
+    return ", ".join(parts)
+
+
+def _size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps a readable number: 512 B, 1.5 KiB, 256 MiB."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
 
 
 def _error_text(error: task_pb2.TaskError) -> str:

@@ -5,6 +5,9 @@ wraps it for synchronous code. A follower coordinator answers writes with
 `NotLeaderError`; the client reconnects to the leader it names and retries once.
 Every failed gRPC call surfaces as a `herder.clients.errors.HerderError`, converted
 in exactly one place (`_herder_errors`).
+
+Scheduling settings (concurrency limits, fair-share weights, queue retention) are set with
+`set_limit` and read with `limits`; `queues` shows each queue's backlog and wait times.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import builtins
 import contextlib
 import json as jsonlib
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
@@ -85,6 +89,46 @@ def parse_state(name: str) -> State:
 def is_terminal(state: State) -> bool:
     """True for SUCCEEDED, FAILED, CANCELED and EXPIRED: the task will not change again."""
     return state in TERMINAL_STATES
+
+
+LimitScope: TypeAlias = coordinator_pb2.LimitScope.ValueType
+_SCOPE_NAMES: dict[LimitScope, str] = {
+    coordinator_pb2.LIMIT_SCOPE_GLOBAL: "global",
+    coordinator_pb2.LIMIT_SCOPE_QUEUE: "queue",
+    coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY: "key",
+}
+_SCOPES: dict[str, LimitScope] = {
+    **{name: scope for scope, name in _SCOPE_NAMES.items()},
+    **{coordinator_pb2.LimitScope.Name(scope).lower(): scope for scope in _SCOPE_NAMES},
+    "concurrency_key": coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY,
+}
+# The fields each scope uses; set_limit reads the current limit only when the caller leaves one of them out.
+_SCOPE_FIELDS: dict[LimitScope, frozenset[str]] = {
+    coordinator_pb2.LIMIT_SCOPE_GLOBAL: frozenset({"max_running"}),
+    coordinator_pb2.LIMIT_SCOPE_QUEUE: frozenset({"max_running", "retention"}),
+    coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY: frozenset({"max_running", "weight"}),
+}
+_INT64_MAX = 2**63 - 1
+_UINT32_MAX = 2**32 - 1
+# google.protobuf.Duration spans about +-10,000 years.
+_DURATION_MAX_SECONDS = 315_576_000_000
+
+
+def scope_name(scope: LimitScope) -> str:
+    """The short name of a limit scope: "global", "queue" or "key"."""
+    return _SCOPE_NAMES.get(scope) or coordinator_pb2.LimitScope.Name(scope).lower()
+
+
+def parse_scope(scope: str | LimitScope) -> LimitScope:
+    """The LimitScope for "global", "queue" or "key" (also "concurrency_key" and the enum's names,
+    any case) or for a LimitScope value; InvalidArgumentError on `limit.scope` when unknown."""
+    if isinstance(scope, str):
+        found = _SCOPES.get(scope.strip().lower().replace("-", "_"))
+    else:
+        found = scope if scope in _SCOPE_NAMES else None
+    if found is None:
+        raise errors.bad_request(f"unknown limit scope {scope!r}", [("limit.scope", "must be global, queue or key")])
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,7 +439,11 @@ class Client:
         return (await self._unary(lambda s: s.CancelTask, request)).task
 
     async def update_priority(self, id: str, priority: int) -> task_pb2.Task:
-        """Change the priority of a task that has not started."""
+        """Change the priority of a PENDING or QUEUED task, durably; the next dispatch uses it.
+
+        Returns the updated task. FailedPreconditionError when the task has started or finished,
+        NotFoundError when there is no such task.
+        """
         request = coordinator_pb2.UpdateTaskPriorityRequest(id=id, priority=priority)
         return (await self._unary(lambda s: s.UpdateTaskPriority, request)).task
 
@@ -443,7 +491,7 @@ class Client:
             finally:
                 call.cancel()
 
-    # --- task types and cluster ---
+    # --- task types and queues ---
 
     async def register_task_type(
         self, name: str, input_class: MessageType, output_class: MessageType, description: str = ""
@@ -458,8 +506,77 @@ class Client:
         return builtins.list(response.task_types)
 
     async def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
+        """Every queue with its backlog by state, the tasks a limit holds back, its limit and retention,
+        finished counts, the oldest waiting task, wait time p50/p99 and dispatch rate."""
         response = await self._unary(lambda s: s.ListQueues, coordinator_pb2.ListQueuesRequest())
         return builtins.list(response.queues)
+
+    # --- limits ---
+
+    async def set_limit(
+        self,
+        scope: str | LimitScope,
+        name: str = "",
+        *,
+        max_running: int | None = None,
+        weight: int | None = None,
+        retention: Seconds | None = None,
+    ) -> coordinator_pb2.Limit:
+        """Set the scheduling settings of one scope and return them as stored; durable, in effect
+        for the next dispatch.
+
+        `scope` is "global" (no name), "queue" (a queue's name) or "key" (a concurrency key).
+        `max_running` caps the tasks assigned or running at once (0: no limit); `weight` is a key's
+        share of its queue in tasks per round (0 means 1); `retention` (seconds or timedelta) is how
+        long a queue's finished tasks are kept (0: the coordinator's default).
+
+        The coordinator's SetLimit replaces the whole limit of a scope and name, so this method
+        merges: a field left None keeps its current value, read with ListLimits first (skipped when
+        every field the scope uses is given). The read and the write are two calls, so two callers
+        changing different fields of one limit at the same moment can lose one change; give every
+        field to write the limit in one call. Invalid values raise InvalidArgumentError naming the
+        field (`limit.max_running`, `limit.weight`, `limit.retention`, `limit.name`, `limit.scope`)
+        and change nothing.
+        """
+        wanted = parse_scope(scope)
+        given = {
+            field_name
+            for field_name, value in (("max_running", max_running), ("weight", weight), ("retention", retention))
+            if value is not None
+        }
+        violations: builtins.list[tuple[str, str]] = []
+        if not given:
+            violations.append(("limit", "give max_running, weight or retention"))
+        if max_running is not None and not -_INT64_MAX - 1 <= max_running <= _INT64_MAX:
+            violations.append(("limit.max_running", "must fit in 64 bits"))
+        if weight is not None and not 0 <= weight <= _UINT32_MAX:
+            violations.append(("limit.weight", f"must be between 0 and {_UINT32_MAX}"))
+        retention_delta = _bounded_timedelta(retention) if retention is not None else None
+        if retention is not None and retention_delta is None:
+            violations.append(("limit.retention", "must be a finite number of seconds a Duration can hold"))
+        if violations:
+            raise errors.bad_request("invalid limit", violations)
+        limit = coordinator_pb2.Limit(scope=wanted, name=name)
+        if not _SCOPE_FIELDS[wanted] <= given:
+            for current in await self.limits():
+                if current.scope == wanted and current.name == name:
+                    limit.CopyFrom(current)
+                    break
+        if max_running is not None:
+            limit.max_running = max_running
+        if weight is not None:
+            limit.weight = weight
+        if retention_delta is not None:
+            limit.retention.FromTimedelta(retention_delta)
+        response = await self._unary(lambda s: s.SetLimit, coordinator_pb2.SetLimitRequest(limit=limit))
+        return response.limit
+
+    async def limits(self) -> builtins.list[coordinator_pb2.Limit]:
+        """Every limit set (global, per queue, per concurrency key) with its weight and retention."""
+        response = await self._unary(lambda s: s.ListLimits, coordinator_pb2.ListLimitsRequest())
+        return builtins.list(response.limits)
+
+    # --- cluster ---
 
     async def nodes(self) -> builtins.list[coordinator_pb2.Node]:
         response = await self._unary(lambda s: s.ListNodes, coordinator_pb2.ListNodesRequest())
@@ -628,6 +745,17 @@ def _trace_metadata() -> tuple[tuple[str, str], ...]:
 
 def _timedelta(value: Seconds) -> timedelta:
     return value if isinstance(value, timedelta) else timedelta(seconds=value)
+
+
+def _bounded_timedelta(value: Seconds) -> timedelta | None:
+    """The value as a timedelta, or None when it is not finite or outside a protobuf Duration's range."""
+    if not isinstance(value, timedelta) and not math.isfinite(value):
+        return None
+    try:
+        delta = _timedelta(value)
+    except OverflowError:
+        return None
+    return delta if abs(delta.total_seconds()) <= _DURATION_MAX_SECONDS else None
 
 
 def _duration(value: Seconds) -> duration_pb2.Duration:
@@ -825,6 +953,23 @@ class SyncClient:
     def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
         return self.run(self._client.queues())
 
+    def set_limit(
+        self,
+        scope: str | LimitScope,
+        name: str = "",
+        *,
+        max_running: int | None = None,
+        weight: int | None = None,
+        retention: Seconds | None = None,
+    ) -> coordinator_pb2.Limit:
+        """See `Client.set_limit`: fields left None keep their current values (read first)."""
+        return self.run(
+            self._client.set_limit(scope, name, max_running=max_running, weight=weight, retention=retention)
+        )
+
+    def limits(self) -> builtins.list[coordinator_pb2.Limit]:
+        return self.run(self._client.limits())
+
     def nodes(self) -> builtins.list[coordinator_pb2.Node]:
         return self.run(self._client.nodes())
 
@@ -901,6 +1046,7 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "TERMINAL_STATES",
     "Client",
+    "LimitScope",
     "Retry",
     "State",
     "SyncClient",
@@ -908,7 +1054,9 @@ __all__ = [
     "TaskHandle",
     "WatchReconnect",
     "is_terminal",
+    "parse_scope",
     "parse_state",
+    "scope_name",
     "state_name",
     "task_spec",
     "timestamp_to_datetime",

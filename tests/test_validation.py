@@ -12,7 +12,8 @@ from herder.clients import errors
 from herder.clients.descriptors import task_type_for
 from herder.clients.errors import FieldViolation
 from herder.clients.proto.examples.v1 import examples_pb2
-from herder.clients.proto.v1 import task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, task_pb2
+from herder.server import validation
 from herder.server.validation import (
     Limits,
     raise_if,
@@ -318,3 +319,51 @@ def test_task_type_without_descriptors() -> None:
     task_type.descriptors.CopyFrom(descriptor_pb2.FileDescriptorSet())
 
     assert _fields(validate_task_type(task_type, LIMITS)) == ["task_type.input_type", "task_type.output_type"]
+
+
+# ----------------------------------------------------------------- limits
+
+
+def _limit_fields(limit: coordinator_pb2.Limit) -> list[str]:
+    return [v.field for v in validation.validate_limit(limit, validation.Limits())]
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_GLOBAL, max_running=100),
+        coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_QUEUE, name="emails", max_running=5),
+        coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY, name="tenant 7", weight=3),
+    ],
+)
+def test_valid_limits_pass(limit: coordinator_pb2.Limit) -> None:
+    assert _limit_fields(limit) == []
+
+
+def test_queue_retention_is_a_queue_setting() -> None:
+    limit = coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_QUEUE, name="q")
+    limit.retention.FromSeconds(3600)
+    assert _limit_fields(limit) == []
+    limit.scope = coordinator_pb2.LIMIT_SCOPE_GLOBAL
+    limit.name = ""
+    assert _limit_fields(limit) == ["limit.retention"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "field"),
+    [
+        (coordinator_pb2.Limit(), "limit.scope"),
+        (coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_GLOBAL, name="x"), "limit.name"),
+        (coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_QUEUE), "limit.name"),
+        (coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_QUEUE, name="bad name!"), "limit.name"),
+        (coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY), "limit.name"),
+        (coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_GLOBAL, max_running=-1), "limit.max_running"),
+        (coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_QUEUE, name="q", weight=2), "limit.weight"),
+        (
+            coordinator_pb2.Limit(scope=coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY, name="k", weight=5000),
+            "limit.weight",
+        ),
+    ],
+)
+def test_invalid_limits_name_the_field(limit: coordinator_pb2.Limit, field: str) -> None:
+    assert field in _limit_fields(limit)
