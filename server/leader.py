@@ -887,14 +887,8 @@ class NamespaceLeader:
         """Change a PENDING or QUEUED task's priority, durably; the next dispatch uses it."""
         self._check()
         entry = self._entries.get(task_id)
-        if entry is None or not entry.committed:
-            task = await self.get(task_id)
-            raise errors.FailedPreconditionError(
-                f"task {task_id} is {S.Name(task.state).removeprefix('TASK_STATE_')}: only a task not started"
-                " yet can change priority"
-            )
-        task = entry.task
-        if task.state not in (S.TASK_STATE_PENDING, S.TASK_STATE_QUEUED):
+        task = entry.task if entry is not None and entry.committed else await self.get(task_id)
+        if entry is None or task.state not in WAITING:
             raise errors.FailedPreconditionError(
                 f"task {task_id} is {S.Name(task.state).removeprefix('TASK_STATE_')}: only a task not started"
                 " yet can change priority"
