@@ -286,12 +286,13 @@ class NamespaceLeader:
         self._check()
         now = _now_ts()
         wall = time.time()
-        pending: list[tuple[asyncio.Future[int] | None, bytes, str]] = []
+        # Per spec, in order: the task it created, or the id an idempotency key already names.
+        answers: list[Entry | str] = []
         created: list[Entry] = []
         for spec in specs:
             key = spec.idempotency_key
             if key and key in self._idempotency:
-                pending.append((None, b"", self._idempotency[key]))
+                answers.append(self._idempotency[key])
                 continue
             self._sequence += 1
             task = task_pb2.Task(id=new_task_id(), namespace=self.namespace, sequence=self._sequence)
@@ -318,8 +319,10 @@ class NamespaceLeader:
             if key:
                 self._idempotency[key] = task.id
             created.append(entry)
+            answers.append(entry)
         # Idle workers get the new tasks at once: each task's first write already assigns it.
         self._dispatch()
+        writes: dict[str, tuple[asyncio.Future[int], bytes]] = {}
         for entry in created:
             entry.fresh = False
             task = entry.task
@@ -328,14 +331,15 @@ class NamespaceLeader:
             written, record = self._write_record(entry, S.TASK_STATE_UNSPECIFIED, extra)
             if entry.session is not None:
                 self._send_assignment_after(written, entry, entry.session)
-            pending.append((written, record, task.id))
+            writes[task.id] = (written, record)
         results: list[tuple[task_pb2.Task, bool]] = []
-        for future, record, task_id in pending:
-            if future is not None:
+        for answer in answers:
+            if isinstance(answer, Entry):
+                future, record = writes[answer.task.id]
                 await self._await(future)
                 results.append((task_pb2.Task.FromString(record), True))
             else:
-                results.append((await self.get(task_id), False))
+                results.append((await self.get(answer), False))
         return results
 
     # ----------------------------------------------------------------- reads
@@ -398,12 +402,7 @@ class NamespaceLeader:
             if not task.cancel_requested:
                 task.cancel_requested = True
                 future = self._write(entry, task.state)
-                session, attempt = entry.session, task.attempt
-                ref = coordinator_pb2.AttemptRef(task_id=task_id, attempt=attempt)
-                push = coordinator_pb2.ConnectResponse(
-                    cancel=coordinator_pb2.CancelAttempt(ref=ref, reason=reason or "canceled")
-                )
-                _after_commit(future, lambda: session.send(push))
+                self._cancel_after(future, entry.session, task_id, task.attempt, reason or "canceled")
                 await self._await(future)
             return task_pb2.Task.FromString(entry.committed)
         error = task_pb2.TaskError(type="herder.canceled", message=reason or "canceled", retryable=False)
@@ -529,12 +528,11 @@ class NamespaceLeader:
         entry.ack_timer = None
         if task.attempt != attempt or task.state != S.TASK_STATE_ASSIGNED or entry.session is not session:
             return
-        ref = coordinator_pb2.AttemptRef(task_id=task.id, attempt=attempt)
-        session.send(
-            coordinator_pb2.ConnectResponse(cancel=coordinator_pb2.CancelAttempt(ref=ref, reason="not acknowledged"))
-        )
         log.info("task %s attempt %d not acknowledged by %s; re-queued", task.id, attempt, session.worker_id)
-        self._attempt_failed(entry, task_pb2.TaskError(type=ACK_TIMEOUT, message="assignment not acknowledged"))
+        failed = self._attempt_failed(
+            entry, task_pb2.TaskError(type=ACK_TIMEOUT, message="assignment not acknowledged")
+        )
+        self._cancel_after(failed, session, task.id, attempt, "not acknowledged")
 
     # ----------------------------------------------------------------- attempt outcomes
 
@@ -816,14 +814,19 @@ class NamespaceLeader:
     def _time_out(self, entry: Entry) -> None:
         task = entry.task
         limit = _seconds(task.spec.timeout)
-        if entry.session is not None:
-            ref = coordinator_pb2.AttemptRef(task_id=task.id, attempt=task.attempt)
-            entry.session.send(
-                coordinator_pb2.ConnectResponse(cancel=coordinator_pb2.CancelAttempt(ref=ref, reason="timed out"))
-            )
-        log.info("task %s attempt %d timed out after %.3gs", task.id, task.attempt, limit)
-        error = task_pb2.TaskError(type=TIMEOUT, message=f"attempt {task.attempt} ran longer than {limit:g}s")
-        self._attempt_failed(entry, error)
+        session, attempt = entry.session, task.attempt
+        log.info("task %s attempt %d timed out after %.3gs", task.id, attempt, limit)
+        error = task_pb2.TaskError(type=TIMEOUT, message=f"attempt {attempt} ran longer than {limit:g}s")
+        failed = self._attempt_failed(entry, error)
+        if session is not None:
+            self._cancel_after(failed, session, task.id, attempt, "timed out")
+
+    @staticmethod
+    def _cancel_after(written: asyncio.Future[int], session: Session, task_id: str, attempt: int, reason: str) -> None:
+        """Tell the worker to stop an attempt once its failure is committed."""
+        ref = coordinator_pb2.AttemptRef(task_id=task_id, attempt=attempt)
+        message = coordinator_pb2.ConnectResponse(cancel=coordinator_pb2.CancelAttempt(ref=ref, reason=reason))
+        _after_commit(written, lambda: session.send(message))
 
     # ----------------------------------------------------------------- retention
 
