@@ -322,7 +322,7 @@ class NamespaceLeader:
             answers.append(entry)
         # Idle workers get the new tasks at once: each task's first write already assigns it.
         self._dispatch()
-        writes: dict[str, tuple[asyncio.Future[int], bytes]] = {}
+        writes: dict[Entry, tuple[asyncio.Future[int], bytes]] = {}
         for entry in created:
             entry.fresh = False
             task = entry.task
@@ -331,11 +331,12 @@ class NamespaceLeader:
             written, record = self._write_record(entry, S.TASK_STATE_UNSPECIFIED, extra)
             if entry.session is not None:
                 self._send_assignment_after(written, entry, entry.session)
-            writes[task.id] = (written, record)
+            writes[entry] = (written, record)
         results: list[tuple[task_pb2.Task, bool]] = []
         for answer in answers:
             if isinstance(answer, Entry):
-                future, record = writes[answer.task.id]
+                # By the entry itself: touching answer.task would parse a record just set to rest.
+                future, record = writes[answer]
                 await self._await(future)
                 results.append((task_pb2.Task.FromString(record), True))
             else:
