@@ -296,8 +296,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         sub = leader.hub.subscribe(task_filter)
         seen: dict[str, int] = {}
         try:
+            # Skipping the current state needs no snapshot: the subscription already sees every later change.
             initial: list[tuple[task_pb2.Task, int]] = []
-            if request.ids:
+            if request.skip_initial:
+                pass
+            elif request.ids:
                 for task_id in request.ids:
                     try:
                         initial.append(await leader.get_with_revision(task_id))
@@ -307,7 +310,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 initial = [(t, rev) for t, rev in leader.active_snapshots() if task_filter.matches(t)]
             for task, revision in initial:
                 seen[task.id] = revision
-                if not request.skip_initial and task_filter.matches(task):
+                if task_filter.matches(task):
                     event = task_pb2.TaskEvent(
                         task=self._render(task, request.include_result_json), initial=True, revision=revision
                     )

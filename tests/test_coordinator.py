@@ -432,3 +432,20 @@ async def test_filtered_watch_streams_changes_of_matching_tasks_only(stub) -> No
     call.cancel()
     assert {e.task.id for e in events} == {watched.id}
     assert [e.task.state for e in events] == [S.TASK_STATE_QUEUED, S.TASK_STATE_CANCELED]
+
+
+async def test_watch_that_skips_the_current_state_starts_with_the_next_change(stub) -> None:
+    task = await submit(stub)
+    call = stub.WatchTasks(pb.WatchTasksRequest(ids=[task.id], skip_initial=True))
+    stream = call.__aiter__()
+    # Re-prioritising is a change of a queued task that leaves it queued; keep changing until one is seen.
+    first = asyncio.ensure_future(stream.__anext__())
+    priority = 0
+    while not first.done():
+        priority += 1
+        await stub.UpdateTaskPriority(pb.UpdateTaskPriorityRequest(id=task.id, priority=priority))
+        await asyncio.wait([first], timeout=0.2)
+    event = first.result().event
+    call.cancel()
+    assert not event.initial
+    assert event.task.spec.priority >= 1
