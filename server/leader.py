@@ -143,6 +143,8 @@ class NamespaceLeader:
         self.hub = WatchHub()
         self.sessions: dict[str, Session] = {}
         self._entries: dict[str, Entry] = {}
+        # Attempts no session holds, waiting for their worker to re-claim them.
+        self._orphans: dict[str, Entry] = {}
         self._idempotency: dict[str, str] = {}
         self.scheduler = Scheduler()
         self.book = QueueBook()
@@ -202,7 +204,7 @@ class NamespaceLeader:
                 )
                 self._arm_timeout(entry, _seconds_ts(task.assign_time))
                 # Its worker may still be running it: wait for it to reconnect and re-claim.
-                entry.orphan_deadline = grace
+                self._orphan(entry, grace)
             if task.attempt == 0 and task.spec.HasField("ttl"):
                 self._expiry.push(_seconds_ts(task.create_time) + _seconds(task.spec.ttl), task.id)
         log.info("namespace %s: rebuilt %d unfinished tasks from etcd", self.namespace, loaded)
@@ -452,7 +454,7 @@ class NamespaceLeader:
                 del entry.session.held[task.id]
             entry.session = None
             self._schedule_dispatch()
-        entry.orphan_deadline = 0.0
+        self._adopt(entry)
 
     # ----------------------------------------------------------------- types
 
@@ -705,7 +707,7 @@ class NamespaceLeader:
                 entry.ack_timer.cancel()
                 entry.ack_timer = None
             entry.session = session
-            entry.orphan_deadline = 0.0
+            self._adopt(entry)
             session.held[ref.task_id] = ref.attempt
             entry.task.session_id = session.id
             if previous == S.TASK_STATE_ASSIGNED:
@@ -745,7 +747,7 @@ class NamespaceLeader:
                     entry.ack_timer.cancel()
                     entry.ack_timer = None
                 entry.session = None
-                entry.orphan_deadline = deadline
+                self._orphan(entry, deadline)
         session.held.clear()
         log.info("session %s of worker %s closed", session.id, session.worker_id)
 
@@ -758,17 +760,28 @@ class NamespaceLeader:
                 if now - session.last_heartbeat > settings.heartbeat_timeout:
                     log.warning("session %s of worker %s missed its heartbeats", session.id, session.worker_id)
                     self.close_session(session)
-                    for entry in self._entries.values():
-                        if entry.orphan_deadline and entry.task.session_id == session.id:
+                    # Its heartbeats already stopped a timeout ago: no further grace.
+                    for entry in self._orphans.values():
+                        if entry.task.session_id == session.id:
                             entry.orphan_deadline = now
-            for entry in list(self._entries.values()):
-                if entry.orphan_deadline and entry.orphan_deadline <= now and entry.task.state in ACTIVE:
-                    entry.orphan_deadline = 0.0
+            for entry in [e for e in self._orphans.values() if e.orphan_deadline <= now]:
+                self._adopt(entry)
+                if entry.task.state in ACTIVE:
                     log.info("task %s attempt %d lost its worker; re-queued", entry.task.id, entry.task.attempt)
                     self._attempt_failed(
                         entry,
                         task_pb2.TaskError(type=WORKER_LOST, message=f"worker {entry.task.worker_id} went away"),
                     )
+
+    def _orphan(self, entry: Entry, deadline: float) -> None:
+        entry.orphan_deadline = deadline
+        self._orphans[entry.task.id] = entry
+
+    def _adopt(self, entry: Entry) -> None:
+        """The attempt is no longer an orphan: re-claimed, finished or re-queued."""
+        if entry.orphan_deadline:
+            entry.orphan_deadline = 0.0
+            self._orphans.pop(entry.task.id, None)
 
     def _push(self, task: task_pb2.Task) -> None:
         spec = task.spec
