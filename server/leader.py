@@ -17,7 +17,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
@@ -379,10 +379,13 @@ class NamespaceLeader:
                 raise errors.UnavailableError("the task is not committed yet")
             await asyncio.sleep(0.001)
 
-    def active_snapshots(self) -> list[tuple[task_pb2.Task, int]]:
-        return [
-            (task_pb2.Task.FromString(e.committed), e.revision) for e in list(self._entries.values()) if e.committed
-        ]
+    async def active_snapshots(self) -> AsyncIterator[tuple[task_pb2.Task, int]]:
+        """Committed state of every unfinished task; yields to the loop now and then, a backlog being large."""
+        for i, entry in enumerate(list(self._entries.values())):
+            if entry.committed:
+                yield task_pb2.Task.FromString(entry.committed), entry.revision
+            if i % 2000 == 1999:
+                await asyncio.sleep(0)
 
     # ----------------------------------------------------------------- cancel
 

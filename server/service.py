@@ -307,7 +307,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     except errors.NotFoundError:
                         continue
             else:
-                initial = [(t, rev) for t, rev in leader.active_snapshots() if task_filter.matches(t)]
+                initial = [(t, rev) async for t, rev in leader.active_snapshots() if task_filter.matches(t)]
             for task, revision in initial:
                 seen[task.id] = revision
                 if task_filter.matches(task):
