@@ -34,7 +34,7 @@ from herder.server.retry import RetryDefaults, next_backoff
 from herder.server.scheduler import Scheduler
 from herder.server.sessions import Session, SessionSettings
 from herder.server.stats import QueueBook
-from herder.server.watchers import Change, WatchHub
+from herder.server.watchers import Change, TaskFilter, WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +386,24 @@ class NamespaceLeader:
                 yield task_pb2.Task.FromString(entry.committed), entry.revision
             if i % 2000 == 1999:
                 await asyncio.sleep(0)
+
+    async def list_unfinished(
+        self, task_filter: TaskFilter, after: str, limit: int
+    ) -> tuple[list[task_pb2.Task], bool]:
+        """Committed unfinished tasks matching the filter, in id (submission) order after `after`: (page, more)."""
+        ids = sorted(task_id for task_id in self._entries if task_id > after)
+        found: list[task_pb2.Task] = []
+        for n, task_id in enumerate(ids):
+            entry = self._entries.get(task_id)
+            if entry is not None and entry.committed:
+                task = task_pb2.Task.FromString(entry.committed)
+                if task_filter.matches(task):
+                    found.append(task)
+                    if len(found) == limit:
+                        return found, n < len(ids) - 1
+            if n % 2000 == 1999:
+                await asyncio.sleep(0)  # a large backlog does not hold up everything else
+        return found, False
 
     # ----------------------------------------------------------------- cancel
 

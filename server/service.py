@@ -17,7 +17,7 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_
 from herder.server import keys, validation
 from herder.server._etcd import EtcdError, prefix_end
 from herder.server.contracts import render_json, resolve_payload
-from herder.server.leader import NamespaceLeader
+from herder.server.leader import TERMINAL, NamespaceLeader
 from herder.server.watchers import Change, TaskFilter
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             queue=request.queue, states=frozenset(request.states), type=request.type, tags=frozenset(request.tags)
         )
         validation.raise_if(violations, "invalid listing request")
-        self._leader()
-        etcd = self._coordinator.etcd
+        leader = self._leader()
+        page_size = request.page_size or self._limits.default_page_size
         tasks_prefix = keys.tasks_prefix(self._coordinator.prefix)
-        page_size = request.page_size or 100
+        if task_filter.states and not task_filter.states & TERMINAL:
+            # Only unfinished tasks asked for: the leader holds every one of them.
+            after = start[len(tasks_prefix) :].decode() if start else ""
+            found, more = await leader.list_unfinished(task_filter, after, page_size)
+            last_key = keys.task(self._coordinator.prefix, found[-1].id) if found else b""
+        else:
+            found, more, last_key = await self._scan(tasks_prefix, start, task_filter, page_size)
+        token = base64.urlsafe_b64encode(last_key).decode() if more and last_key else ""
+        return coordinator_pb2.ListTasksResponse(
+            tasks=[self._render(task, False) for task in found], next_page_token=token
+        )
+
+    async def _scan(
+        self, tasks_prefix: bytes, start: bytes, task_filter: TaskFilter, page_size: int
+    ) -> tuple[list[task_pb2.Task], bool, bytes]:
+        """A page of stored tasks after the key start: (tasks, more, last key read)."""
+        etcd = self._coordinator.etcd
         found: list[task_pb2.Task] = []
         cursor = start + b"\0" if start else tasks_prefix
         end = prefix_end(tasks_prefix)
@@ -169,8 +185,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if not kvs:
                 break
             cursor = last_key + b"\0"
-        token = base64.urlsafe_b64encode(last_key).decode() if more and last_key else ""
-        return coordinator_pb2.ListTasksResponse(tasks=found, next_page_token=token)
+        return found, more, last_key
 
     @_unary
     async def CancelTask(

@@ -449,3 +449,19 @@ async def test_watch_that_skips_the_current_state_starts_with_the_next_change(st
     call.cancel()
     assert not event.initial
     assert event.task.spec.priority >= 1
+
+
+async def test_listing_unfinished_states_pages_through_the_leaders_tasks(stub) -> None:
+    queued = [await submit(stub, str(i), queue="listed") for i in range(5)]
+    finished = await submit(stub, "done", queue="listed")
+    await stub.CancelTask(pb.CancelTaskRequest(id=finished.id))
+    request = pb.ListTasksRequest(queue="listed", states=[S.TASK_STATE_QUEUED, S.TASK_STATE_PENDING], page_size=2)
+    page = await stub.ListTasks(request)
+    seen = [t.id for t in page.tasks]
+    while page.next_page_token:
+        request.page_token = page.next_page_token
+        page = await stub.ListTasks(request)
+        seen.extend(t.id for t in page.tasks)
+    assert seen == [t.id for t in queued]
+    canceled = await stub.ListTasks(pb.ListTasksRequest(queue="listed", states=[S.TASK_STATE_CANCELED]))
+    assert [t.id for t in canceled.tasks] == [finished.id]
