@@ -21,16 +21,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import (
-    any_pb2,
-    descriptor_pb2,
     descriptor_pool,
     duration_pb2,
-    empty_pb2,
-    field_mask_pb2,
     json_format,
-    struct_pb2,
     timestamp_pb2,
-    wrappers_pb2,
 )
 from google.protobuf.message import Message
 from rich.console import Console
@@ -49,6 +43,7 @@ from herder.clients.client import (
     state_name,
     timestamp_to_datetime,
 )
+from herder.clients.descriptors import add_files
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 
 PROG = "herder"
@@ -804,19 +799,10 @@ class Output:
 
 
 def _pool_of(task_types: Iterable[task_pb2.TaskType]) -> descriptor_pool.DescriptorPool:
-    """A pool holding every registered type's files (well-known types first, for files that omit them)."""
+    """A pool holding every registered type's files; another registration's copy of a shared file is skipped."""
     pool = descriptor_pool.DescriptorPool()
-    files: list[descriptor_pb2.FileDescriptorProto] = []
-    for module in (any_pb2, duration_pb2, timestamp_pb2, struct_pb2, wrappers_pb2, empty_pb2, field_mask_pb2):
-        proto = descriptor_pb2.FileDescriptorProto()
-        module.DESCRIPTOR.CopyToProto(proto)
-        files.append(proto)
     for task_type in task_types:
-        files.extend(task_type.descriptors.file)
-    for proto in files:
-        # Another registration may carry a different copy of a shared file; the first one wins.
-        with contextlib.suppress(TypeError, ValueError, KeyError):
-            pool.Add(proto)
+        add_files(pool, task_type.descriptors.file)
     return pool
 
 

@@ -7,15 +7,47 @@ encode and decode them without the generated code at hand.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import cast
 
-from google.protobuf import descriptor_pb2
+from google.protobuf import (
+    any_pb2,
+    api_pb2,
+    descriptor_pb2,
+    descriptor_pool,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    source_context_pb2,
+    struct_pb2,
+    timestamp_pb2,
+    type_pb2,
+    wrappers_pb2,
+)
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 from google.protobuf.message import Message
 
 from herder.clients.proto.v1 import task_pb2
 
 MessageType = type[Message] | Descriptor
+
+# Files a descriptor set may import without including them: every protobuf runtime has them.
+WELL_KNOWN_FILES: dict[str, FileDescriptor] = {
+    module.DESCRIPTOR.name: module.DESCRIPTOR
+    for module in (
+        any_pb2,
+        api_pb2,
+        descriptor_pb2,
+        duration_pb2,
+        empty_pb2,
+        field_mask_pb2,
+        source_context_pb2,
+        struct_pb2,
+        timestamp_pb2,
+        type_pb2,
+        wrappers_pb2,
+    )
+}
 
 
 def _descriptor_of(message_type: MessageType) -> Descriptor:
@@ -68,4 +100,42 @@ def task_type_for(
     )
 
 
-__all__ = ["MessageType", "descriptor_set_for", "task_type_for"]
+def add_files(pool: descriptor_pool.DescriptorPool, files: Iterable[descriptor_pb2.FileDescriptorProto]) -> list[str]:
+    """Add the files the pool does not know yet, each after its imports; returns those that could not be added.
+
+    Sets from other languages may list files in any order, and may leave out well-known
+    imports (filled in here). A file that clashes with a known one of the same name, or
+    whose imports are missing, is skipped: the first registration of a shared file wins.
+    """
+
+    def known(name: str) -> bool:
+        try:
+            pool.FindFileByName(name)
+        except KeyError:
+            return False
+        return True
+
+    waiting = [f for f in files if not known(f.name)]
+    skipped: list[str] = []
+    while waiting:
+        left = []
+        for file in waiting:
+            for dependency in file.dependency:
+                if not known(dependency) and dependency in WELL_KNOWN_FILES:
+                    proto = descriptor_pb2.FileDescriptorProto()
+                    WELL_KNOWN_FILES[dependency].CopyToProto(proto)
+                    pool.Add(proto)
+            if all(known(d) for d in file.dependency):
+                try:
+                    pool.Add(file)
+                except (TypeError, ValueError):
+                    skipped.append(file.name)
+            else:
+                left.append(file)
+        if len(left) == len(waiting):
+            return skipped + [f.name for f in left]
+        waiting = left
+    return skipped
+
+
+__all__ = ["WELL_KNOWN_FILES", "MessageType", "add_files", "descriptor_set_for", "task_type_for"]

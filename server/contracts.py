@@ -17,47 +17,21 @@ from dataclasses import dataclass
 
 from google.protobuf import (
     any_pb2,
-    api_pb2,
     descriptor_pb2,
     descriptor_pool,
-    duration_pb2,
-    empty_pb2,
-    field_mask_pb2,
     json_format,
     message_factory,
-    source_context_pb2,
-    struct_pb2,
-    timestamp_pb2,
-    type_pb2,
-    wrappers_pb2,
 )
-from google.protobuf.descriptor import Descriptor, FileDescriptor
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 
 from herder.clients import errors
-from herder.clients.descriptors import descriptor_set_for
+from herder.clients.descriptors import WELL_KNOWN_FILES, descriptor_set_for
 from herder.clients.errors import FieldViolation
 from herder.clients.proto.v1 import task_pb2
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 
-# Files a descriptor set may import without including them: the default pool always has them.
-_WELL_KNOWN: dict[str, FileDescriptor] = {
-    module.DESCRIPTOR.name: module.DESCRIPTOR
-    for module in (
-        any_pb2,
-        api_pb2,
-        descriptor_pb2,
-        duration_pb2,
-        empty_pb2,
-        field_mask_pb2,
-        source_context_pb2,
-        struct_pb2,
-        timestamp_pb2,
-        type_pb2,
-        wrappers_pb2,
-    )
-}
 
 # Shared with validation.validate_spec so a caller running both can drop the duplicate.
 BOTH_PAYLOADS = "set either payload or payload_json, not both"
@@ -337,7 +311,7 @@ def _build_pool(
         for dependency in file.dependency:
             if dependency in files or dependency in missing:
                 continue
-            well_known = _WELL_KNOWN.get(dependency)
+            well_known = WELL_KNOWN_FILES.get(dependency)
             if well_known is None:
                 missing.add(dependency)
                 violations.append(FieldViolation(field, f"{file.name} imports {dependency}, which is not in the set"))

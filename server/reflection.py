@@ -14,7 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from herder.clients.descriptors import descriptor_set_for
+from herder.clients.descriptors import add_files, descriptor_set_for
 from herder.clients.proto.v1 import coordinator_pb2, lock_pb2
 
 log = logging.getLogger(__name__)
@@ -35,30 +35,10 @@ class ContractReflection:
         )
 
     def add(self, files: descriptor_pb2.FileDescriptorSet) -> None:
-        """Add the files not known yet; a file that clashes with a known one of the same name is skipped."""
-        waiting = [f for f in files.file if not self._known(f.name)]
-        # Sets from other languages may list files in any order: add what can be added until nothing moves.
-        while waiting:
-            left = []
-            for file in waiting:
-                if all(self._known(d) for d in file.dependency):
-                    try:
-                        self.pool.Add(file)
-                    except (TypeError, ValueError) as exc:
-                        log.warning("reflection skips %s: %s", file.name, exc)
-                else:
-                    left.append(file)
-            if len(left) == len(waiting):
-                log.warning("reflection skips %s: missing dependencies", ", ".join(f.name for f in left))
-                return
-            waiting = left
-
-    def _known(self, name: str) -> bool:
-        try:
-            self.pool.FindFileByName(name)
-        except KeyError:
-            return False
-        return True
+        """Add the files not known yet; one that clashes with a known file of the same name is skipped."""
+        skipped = add_files(self.pool, files.file)
+        if skipped:
+            log.warning("reflection skips %s", ", ".join(skipped))
 
     def enable(self, server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
         reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), server, pool=self.pool)
