@@ -79,50 +79,81 @@ def _kv(kv: Any) -> KeyValue:
 
 
 class Etcd:
-    """One connection to an etcd cluster. Calls raise EtcdError when etcd fails or times out."""
+    """One connection to an etcd cluster. Calls raise EtcdError when etcd fails or times out.
+
+    `connect()` uses the first endpoint that answers; `reconnect()` tries them all again,
+    starting after the one that failed, so a cluster member going away is survivable.
+    """
 
     def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
+        self.endpoint = self.endpoints[0]
         self.timeout = timeout
-        host, _, port = self.endpoints[0].rpartition(":")
-        self._client = aetcd.Client(
-            host=host or "127.0.0.1",
-            port=int(port),
-            timeout=None,
-            options={"grpc.max_receive_message_length": 64 * 1024 * 1024},
-        )
+        self._client: Any = None
         self._kv: Any = None
         self._lease: Any = None
         self._maintenance: Any = None
         self._watch: Any = None
 
     async def connect(self, timeout: float | None = None) -> None:
-        """Connect and check that etcd answers; raises EtcdError with a readable reason."""
+        """Connect to the first endpoint that answers; raises EtcdError naming them when none does."""
+        start = self.endpoints.index(self.endpoint)
+        order = self.endpoints[start:] + self.endpoints[:start]
+        for endpoint in order:
+            try:
+                await self._connect_to(endpoint, timeout or self.timeout)
+            except EtcdError:
+                continue
+            self.endpoint = endpoint
+            return
+        raise EtcdError(f"etcd at {', '.join(self.endpoints)} does not answer")
+
+    async def reconnect(self) -> None:
+        """Drop the connection and connect again, trying the next endpoint first."""
+        await self.close()
+        self.endpoint = self.endpoints[(self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)]
+        await self.connect()
+
+    async def _connect_to(self, endpoint: str, timeout: float) -> None:
+        host, _, port = endpoint.rpartition(":")
+        client = aetcd.Client(
+            host=host or "127.0.0.1",
+            port=int(port),
+            timeout=None,
+            options={"grpc.max_receive_message_length": 64 * 1024 * 1024},
+        )
         try:
-            await self._client.connect()
+            await client.connect()
         except Exception as exc:
-            raise EtcdError(f"cannot connect to etcd at {self.endpoints[0]}: {exc}") from exc
-        self._kv = self._client.kvstub
-        self._lease = self._client.leasestub
-        self._maintenance = self._client.maintenancestub
-        self._watch = rpc.WatchStub(self._client.channel)
+            raise EtcdError(f"cannot connect to etcd at {endpoint}: {exc}") from exc
+        self._client = client
+        self._kv = client.kvstub
+        self._lease = client.leasestub
+        self._maintenance = client.maintenancestub
+        self._watch = rpc.WatchStub(client.channel)
         try:
-            await asyncio.wait_for(self.status(), timeout or self.timeout)
+            await asyncio.wait_for(self.status(), timeout)
         except (TimeoutError, EtcdError) as exc:
             await self.close()
-            raise EtcdError(f"etcd at {', '.join(self.endpoints)} does not answer") from exc
+            raise EtcdError(f"etcd at {endpoint} does not answer") from exc
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._client.close()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._client = None
 
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        if self._client is None:
+            raise EtcdError("not connected to etcd")
         try:
             return await method(request, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise EtcdError(f"etcd: {exc.code().name}: {exc.details()}") from exc
+        except grpc.aio.UsageError as exc:
+            raise EtcdError(f"etcd connection closed: {exc}") from exc
 
     async def status(self) -> EtcdStatus:
         reply = await self._call(self._maintenance.Status, rpc.StatusRequest())

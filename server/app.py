@@ -122,8 +122,8 @@ class Coordinator:
                     self.etcd, key, self.replica_id, self.address, self.config.lease, self._stop
                 )
             except EtcdError as exc:
-                log.warning("election: %s", exc)
-                await asyncio.sleep(0.5)
+                log.warning("election: %s; reconnecting", exc)
+                await self._reconnect()
                 continue
             if leadership is None:
                 return
@@ -157,6 +157,16 @@ class Coordinator:
             self.leader = None
             await leader.stop()
             await leadership.resign()
+
+    async def _reconnect(self) -> None:
+        """Connect again, to the next etcd endpoint first; waits a moment when none answers."""
+        try:
+            await self.etcd.reconnect()
+            log.info("connected to etcd at %s", self.etcd.endpoint)
+        except EtcdError as exc:
+            log.warning("%s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.5)
 
     async def cluster_status(self) -> coordinator_pb2.GetClusterStatusResponse:
         status = coordinator_pb2.GetClusterStatusResponse(

@@ -96,28 +96,23 @@ async def campaign(
 ) -> Leadership | None:
     """Wait until this replica leads; returns None when stop is set first.
 
-    Raises EtcdError only for failures that are not transient; transient ones are retried.
+    Raises EtcdError when etcd fails; the caller reconnects (perhaps to another member) and campaigns again.
     """
     value = json.dumps({"id": replica_id, "address": address}).encode()
     while not stop.is_set():
-        try:
-            lease = await etcd.grant(settings.ttl)
-            reply = await etcd.txn(
-                [_etcd.create_revision_is(key, 0)],
-                [_etcd.put(key, value, lease)],
-                [_etcd.get(key)],
-            )
-            if reply.succeeded:
-                info = LeaderInfo(replica_id, address, reply.header.revision)
-                log.info("leading with fence %d", info.revision)
-                return Leadership(etcd, key, lease, info, settings)
-            await etcd.revoke(lease)
-            holder = reply.responses[0].response_range.kvs[0]
-            await _wait_deleted(etcd, key, holder.mod_revision + 1, stop)
-        except EtcdError as exc:
-            log.warning("campaign: %s; retrying", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+        lease = await etcd.grant(settings.ttl)
+        reply = await etcd.txn(
+            [_etcd.create_revision_is(key, 0)],
+            [_etcd.put(key, value, lease)],
+            [_etcd.get(key)],
+        )
+        if reply.succeeded:
+            info = LeaderInfo(replica_id, address, reply.header.revision)
+            log.info("leading with fence %d", info.revision)
+            return Leadership(etcd, key, lease, info, settings)
+        await etcd.revoke(lease)
+        holder = reply.responses[0].response_range.kvs[0]
+        await _wait_deleted(etcd, key, holder.mod_revision + 1, stop)
     return None
 
 

@@ -7,11 +7,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import grpc
 import pytest
 from _cluster import Coordinator
 
 from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
+from herder.clients.proto.v1 import coordinator_pb2 as pb
+from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,3 +88,34 @@ def test_sigterm_steps_down_at_once_so_a_successor_leads_without_waiting(etcd: E
             assert time.monotonic() - started < 15
         finally:
             second.kill()
+
+
+def test_the_first_etcd_endpoint_that_answers_is_used(etcd: EmbeddedEtcd, namespace: str) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    with Coordinator(etcd.endpoint, namespace, extra_args=["--etcd", f"{dead},{etcd.endpoint}"]) as node:
+        status = node.status()
+        assert status.leader_address == node.address
+        assert list(status.etcd_endpoints) == [dead, etcd.endpoint]
+
+
+def test_coordinator_rides_out_an_etcd_restart(tmp_path: Path, namespace: str) -> None:
+    store = EmbeddedEtcd(data_dir=tmp_path, fsync=True).start()
+    try:
+        with (
+            Coordinator(store.endpoint, namespace, accept_unregistered_types=True) as node,
+            grpc.insecure_channel(node.address) as channel,
+        ):
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            spec = task_pb2.TaskSpec(type="any.thing")
+            spec.payload.Pack(task_pb2.Resources())
+            before = stub.SubmitTask(pb.SubmitTaskRequest(spec=spec), timeout=5).task
+            store.stop()
+            store = EmbeddedEtcd(
+                data_dir=tmp_path, client_port=store.client_port, peer_port=store.peer_port, fsync=True
+            ).start()
+            node.wait_leader(timeout=30)
+            assert stub.GetTask(pb.GetTaskRequest(id=before.id), timeout=5).task.state == task_pb2.TASK_STATE_QUEUED
+            after = stub.SubmitTask(pb.SubmitTaskRequest(spec=spec), timeout=5).task
+            assert after.id != before.id
+    finally:
+        store.stop()
