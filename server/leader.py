@@ -92,6 +92,8 @@ class Entry:
     fresh: bool = False
     # Writes submitted and not yet committed.
     writes_pending: int = 0
+    # The submit's write, until it lands: readers of a task not yet committed wait for it.
+    first_write: asyncio.Future[int] | None = None
 
     @property
     def task(self) -> task_pb2.Task:
@@ -258,6 +260,7 @@ class NamespaceLeader:
                 return
             revision = f.result()
             entry.committed, entry.revision = data, revision
+            entry.first_write = None
             entry.rest()
             if self.hub.wants(task.id):
                 self.hub.publish(task_pb2.Task.FromString(data), Change(data, previous_state, revision))
@@ -331,6 +334,7 @@ class NamespaceLeader:
             key = task.spec.idempotency_key
             extra = (Write(keys.idempotency(self.prefix, key), task.id.encode()),) if key else ()
             written, record = self._write_record(entry, S.TASK_STATE_UNSPECIFIED, extra)
+            entry.first_write = written
             if entry.session is not None:
                 self._send_assignment_after(written, entry, entry.session)
             writes[entry] = (written, record)
@@ -348,36 +352,20 @@ class NamespaceLeader:
     # ----------------------------------------------------------------- reads
 
     async def get(self, task_id: str) -> task_pb2.Task:
-        entry = self._entries.get(task_id)
-        if entry is not None and entry.committed:
-            return task_pb2.Task.FromString(entry.committed)
-        if entry is not None:
-            # Submitted but not yet committed: wait for its first commit.
-            await self._wait_committed(entry)
-            return task_pb2.Task.FromString(entry.committed)
-        kv, _ = await self.etcd.get(keys.task(self.prefix, task_id))
-        if kv is None:
-            raise errors.NotFoundError(f"task {task_id} not found")
-        return task_pb2.Task.FromString(kv.value)
+        return (await self.get_with_revision(task_id))[0]
 
     async def get_with_revision(self, task_id: str) -> tuple[task_pb2.Task, int]:
+        """The task as last committed, and the revision it was committed at."""
         entry = self._entries.get(task_id)
         if entry is not None:
-            if not entry.committed:
-                await self._wait_committed(entry)
+            if entry.first_write is not None:
+                # Submitted but not committed yet: answer once its first write lands.
+                await self._await(entry.first_write)
             return task_pb2.Task.FromString(entry.committed), entry.revision
         kv, _ = await self.etcd.get(keys.task(self.prefix, task_id))
         if kv is None:
             raise errors.NotFoundError(f"task {task_id} not found")
         return task_pb2.Task.FromString(kv.value), kv.mod_revision
-
-    async def _wait_committed(self, entry: Entry) -> None:
-        deadline = time.monotonic() + 10
-        while not entry.committed:
-            self._check()
-            if time.monotonic() > deadline:
-                raise errors.UnavailableError("the task is not committed yet")
-            await asyncio.sleep(0.001)
 
     async def active_snapshots(self) -> AsyncIterator[tuple[task_pb2.Task, int]]:
         """Committed state of every unfinished task; yields to the loop now and then, a backlog being large."""

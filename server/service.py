@@ -68,6 +68,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             )
         return leader
 
+    def _stepped_down(self) -> grpc.Status:
+        """The status a stream ends with when this coordinator stops leading in the middle of it."""
+        error = errors.NotLeaderError("the coordinator stepped down", leader_address=self._coordinator.leader_address())
+        return errors.to_status(error)
+
     def _prepare(self, leader: NamespaceLeader, spec: task_pb2.TaskSpec, prefix: str) -> list[errors.FieldViolation]:
         violations = validation.validate_spec(spec, self._limits, prefix)
         if not violations:
@@ -338,13 +343,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                             errors.to_status(errors.ResourceExhaustedError("watcher fell too far behind"))
                         )
                     elif leader.deposed:
-                        await context.abort_with_status(
-                            errors.to_status(
-                                errors.NotLeaderError(
-                                    "the coordinator stepped down", leader_address=self._coordinator.leader_address()
-                                )
-                            )
-                        )
+                        await context.abort_with_status(self._stepped_down())
                     return
                 task = task_pb2.Task.FromString(change.record)
                 # Changes already in the snapshot were sent with it; later ones (several may share
@@ -399,13 +398,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 await reader
             leader.close_session(session)
         if leader.deposed:
-            await context.abort_with_status(
-                errors.to_status(
-                    errors.NotLeaderError(
-                        "the coordinator stepped down", leader_address=self._coordinator.leader_address()
-                    )
-                )
-            )
+            await context.abort_with_status(self._stepped_down())
 
     async def _read(self, leader: NamespaceLeader, session: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
