@@ -358,9 +358,11 @@ class NamespaceLeader:
         """The task as last committed, and the revision it was committed at."""
         entry = self._entries.get(task_id)
         if entry is not None:
-            if entry.first_write is not None:
-                # Submitted but not committed yet: answer once its first write lands.
+            if not entry.committed and entry.first_write is not None:
+                # Submitted but not committed yet: answer once its first write lands. A write that
+                # has just landed may still have its callbacks queued; they run before this resumes.
                 await self._await(entry.first_write)
+                await asyncio.sleep(0)
             return task_pb2.Task.FromString(entry.committed), entry.revision
         kv, _ = await self.etcd.get(keys.task(self.prefix, task_id))
         if kv is None:
