@@ -42,9 +42,10 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2, message, timestamp_pb2
 from opentelemetry import propagate, trace
 
-from herder.clients import errors
+from herder.clients import errors, outcomes
 from herder.clients.backoff import Backoff
 from herder.clients.descriptors import task_type_for
+from herder.clients.outcomes import BAD_OUTPUT, BAD_PAYLOAD, RESULT_TOO_LARGE
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.clients.runner import run as run_loop
 
@@ -54,8 +55,6 @@ _tracer = trace.get_tracer(__name__)
 # The canceled reason of attempts stopped by shutdown; the coordinator re-queues them.
 SHUTDOWN_REASON = "worker shutdown"
 # TaskError types the worker itself reports.
-BAD_PAYLOAD = "herder.bad_payload"
-BAD_OUTPUT = "herder.bad_output"
 
 # Errors that retrying the same request cannot fix: run() stops and raises them.
 _FATAL_CODES = frozenset(
@@ -172,7 +171,8 @@ class TaskContext:
         """Report progress: `fraction` 0..1 done (negative when unknown) and a short message.
 
         Best effort: dropped while the worker is disconnected, never raises because of the
-        connection. Raises ValueError for a fraction above 1 or NaN.
+        connection. Raises ValueError for a fraction above 1 or NaN, or a message too long to store
+        (the welcome's max_progress_bytes, 16 KiB by default).
         """
         if math.isnan(fraction) or fraction > 1:
             raise ValueError(f"progress fraction must be <= 1 (negative for unknown), got {fraction}")
@@ -447,6 +447,10 @@ class Worker:
         self._registered = False
         self._tries = 0
         self._welcomed_at: float | None = None
+        # What the coordinator stores (from the last welcome): bigger results are refused here, before sending.
+        self._max_result_bytes = outcomes.DEFAULT_MAX_RESULT_BYTES
+        self._max_error_bytes = outcomes.DEFAULT_MAX_ERROR_BYTES
+        self._max_progress_bytes = outcomes.DEFAULT_MAX_PROGRESS_BYTES
         self._address_index = 0
         self._leader_hint = ""
 
@@ -748,6 +752,9 @@ class Worker:
         return first.welcome
 
     def _on_welcome(self, welcome: coordinator_pb2.Welcome) -> None:
+        self._max_result_bytes = welcome.max_result_bytes or outcomes.DEFAULT_MAX_RESULT_BYTES
+        self._max_error_bytes = welcome.max_error_bytes or outcomes.DEFAULT_MAX_ERROR_BYTES
+        self._max_progress_bytes = welcome.max_progress_bytes or outcomes.DEFAULT_MAX_PROGRESS_BYTES
         reclaimed = {(r.task_id, r.attempt) for r in welcome.reclaimed}
         for ref, attempt in list(self._attempts.items()):
             if ref not in reclaimed and not attempt.abandoned:
@@ -853,8 +860,24 @@ class Worker:
         if attempt.abandoned:
             self._forget(attempt)
             return
-        attempt.result = result
+        attempt.result = self._bounded(result)
         self._send_result(attempt)
+
+    def _bounded(self, result: coordinator_pb2.AttemptResult) -> coordinator_pb2.AttemptResult:
+        """The result, or a herder.result_too_large error when the coordinator would refuse its size."""
+        kind = result.WhichOneof("outcome")
+        if kind == "output":
+            size, limit = result.output.ByteSize(), self._max_result_bytes
+        elif kind == "error":
+            size, limit = result.error.ByteSize(), self._max_error_bytes
+        else:
+            return result
+        if size <= limit:
+            return result
+        what = "output" if kind == "output" else f"error ({result.error.type}: {result.error.message[:200]!r}...)"
+        text = f"the handler's {what} is {size} bytes, more than the {limit} bytes the coordinator stores"
+        _log.warning("attempt %s/%d: %s", result.ref.task_id, result.ref.attempt, text)
+        return coordinator_pb2.AttemptResult(ref=result.ref, error=_error(RESULT_TOO_LARGE, text, retryable=False))
 
     async def _outcome(self, attempt: _Attempt) -> coordinator_pb2.AttemptResult:
         registration, task, ctx = attempt.registration, attempt.task, attempt.context
@@ -903,6 +926,12 @@ class Worker:
             ref=_ref_proto(attempt.ref),
             progress=task_pb2.Progress(fraction=fraction, message=text, update_time=now),
         )
+        size = update.progress.ByteSize()
+        if size > self._max_progress_bytes:
+            raise ValueError(
+                f"a progress update of {size} bytes is more than the {self._max_progress_bytes} bytes"
+                " the coordinator stores; shorten the message"
+            )
         await session.send(coordinator_pb2.ConnectRequest(progress=update))
 
     # -- shutdown -----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ from herder.clients.runner import run as run_loop
 from herder.server import election, validation
 from herder.server._etcd import EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
+from herder.server.horizon import MAX_DELAY_SECONDS
 from herder.server.leader import LeaderSettings
 from herder.server.sessions import SessionSettings
 
@@ -55,6 +57,25 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         default=float(_env("IDEMPOTENCY_WINDOW", str(24 * 3600))),
         help="seconds an idempotency key returns its task (default one day)",
     )
+    parser.add_argument(
+        "--quarantine",
+        type=float,
+        default=float(_env("QUARANTINE", "60")),
+        help="seconds a worker that leaves an assignment unacknowledged gets no assignments (default 60)",
+    )
+    limits = validation.Limits()
+    parser.add_argument(
+        "--max-result-bytes",
+        type=int,
+        default=int(_env("MAX_RESULT_BYTES", str(limits.max_result_bytes))),
+        help=f"largest attempt output a worker may report (default {limits.max_result_bytes})",
+    )
+    parser.add_argument(
+        "--max-record-bytes",
+        type=int,
+        default=int(_env("MAX_RECORD_BYTES", str(limits.max_record_bytes))),
+        help=f"largest record stored in etcd, below etcd's request limit (default {limits.max_record_bytes})",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning or error")
     args = parser.parse_args(argv)
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
@@ -71,8 +92,12 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         problems.append("--heartbeat-interval must be positive and below --heartbeat-timeout")
     if args.ack_timeout <= 0:
         problems.append("--ack-timeout: must be positive")
-    if args.retention < 0 or args.idempotency_window < 0:
-        problems.append("--retention and --idempotency-window must not be negative")
+    if not 0 <= args.retention <= MAX_DELAY_SECONDS or not 0 <= args.idempotency_window <= MAX_DELAY_SECONDS:
+        problems.append(f"--retention and --idempotency-window must be between 0 and {MAX_DELAY_SECONDS} (366 days)")
+    if not 0 < args.quarantine <= 24 * 3600:
+        problems.append("--quarantine: must be between 0 and 86400 seconds")
+    limits = dataclasses.replace(limits, max_result_bytes=args.max_result_bytes, max_record_bytes=args.max_record_bytes)
+    problems += [problem.replace("max_", "--max-").replace("_bytes", "-bytes") for problem in limits.problems()]
     if problems:
         parser.error("; ".join(problems))
     logging.basicConfig(
@@ -93,7 +118,9 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
             accept_unregistered_types=args.accept_unregistered_types,
             retention=args.retention,
             idempotency_window=args.idempotency_window,
+            quarantine=args.quarantine,
         ),
+        limits=limits,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,29 +200,9 @@ class Etcd:
         with contextlib.suppress(EtcdError):
             await self._call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease), timeout=2.0)
 
-    async def keep_alive(self, lease: int, interval: float) -> AsyncGenerator[int, None]:
-        """Refresh a lease every interval; yields the remaining TTL after each refresh.
-
-        Ends (raising EtcdError) when the stream fails; yields 0 or less when the lease is gone.
-        """
-        ticks: asyncio.Queue[None] = asyncio.Queue()
-
-        async def requests() -> AsyncIterator[Any]:
-            while True:
-                yield rpc.LeaseKeepAliveRequest(ID=lease)
-                await ticks.get()
-
-        call = self._lease.LeaseKeepAlive(requests())
-        try:
-            async for reply in call:
-                yield int(reply.TTL)
-                await asyncio.sleep(interval)
-                ticks.put_nowait(None)
-        except grpc.aio.AioRpcError as exc:
-            raise EtcdError(f"lease keep-alive failed: {exc.code().name}") from exc
-        finally:
-            call.cancel()
-        raise EtcdError("lease keep-alive stream ended")
+    def lease_keeper(self, lease: int) -> LeaseKeeper:
+        """A keeper that refreshes `lease` on this connection, one refresh at a time."""
+        return LeaseKeeper(self, lease)
 
     async def watch(self, key: bytes, end: bytes = b"", *, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
         """Every change of key (or [key, end)) from start_revision on, in order. Raises EtcdError when it breaks."""
@@ -247,3 +227,49 @@ class Etcd:
         finally:
             stop.set()
             call.cancel()
+
+
+class LeaseKeeper:
+    """Refreshes one lease over a LeaseKeepAlive stream: one request, one reply, per `refresh()`.
+
+    It writes and reads the call directly (no request generator, no task of its own), so
+    closing it cancels the call and leaves nothing pending. Safe to close twice.
+    """
+
+    def __init__(self, etcd: Etcd, lease: int) -> None:
+        self._etcd = etcd
+        self._lease = lease
+        self._call: Any = None
+
+    async def refresh(self, timeout: float) -> int:
+        """The lease's remaining TTL after one refresh (0 or less: the lease is gone).
+
+        Raises EtcdError when the stream fails or no reply comes within timeout; the next
+        refresh opens a new stream (on the connection's current endpoint).
+        """
+        try:
+            return await asyncio.wait_for(self._exchange(), timeout)
+        except TimeoutError:
+            self.close()
+            raise EtcdError(f"lease keep-alive: no reply within {timeout:.2g}s") from None
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self.close()
+            detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            raise EtcdError(f"lease keep-alive failed: {detail}") from exc
+
+    async def _exchange(self) -> int:
+        if self._call is None:
+            if self._etcd._lease is None or self._etcd._client is None:
+                raise EtcdError("not connected to etcd")
+            self._call = self._etcd._lease.LeaseKeepAlive()
+        await self._call.write(rpc.LeaseKeepAliveRequest(ID=self._lease))
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            self.close()
+            raise EtcdError("lease keep-alive stream ended")
+        return int(reply.TTL)
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None

@@ -113,30 +113,48 @@ class Coordinator:
         await _maybe_await(self._health.set(SERVICE_NAME, status))
 
     async def _lead_loop(self) -> None:
-        key = keys.leader(self.prefix)
+        """Campaign, lead until leadership ends, step down, campaign again: until stop.
+
+        Supervised: an unexpected error in one round is logged with its traceback and the
+        replica campaigns again with fresh state, so it never stays up without leading.
+        """
         while not self._stop.is_set():
             try:
-                holder = await election.current_leader(self.etcd, key)
-                self._leader_address = holder.address if holder else ""
-                leadership = await election.campaign(
-                    self.etcd, key, self.replica_id, self.address, self.config.lease, self._stop
-                )
+                await self._lead_once()
             except EtcdError as exc:
                 log.warning("election: %s; reconnecting", exc)
                 await self._reconnect()
-                continue
-            if leadership is None:
-                return
-            leader = NamespaceLeader(
-                self.etcd, self.config.namespace, leadership, self.config.leader, TaskTypeRegistry()
-            )
+            except Exception:
+                log.exception("coordinator %s: leading failed; campaigning again", self.replica_id)
+                self.leader = None
+                await self._set_health(False)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 0.5)
+
+    async def _lead_once(self) -> None:
+        key = keys.leader(self.prefix)
+        holder = await election.current_leader(self.etcd, key)
+        self._leader_address = holder.address if holder else ""
+        leadership = await election.campaign(
+            self.etcd, key, self.replica_id, self.address, self.config.lease, self._stop
+        )
+        if leadership is None:
+            return
+        try:
+            await self._lead(leadership)
+        finally:
+            await leadership.resign()
+
+    async def _lead(self, leadership: election.Leadership) -> None:
+        leader = NamespaceLeader(
+            self.etcd, self.config.namespace, leadership, self.config.leader, TaskTypeRegistry(), self.limits
+        )
+        try:
             try:
                 await leader.start()
             except EtcdError as exc:
                 log.error("could not rebuild state from etcd: %s", exc)
-                await leader.stop()
-                await leadership.resign()
-                continue
+                return
             for task_type in leader.registry.all():
                 self.reflection.add(task_type.descriptors)
             self.leader = leader
@@ -146,17 +164,20 @@ class Coordinator:
             waits = [
                 asyncio.create_task(leadership.lost.wait()),
                 asyncio.create_task(leader.committer.failed.wait()),
+                asyncio.create_task(leader.failed.wait()),
                 asyncio.create_task(self._stop.wait()),
             ]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
             if not self._stop.is_set():
                 log.error("coordinator %s lost leadership; stepping down", self.replica_id)
-            await self._set_health(False)
+        finally:
             self.leader = None
+            await self._set_health(False)
             await leader.stop()
-            await leadership.resign()
 
     async def _reconnect(self) -> None:
         """Connect again, to the next etcd endpoint first; waits a moment when none answers."""

@@ -1,12 +1,16 @@
 """One committer per leader: groups concurrent writes into fenced etcd transactions.
 
-Each transaction holds at most `max_ops` operations and about `max_bytes` of
-payload (etcd allows 128 operations and 1.5 MiB per request by default) and
-compares the leader key's create revision, so a deposed leader's write fails
-instead of landing. Up to `max_in_flight` transactions are sent at once. A key
-is in at most one of them, and its writes land one after another, each at its
-own revision (watchers rely on that order); meanwhile other keys' writes keep
-filling transactions. Transactions are settled in the order they were sent.
+One rule: a request (one `submit()`, one logical change: a task and its
+idempotency key, a terminal state and its retention marker) is committed in
+one transaction, never split. Each transaction holds at most `max_ops`
+operations and about `max_bytes` of payload (etcd allows 128 operations and
+1.5 MiB per request by default) and compares the leader key's create
+revision, so a deposed leader's write fails instead of landing. Up to
+`max_in_flight` transactions are sent at once. A key is in at most one of
+them, and requests touching it land in the order they were submitted, each
+at its own revision (watchers rely on that order); meanwhile other keys'
+requests keep filling transactions. Transactions are settled in the order
+they were sent.
 """
 
 from __future__ import annotations
@@ -23,9 +27,21 @@ from herder.server._etcd import Etcd, EtcdError
 
 log = logging.getLogger(__name__)
 
+# etcd's default --max-request-bytes; a transaction above it is refused by etcd.
+ETCD_MAX_REQUEST_BYTES = 1536 * 1024
+# What a transaction adds around its writes (the fence compare, framing), generously.
+TXN_OVERHEAD_BYTES = 4096
+
 
 class FencedError(Exception):
     """The write was refused: this replica no longer leads (or etcd failed mid-commit)."""
+
+
+class RequestTooLargeError(ValueError):
+    """A request that no transaction could hold: more than max_ops writes or max_request_bytes.
+
+    Raised by submit() before anything is queued; callers check sizes first, so this is a bug guard.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +66,20 @@ class CommitLimits:
     max_bytes: int = 1024 * 1024
     max_in_flight: int = 4
     parallel_ops: int = 128
+    # One request alone may exceed max_bytes (it then goes in a transaction of its own), never this.
+    max_request_bytes: int = ETCD_MAX_REQUEST_BYTES - TXN_OVERHEAD_BYTES
+    # How many waiting requests one batch looks at (those behind a busy key are skipped).
+    max_scan: int = 4096
 
 
 @dataclass(eq=False, slots=True)
 class _Request:
-    """One submit(): answered once all its writes have landed."""
+    """One submit(): its writes go in one transaction; answered once that landed."""
 
     future: asyncio.Future[int]
-    remaining: int
-    revision: int = 0
+    writes: list[Write]
+    keys: frozenset[bytes]
+    size: int
 
 
 @dataclass(eq=False)
@@ -72,19 +93,21 @@ class _Batch:
 
 
 class Committer:
-    """Commits writes, many per transaction, several transactions at a time.
+    """Commits writes, many requests per transaction, several transactions at a time.
 
     `commit()` returns the etcd revision its writes landed at, and raises
     FencedError when the fence failed or etcd could not confirm a transaction;
-    after that every later commit fails too and `failed` is set.
+    after that every later commit fails too and `failed` is set. An unexpected
+    error inside the committer is logged with its traceback and fails it the same way.
     """
 
     def __init__(self, etcd: Etcd, fence_key: bytes, fence_revision: int, limits: CommitLimits | None = None) -> None:
         self._etcd = etcd
         self._fence = _etcd.create_revision_is(fence_key, fence_revision)
         self._limits = limits or CommitLimits()
-        # Per key, its writes not yet sent, oldest first.
-        self._waiting: dict[bytes, deque[tuple[bytes | None, _Request]]] = {}
+        # Requests not yet sent, oldest first.
+        self._pending: deque[_Request] = deque()
+        self._pending_ops = 0
         self._in_flight: deque[_Batch] = deque()
         self._busy: set[bytes] = set()
         self._wakeup = asyncio.Event()
@@ -95,7 +118,10 @@ class Committer:
         self._task = asyncio.create_task(self._run(), name="herder-committer")
 
     def submit(self, writes: list[Write]) -> asyncio.Future[int]:
-        """Queue writes; the future resolves (with the revision) once all of them have landed."""
+        """Queue writes to land together; the future resolves with the revision they landed at.
+
+        Raises RequestTooLargeError (queuing nothing) when no transaction could hold them.
+        """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if self.error is not None:
             future.set_exception(self.error)
@@ -103,13 +129,15 @@ class Committer:
         if not writes:
             future.set_result(0)
             return future
-        request = _Request(future, len(writes))
-        for write in writes:
-            waiting = self._waiting.get(write.key)
-            if waiting is None:
-                self._waiting[write.key] = deque([(write.value, request)])
-            else:
-                waiting.append((write.value, request))
+        size = sum(len(w.key) + len(w.value or b"") for w in writes)
+        keys = frozenset(w.key for w in writes)
+        if len(writes) > self._limits.max_ops or size > self._limits.max_request_bytes or len(keys) < len(writes):
+            raise RequestTooLargeError(
+                f"{len(writes)} writes of {size} bytes in all (distinct keys: {len(keys)}): one transaction takes"
+                f" at most {self._limits.max_ops} writes to distinct keys and {self._limits.max_request_bytes} bytes"
+            )
+        self._pending.append(_Request(future, writes, keys, size))
+        self._pending_ops += len(writes)
         self._wakeup.set()
         return future
 
@@ -123,12 +151,12 @@ class Committer:
                 self._finalize()
                 if self.error is not None:
                     raise self.error
-                while self._waiting and len(self._in_flight) < self._limits.max_in_flight:
-                    if self._in_flight and len(self._waiting) < self._limits.parallel_ops:
+                while self._pending and len(self._in_flight) < self._limits.max_in_flight:
+                    if self._in_flight and self._pending_ops < self._limits.parallel_ops:
                         break
                     batch = self._take_batch()
                     if batch is None:
-                        break  # every waiting key is in a transaction in flight
+                        break  # every waiting request waits for a key in a transaction in flight
                     self._in_flight.append(batch)
                     batch.task = asyncio.create_task(self._send(batch))
                     batch.task.add_done_callback(lambda _: self._wakeup.set())
@@ -141,31 +169,42 @@ class Committer:
                 self.error = FencedError("the committer was stopped")
             self._fail(self.error)
             raise
+        except Exception as exc:
+            log.exception("committer failed unexpectedly")
+            self._fail(FencedError(f"the committer failed: {exc!r}"))
 
     def _take_batch(self) -> _Batch | None:
+        """The oldest requests that fit one transaction; a request behind a busy key waits, and so
+        does every later request sharing a key with it, so each key's writes keep their order."""
+        limits = self._limits
         batch = _Batch()
         size = 0
-        for key, waiting in self._waiting.items():
-            if len(batch.ops) >= self._limits.max_ops:
-                break
-            # Two transactions in flight could land in either order: a key waits for the one holding it.
-            if key in self._busy:
+        waiting_keys: set[bytes] = set()
+        skipped: list[_Request] = []
+        pending = self._pending
+        while pending and len(skipped) < limits.max_scan:
+            request = pending[0]
+            keys = request.keys
+            if not (keys.isdisjoint(self._busy) and keys.isdisjoint(waiting_keys) and keys.isdisjoint(batch.keys)):
+                # Two transactions in flight could land in either order, and etcd refuses a key twice in one.
+                skipped.append(pending.popleft())
+                waiting_keys |= keys
                 continue
-            value, request = waiting[0]
-            length = len(key) + len(value or b"")
-            if batch.ops and size + length > self._limits.max_bytes:
+            if batch.ops and (
+                len(batch.ops) + len(request.writes) > limits.max_ops or size + request.size > limits.max_bytes
+            ):
                 break
-            size += length
-            batch.keys.add(key)
-            batch.ops.append(_etcd.put(key, value) if value is not None else _etcd.delete(key))
+            pending.popleft()
+            size += request.size
+            batch.keys |= keys
+            batch.ops.extend(
+                _etcd.put(w.key, w.value) if w.value is not None else _etcd.delete(w.key) for w in request.writes
+            )
             batch.requests.append(request)
+        pending.extendleft(reversed(skipped))
         if not batch.ops:
             return None
-        for key in batch.keys:
-            waiting = self._waiting[key]
-            waiting.popleft()
-            if not waiting:
-                del self._waiting[key]
+        self._pending_ops -= len(batch.ops)
         self._busy |= batch.keys
         return batch
 
@@ -174,6 +213,10 @@ class Committer:
             reply = await self._etcd.txn([self._fence], batch.ops)
         except EtcdError as exc:
             batch.error = FencedError(f"commit outcome unknown: {exc}")
+            return
+        except Exception as exc:
+            log.exception("transaction failed unexpectedly")
+            batch.error = FencedError(f"commit outcome unknown: {exc!r}")
             return
         if not reply.succeeded:
             batch.error = FencedError("leadership lost: the fence no longer matches")
@@ -193,10 +236,8 @@ class Committer:
             self.transactions += 1
             self.operations += len(batch.ops)
             for request in batch.requests:
-                request.remaining -= 1
-                request.revision = max(request.revision, batch.revision)
-                if request.remaining == 0 and not request.future.done():
-                    request.future.set_result(request.revision)
+                if not request.future.done():
+                    request.future.set_result(batch.revision)
 
     @staticmethod
     def _settle(requests: list[_Request], error: FencedError) -> None:
@@ -215,9 +256,9 @@ class Committer:
                 batch.task.cancel()
             self._settle(batch.requests, self.error)
         self._in_flight.clear()
-        for waiting in self._waiting.values():
-            self._settle([request for _, request in waiting], self.error)
-        self._waiting.clear()
+        self._settle(list(self._pending), self.error)
+        self._pending.clear()
+        self._pending_ops = 0
         self.failed.set()
 
     async def close(self) -> None:

@@ -46,6 +46,7 @@ class Leadership:
         self.info = info
         self.lost = asyncio.Event()
         self._settings = settings
+        self._lease_keeper = etcd.lease_keeper(lease)
         self._keeper = asyncio.create_task(self._keep_alive(), name="herder-leader-lease")
 
     @property
@@ -57,7 +58,7 @@ class Leadership:
         # minus a margin: stop before etcd could hand the key to another replica.
         interval = max(self._settings.ttl / 3, 0.2)
         deadline = time.monotonic() + self._settings.ttl - interval
-        stream = self.etcd.keep_alive(self.lease, interval)
+        keeper = self._lease_keeper
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -65,22 +66,23 @@ class Leadership:
                     log.error("leader lease %x could not be refreshed in time", self.lease)
                     return
                 try:
-                    ttl = await asyncio.wait_for(anext(stream), remaining)
-                except TimeoutError:
-                    continue
-                except (EtcdError, StopAsyncIteration) as exc:
+                    ttl = await keeper.refresh(min(remaining, interval * 2))
+                except EtcdError as exc:
                     log.warning("leader lease keep-alive: %s", exc)
-                    await stream.aclose()
-                    await asyncio.sleep(min(interval / 2, max(remaining, 0.01)))
-                    stream = self.etcd.keep_alive(self.lease, interval)
+                    await asyncio.sleep(min(interval / 2, max(deadline - time.monotonic(), 0.01)))
                     continue
                 if ttl <= 0:
                     log.error("leader lease %x expired", self.lease)
                     return
                 deadline = time.monotonic() + ttl - interval
+                await asyncio.sleep(interval)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("leader lease keep-alive failed unexpectedly")
         finally:
             self.lost.set()
-            await stream.aclose()
+            keeper.close()
 
     async def resign(self) -> None:
         """Give up leadership: stop refreshing and revoke the lease (deleting the key). Safe to call twice."""

@@ -17,23 +17,36 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 
 from herder.clients import errors
+from herder.clients.outcomes import (
+    ACK_TIMEOUT,
+    BAD_OUTPUT,
+    CANCELED,
+    EXPIRED,
+    INVALID_RESULT,
+    RESULT_TOO_LARGE,
+    TIMEOUT,
+    WORKER_LOST,
+)
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server import keys
 from herder.server._etcd import Etcd
-from herder.server.committer import Committer, Write
+from herder.server.committer import Committer, RequestTooLargeError, Write
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.deadlines import Deadlines
 from herder.server.election import Leadership
+from herder.server.horizon import clamp_delay, set_duration, set_timestamp
 from herder.server.retry import RetryDefaults, next_backoff
 from herder.server.scheduler import Scheduler
 from herder.server.sessions import Session, SessionSettings
 from herder.server.stats import QueueBook
+from herder.server.validation import Limits
 from herder.server.watchers import Change, TaskFilter, WatchHub
 
 log = logging.getLogger(__name__)
@@ -42,12 +55,6 @@ S = task_pb2.TaskState
 TERMINAL = frozenset({S.TASK_STATE_SUCCEEDED, S.TASK_STATE_FAILED, S.TASK_STATE_CANCELED, S.TASK_STATE_EXPIRED})
 ACTIVE = frozenset({S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING})
 WAITING = frozenset({S.TASK_STATE_PENDING, S.TASK_STATE_QUEUED})
-
-WORKER_LOST = "herder.worker_lost"
-TIMEOUT = "herder.timeout"
-EXPIRED = "herder.expired"
-ACK_TIMEOUT = "herder.ack_timeout"
-BAD_OUTPUT = "herder.bad_output"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,8 @@ class LeaderSettings:
     retention: float = 24 * 3600.0
     idempotency_window: float = 24 * 3600.0
     gc_interval: float = 1.0
+    # A worker that lets an assignment's ack window pass gets no assignments for this long.
+    quarantine: float = 60.0
 
 
 @dataclass(eq=False, slots=True)
@@ -134,6 +143,7 @@ class NamespaceLeader:
         leadership: Leadership,
         settings: LeaderSettings,
         registry: TaskTypeRegistry,
+        limits: Limits | None = None,
     ) -> None:
         self.etcd = etcd
         self.namespace = namespace
@@ -141,6 +151,7 @@ class NamespaceLeader:
         self.leadership = leadership
         self.settings = settings
         self.registry = registry
+        self.limits_ = limits or Limits()
         self.committer = Committer(etcd, keys.leader(self.prefix), leadership.fence)
         self.hub = WatchHub()
         self.sessions: dict[str, Session] = {}
@@ -161,6 +172,10 @@ class NamespaceLeader:
         self._timer_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = asyncio.Event()
+        # Set when a loop or callback of this leader failed: the replica steps down and campaigns again.
+        self.failed = asyncio.Event()
+        # Workers that let assignments go unacknowledged: worker id -> (monotonic end, reason).
+        self.quarantined: dict[str, tuple[float, str]] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -168,11 +183,38 @@ class NamespaceLeader:
         """Rebuild queues and types from etcd, then start the background loops."""
         await self._load()
         self._tasks = [
-            asyncio.create_task(self._timer_loop(), name="herder-timers"),
-            asyncio.create_task(self._liveness_loop(), name="herder-liveness"),
-            asyncio.create_task(self._gc_loop(), name="herder-gc"),
+            self._supervise(self._timer_loop(), "timers"),
+            self._supervise(self._liveness_loop(), "liveness"),
+            self._supervise(self._gc_loop(), "retention"),
         ]
         self._schedule_dispatch()
+
+    def _supervise(self, loop: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run a background loop; if it ever ends other than by stop(), this leader fails."""
+        task = asyncio.create_task(loop, name=f"herder-{name}")
+
+        def ended(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self.stopped.is_set():
+                return
+            exc = t.exception()
+            self.fail(f"the {name} loop", exc or RuntimeError("it returned"))
+
+        task.add_done_callback(ended)
+        return task
+
+    def _guarded(self, where: str, callback: Callable[..., None], *args: Any) -> None:
+        """Run a loop callback; an error in it fails the leader instead of being lost in the event loop's log."""
+        try:
+            callback(*args)
+        except Exception as exc:
+            self.fail(where, exc)
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        """A loop or callback failed: log it once with its traceback and step down, never half-work on."""
+        if self.failed.is_set() or self.stopped.is_set():
+            return
+        log.error("namespace %s: %s failed; stepping down", self.namespace, where, exc_info=exc)
+        self.failed.set()
 
     async def _load(self) -> None:
         async for kv in self.etcd.scan_prefix(keys.limits_prefix(self.prefix)):
@@ -218,9 +260,8 @@ class NamespaceLeader:
         self.stopped.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # A loop that failed was logged when it did; stopping must not raise it again.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for entry in self._entries.values():
             if entry.ack_timer is not None:
                 entry.ack_timer.cancel()
@@ -232,7 +273,12 @@ class NamespaceLeader:
 
     @property
     def deposed(self) -> bool:
-        return self.leadership.lost.is_set() or self.committer.failed.is_set() or self.stopped.is_set()
+        return (
+            self.leadership.lost.is_set()
+            or self.committer.failed.is_set()
+            or self.failed.is_set()
+            or self.stopped.is_set()
+        )
 
     def _check(self) -> None:
         if self.deposed:
@@ -251,10 +297,21 @@ class NamespaceLeader:
         data = task.SerializeToString()
         state = task.state
         self.book.transition(task.spec.queue, previous_state, state)
-        future = self.committer.submit([Write(keys.task(self.prefix, task.id), data), *extra])
+        try:
+            future = self.committer.submit([Write(keys.task(self.prefix, task.id), data), *extra])
+        except RequestTooLargeError as exc:
+            # Every size is checked before memory changes, so this is a bug: memory now differs from
+            # etcd, and only a rebuild from etcd (by the next leader) can be trusted.
+            self.fail(f"writing task {task.id}", exc)
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(errors.UnavailableError("this coordinator is stepping down; retry on the new leader"))
+            return future, data
         entry.writes_pending += 1
 
         def committed(f: asyncio.Future[int]) -> None:
+            self._guarded("a commit callback", applied, f)
+
+        def applied(f: asyncio.Future[int]) -> None:
             entry.writes_pending -= 1
             if f.cancelled() or f.exception() is not None:
                 return
@@ -319,7 +376,7 @@ class NamespaceLeader:
                 task.queue_time.CopyFrom(now)
                 self._push(task)
             if spec.HasField("ttl"):
-                self._expiry.push(wall + _seconds(spec.ttl), task.id)
+                self._expiry.push(wall + clamp_delay(_seconds(spec.ttl)), task.id)
                 self._timer_wakeup.set()
             if key:
                 self._idempotency[key] = task.id
@@ -419,7 +476,7 @@ class NamespaceLeader:
                 self._cancel_after(future, entry.session, task_id, task.attempt, reason or "canceled")
                 await self._await(future)
             return task_pb2.Task.FromString(entry.committed)
-        error = task_pb2.TaskError(type="herder.canceled", message=reason or "canceled", retryable=False)
+        error = task_pb2.TaskError(type=CANCELED, message=reason or "canceled", retryable=False)
         await self._await(self._finish(entry, S.TASK_STATE_CANCELED, error=error))
         return task_pb2.Task.FromString(entry.committed)
 
@@ -483,7 +540,7 @@ class NamespaceLeader:
     def _schedule_dispatch(self) -> None:
         if not self._dispatch_scheduled and not self.stopped.is_set():
             self._dispatch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+            asyncio.get_running_loop().call_soon(self._guarded, "dispatch", self._dispatch)
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
@@ -532,7 +589,13 @@ class NamespaceLeader:
                 return
             session.send_assignment(entry.committed)
             entry.ack_timer = asyncio.get_running_loop().call_later(
-                self.settings.sessions.ack_timeout, self._ack_expired, entry, session, attempt
+                self.settings.sessions.ack_timeout,
+                self._guarded,
+                "an ack timer",
+                self._ack_expired,
+                entry,
+                session,
+                attempt,
             )
 
         written.add_done_callback(send)
@@ -543,10 +606,32 @@ class NamespaceLeader:
         if task.attempt != attempt or task.state != S.TASK_STATE_ASSIGNED or entry.session is not session:
             return
         log.info("task %s attempt %d not acknowledged by %s; re-queued", task.id, attempt, session.worker_id)
-        failed = self._attempt_failed(
-            entry, task_pb2.TaskError(type=ACK_TIMEOUT, message="assignment not acknowledged")
-        )
-        self._cancel_after(failed, session, task.id, attempt, "not acknowledged")
+        self._quarantine(session.worker_id, f"assignment {task.id} attempt {attempt} not acknowledged")
+        # The worker never started it: re-queued at once, using up none of the task's attempts. The
+        # history shows it (bounded: a worker is quarantined after each, so these come rarely).
+        if len(task.attempt_errors) < self.limits_.max_attempts_limit:
+            task.attempt_errors.add(
+                type=ACK_TIMEOUT, message=f"not acknowledged by {session.worker_id}", retryable=True
+            )
+        requeued = self._requeue(entry)
+        self._cancel_after(requeued, session, task.id, attempt, "not acknowledged")
+
+    def _quarantine(self, worker_id: str, reason: str) -> None:
+        """No assignments for this worker (on any session) until the quarantine period has passed."""
+        until = time.monotonic() + self.settings.quarantine
+        if worker_id not in self.quarantined:
+            log.warning("worker %s quarantined for %gs: %s", worker_id, self.settings.quarantine, reason)
+        self.quarantined[worker_id] = (until, reason)
+        for session in self.sessions.values():
+            if session.worker_id == worker_id:
+                session.quarantined_until = until
+
+    def _release_quarantines(self, now: float) -> None:
+        for worker_id, (until, _) in list(self.quarantined.items()):
+            if until <= now:
+                del self.quarantined[worker_id]
+                log.info("worker %s is out of quarantine", worker_id)
+                self._schedule_dispatch()
 
     # ----------------------------------------------------------------- attempt outcomes
 
@@ -556,7 +641,7 @@ class NamespaceLeader:
         self._release(entry)
         if task.cancel_requested:
             return self._finish(
-                entry, S.TASK_STATE_CANCELED, error=task_pb2.TaskError(type="herder.canceled", message="canceled")
+                entry, S.TASK_STATE_CANCELED, error=task_pb2.TaskError(type=CANCELED, message="canceled")
             )
         task.state = S.TASK_STATE_QUEUED
         _stamp(task.queue_time)
@@ -571,11 +656,13 @@ class NamespaceLeader:
     ) -> asyncio.Future[int]:
         """Record a failed attempt; retry it (now or after a backoff) or fail the task."""
         task = entry.task
-        if error.type in (WORKER_LOST, ACK_TIMEOUT, TIMEOUT):
+        if error.type in (WORKER_LOST, TIMEOUT):
             error.retryable = True
-        task.attempt_errors.append(error)
+        # The history keeps each attempt's error short; the last one is kept whole in task.error.
+        limit = self.limits_.max_history_message_length
+        task.attempt_errors.add(type=error.type, message=error.message[:limit], retryable=error.retryable)
         policy = task.spec.retry
-        failures = len(task.attempt_errors)
+        failures = sum(1 for e in task.attempt_errors if e.type != ACK_TIMEOUT)
         max_attempts = policy.max_attempts or self.settings.retry.max_attempts
         if (
             task.cancel_requested
@@ -586,8 +673,10 @@ class NamespaceLeader:
             state = S.TASK_STATE_CANCELED if task.cancel_requested else S.TASK_STATE_FAILED
             return self._finish(entry, state, error=error)
         delay = retry_after if retry_after is not None else next_backoff(policy, failures, self.settings.retry)
-        if error.type in (WORKER_LOST, ACK_TIMEOUT) and retry_after is None:
+        if error.type == WORKER_LOST and retry_after is None:
             delay = 0.0
+        # Bounded, so the run time below stays a valid Timestamp whatever a policy or worker asked for.
+        delay = clamp_delay(delay)
         if delay <= 0:
             return self._requeue(entry)
         previous = task.state
@@ -596,7 +685,7 @@ class NamespaceLeader:
         task.worker_id = ""
         task.session_id = ""
         due = time.time() + delay
-        task.next_run_time.FromNanoseconds(int(due * 1e9))
+        set_timestamp(task.next_run_time, due)
         self._delayed.push(due, task.id)
         self._timer_wakeup.set()
         return self._write(entry, previous)
@@ -627,6 +716,14 @@ class NamespaceLeader:
         entry = self._held_by(session, update.ref)
         if entry is None:
             return
+        size = update.progress.ByteSize()
+        if size > self.limits_.max_progress_bytes:
+            # Dropped, not stored: the attempt goes on, and the worker hears why.
+            session.warn(
+                "progress",
+                f"a progress update of {size} bytes was dropped: at most {self.limits_.max_progress_bytes} bytes",
+            )
+            return
         entry.task.progress.CopyFrom(update.progress)
         _stamp(entry.task.progress.update_time)
         if entry.progress_writing:
@@ -654,7 +751,23 @@ class NamespaceLeader:
             return
         task = entry.task
         outcome = result.WhichOneof("outcome")
-        if outcome == "output":
+        too_large = self._oversized(entry, result, outcome)
+        if too_large:
+            # Not retryable: the same handler would return the same thing. Acknowledged, so the worker
+            # stops re-sending it.
+            future = self._finish(
+                entry, S.TASK_STATE_FAILED, error=task_pb2.TaskError(type=RESULT_TOO_LARGE, message=too_large)
+            )
+        elif outcome is None:
+            # A worker bug: neither output, error nor canceled. It fails the attempt (counted), so a
+            # broken worker cannot re-queue a task forever at no cost.
+            session.send_result_ack(ref, False, "invalid result: no outcome set (output, error or canceled)")
+            error = task_pb2.TaskError(
+                type=INVALID_RESULT, message=f"worker {session.worker_id} sent a result with no outcome", retryable=True
+            )
+            self._attempt_failed(entry, error)
+            return
+        elif outcome == "output":
             output_class = self.registry.output_class(task.spec.type)
             expected = output_class.DESCRIPTOR.full_name if output_class is not None else ""
             got = result.output.type_url.rpartition("/")[2]
@@ -670,7 +783,9 @@ class NamespaceLeader:
             else:
                 future = self._finish(entry, S.TASK_STATE_SUCCEEDED, result=result.output)
         elif outcome == "error":
-            retry_after = result.retry_after.ToNanoseconds() / 1e9 if result.HasField("retry_after") else None
+            retry_after = None
+            if result.HasField("retry_after"):
+                retry_after = clamp_delay(result.retry_after.seconds + result.retry_after.nanos / 1e9)
             error = task_pb2.TaskError()
             error.CopyFrom(result.error)
             future = self._attempt_failed(entry, error, retry_after)
@@ -678,12 +793,31 @@ class NamespaceLeader:
             future = self._finish(
                 entry,
                 S.TASK_STATE_CANCELED,
-                error=task_pb2.TaskError(type="herder.canceled", message=result.canceled or "canceled"),
+                error=task_pb2.TaskError(type=CANCELED, message=result.canceled or "canceled"),
             )
         else:
             # Stopped by the worker itself (shutdown): run it again elsewhere, not counted as a failure.
             future = self._requeue(entry)
         _after_commit(future, lambda: session.send_result_ack(ref, True))
+
+    def _oversized(self, entry: Entry, result: coordinator_pb2.AttemptResult, outcome: str | None) -> str:
+        """Why this result cannot be stored (too big for its limit or for the task's record), or ""."""
+        limits = self.limits_
+        if outcome == "output":
+            size, limit, what = result.output.ByteSize(), limits.max_result_bytes, "output"
+        elif outcome == "error":
+            size, limit, what = result.error.ByteSize(), limits.max_error_bytes, "error"
+        elif outcome == "canceled":
+            size, limit, what = len(result.canceled.encode()), limits.max_error_bytes, "cancel reason"
+        else:
+            return ""
+        if size > limit:
+            return f"the attempt's {what} is {size} bytes, at most {limit} allowed"
+        # The record holds the result beside everything else (the error once more in the history).
+        record = entry.task.ByteSize() + 2 * size + 64
+        if record > limits.max_record_bytes:
+            return f"the task with this {what} would be {record} bytes, at most {limits.max_record_bytes} allowed"
+        return ""
 
     # ----------------------------------------------------------------- sessions
 
@@ -701,6 +835,13 @@ class NamespaceLeader:
         welcome.heartbeat_interval.FromNanoseconds(int(settings.heartbeat_interval * 1e9))
         welcome.heartbeat_timeout.FromNanoseconds(int(settings.heartbeat_timeout * 1e9))
         welcome.ack_timeout.FromNanoseconds(int(settings.ack_timeout * 1e9))
+        limits = self.limits_
+        welcome.max_result_bytes = limits.max_result_bytes
+        welcome.max_error_bytes = limits.max_error_bytes
+        welcome.max_progress_bytes = limits.max_progress_bytes
+        quarantine = self.quarantined.get(hello.worker_id)
+        if quarantine is not None:
+            session.quarantined_until = quarantine[0]
         for ref in hello.running:
             entry = self._entries.get(ref.task_id)
             if (
@@ -767,6 +908,7 @@ class NamespaceLeader:
         while True:
             await asyncio.sleep(min(settings.heartbeat_interval / 2, 0.5))
             now = time.monotonic()
+            self._release_quarantines(now)
             for session in list(self.sessions.values()):
                 if now - session.last_heartbeat > settings.heartbeat_timeout:
                     log.warning("session %s of worker %s missed its heartbeats", session.id, session.worker_id)
@@ -804,7 +946,7 @@ class NamespaceLeader:
         task = entry.task
         if task.spec.HasField("timeout") and _seconds(task.spec.timeout) > 0:
             entry.timeout_attempt = task.attempt
-            self._timeouts.push(started + _seconds(task.spec.timeout), task.id)
+            self._timeouts.push(started + clamp_delay(_seconds(task.spec.timeout)), task.id)
             self._timer_wakeup.set()
 
     async def _timer_loop(self) -> None:
@@ -868,17 +1010,19 @@ class NamespaceLeader:
         """Delete up to `page` finished tasks that are due; returns how many went."""
         start = keys.gc_prefix(self.prefix)
         due, _, _ = await self.etcd.range(start, keys.gc_until(self.prefix, time.time()), limit=page)
-        writes: list[Write] = []
+        deletions: list[asyncio.Future[int]] = []
         for kv in due:
             task_id = kv.key.rsplit(b"/", 1)[1].decode()
             state, queue, idempotency_key = kv.value.decode().split("\n", 2)
-            writes += [Write(kv.key, None), Write(keys.task(self.prefix, task_id), None)]
+            # One task's keys go together: a crash never leaves a marker without its task or the reverse.
+            writes = [Write(kv.key, None), Write(keys.task(self.prefix, task_id), None)]
             if idempotency_key and self._idempotency.get(idempotency_key) == task_id:
                 del self._idempotency[idempotency_key]
                 writes.append(Write(keys.idempotency(self.prefix, idempotency_key), None))
             self.book.forget(queue, int(state))
-        if writes:
-            await self._await(self.committer.submit(writes))
+            deletions.append(self.committer.submit(writes))
+        for deletion in deletions:
+            await self._await(deletion)
         return len(due)
 
     def retention(self, queue: str) -> float:
@@ -956,9 +1100,9 @@ class NamespaceLeader:
                 succeeded=counts.get(S.TASK_STATE_SUCCEEDED, 0),
                 failed=counts.get(S.TASK_STATE_FAILED, 0),
             )
-            stats.wait_p50.FromNanoseconds(int(figures.wait_p50 * 1e9))
-            stats.wait_p99.FromNanoseconds(int(figures.wait_p99 * 1e9))
-            stats.retention.FromNanoseconds(int(self.retention(name) * 1e9))
+            set_duration(stats.wait_p50, figures.wait_p50)
+            set_duration(stats.wait_p99, figures.wait_p99)
+            set_duration(stats.retention, self.retention(name))
             oldest = self.scheduler.oldest(name)
             if oldest is not None and oldest in self._entries:
                 stats.oldest_queued_time.CopyFrom(self._entries[oldest].task.queue_time)

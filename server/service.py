@@ -7,6 +7,7 @@ import base64
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_
 from herder.server import keys, validation
 from herder.server._etcd import EtcdError, prefix_end
 from herder.server.contracts import render_json, resolve_payload
+from herder.server.horizon import set_timestamp
 from herder.server.leader import TERMINAL, NamespaceLeader
 from herder.server.watchers import Change, TaskFilter
 
@@ -90,6 +92,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.SubmitTaskResponse:
         leader = self._leader()
         spec = request.spec
+        # Fields this version does not know would be stored and grow the record unseen: dropped here.
+        spec.DiscardUnknownFields()
         validation.raise_if(self._prepare(leader, spec, "spec"), "invalid task spec")
         [(task, created)] = await leader.submit([spec], _trace_context(context))
         return coordinator_pb2.SubmitTaskResponse(task=task, created=created)
@@ -100,6 +104,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.SubmitTasksResponse:
         leader = self._leader()
         validation.raise_if(validation.validate_batch_size(len(request.specs), "specs", self._limits), "invalid batch")
+        request.DiscardUnknownFields()
         results = [coordinator_pb2.SubmitTaskResult() for _ in request.specs]
         accepted: list[tuple[int, task_pb2.TaskSpec]] = []
         for i, spec in enumerate(request.specs):
@@ -228,6 +233,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def SetLimit(
         self, request: coordinator_pb2.SetLimitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.SetLimitResponse:
+        request.DiscardUnknownFields()
         validation.raise_if(validation.validate_limit(request.limit, self._limits), "invalid limit")
         stored = await self._leader().set_limit(request.limit)
         return coordinator_pb2.SetLimitResponse(limit=stored)
@@ -245,6 +251,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.RegisterTaskTypeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.RegisterTaskTypeResponse:
         leader = self._leader()
+        request.DiscardUnknownFields()
         task_type = request.task_type
         violations = validation.validate_task_type(task_type, self._limits, "task_type")
         validation.raise_if(violations, "invalid task type")
@@ -278,8 +285,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 address=session.address,
                 labels=session.labels,
             )
-            node.connect_time.FromNanoseconds(int(session.connect_time * 1e9))
-            node.last_heartbeat_time.FromNanoseconds(int(session.last_heartbeat_wall * 1e9))
+            set_timestamp(node.connect_time, session.connect_time)
+            set_timestamp(node.last_heartbeat_time, session.last_heartbeat_wall)
+            quarantine = leader.quarantined.get(session.worker_id)
+            if quarantine is not None:
+                until, node.quarantine_reason = quarantine
+                set_timestamp(node.quarantined_until, time.time() + max(until - time.monotonic(), 0.0))
             nodes.append(node)
         return coordinator_pb2.ListNodesResponse(nodes=nodes)
 
@@ -381,6 +392,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 violations.append(errors.FieldViolation("hello.task_types", "must name at least one task type"))
             if not 1 <= hello.slots <= 10_000:
                 violations.append(errors.FieldViolation("hello.slots", "must be between 1 and 10000"))
+            violations += validation.validate_hello_extras(hello, self._limits)
             validation.raise_if(violations, "invalid hello")
             session, welcome = leader.open_session(hello, context.peer())
         except errors.HerderError as exc:

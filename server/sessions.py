@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from herder.clients.proto.v1 import coordinator_pb2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,10 @@ class Session:
     last_heartbeat_wall: float = field(default_factory=time.time)
     draining: bool = False
     closed: bool = False
+    # Monotonic time until which the worker gets no assignments (see NamespaceLeader._quarantine).
+    quarantined_until: float = 0.0
+    # Kinds of bad input already logged for this session: one line each, not one per message.
+    _warned: set[str] = field(default_factory=set)
     # task id -> attempt, for every attempt this session was sent and has not finished.
     held: dict[str, int] = field(default_factory=dict)
     # What waits to be written; the writer batches assignments and result acks into one message each.
@@ -47,7 +54,15 @@ class Session:
     def free(self) -> int:
         if self.draining or self.closed:
             return 0
+        if self.quarantined_until and time.monotonic() < self.quarantined_until:
+            return 0
         return self.slots - len(self.held)
+
+    def warn(self, kind: str, text: str) -> None:
+        """Log something wrong with what this worker sent, once per kind for the session's life."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("session %s of worker %s: %s (logged once per session)", self.id, self.worker_id, text)
 
     def send_assignment(self, record: bytes) -> None:
         """Queue a serialized Task (as committed) to be sent as an assignment."""

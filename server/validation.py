@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from herder.clients import errors
+from herder.clients import errors, outcomes
 from herder.clients.errors import FieldViolation
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server import contracts
+from herder.server.committer import ETCD_MAX_REQUEST_BYTES, TXN_OVERHEAD_BYTES
+from herder.server.horizon import MAX_DELAY_SECONDS
 
 # Type and queue names: safe in etcd keys, metric labels and command lines.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
@@ -34,6 +37,11 @@ _MAX_DURATION_SECONDS = 315_576_000_000
 _MAX_NANOS = 999_999_999
 # Long keys are cut short when they appear inside a field path.
 _MAX_KEY_IN_PATH = 64
+# What a task record holds besides payload, result, errors and progress: the rest of its spec
+# (tags, metadata, keys), the attempt history (each earlier error's message cut short), times.
+RECORD_OVERHEAD_BYTES = 256 * 1024
+# etcd's default request limit minus what a transaction adds around one record.
+MAX_RECORD_BYTES = ETCD_MAX_REQUEST_BYTES - TXN_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,39 @@ class Limits:
     max_description_length: int = 4096
     # TaskType.descriptors, serialized; it is stored in one etcd value (1.5 MiB at most by default).
     max_descriptors_bytes: int = 1024 * 1024
+    # Longest backoff, ttl and timeout; furthest not_before ahead of now (herder.server.horizon).
+    max_delay_seconds: int = MAX_DELAY_SECONDS
+    # Any one record stored in etcd (a task with its result and errors, a task type, a limit):
+    # below etcd's request limit (1.5 MiB by default) with room for the transaction around it.
+    max_record_bytes: int = 1280 * 1024
+    # What a worker reports, serialized: an attempt's output, its error, one progress update.
+    max_result_bytes: int = outcomes.DEFAULT_MAX_RESULT_BYTES
+    max_error_bytes: int = outcomes.DEFAULT_MAX_ERROR_BYTES
+    max_progress_bytes: int = outcomes.DEFAULT_MAX_PROGRESS_BYTES
+    # Characters of each earlier attempt's error message kept in the task's attempt history.
+    max_history_message_length: int = 1024
+    # Fields and sizes of a worker's hello.
+    max_hello_task_types: int = 1000
+    max_labels: int = 64
+
+    def problems(self) -> list[str]:
+        """Why these limits cannot hold together (empty when they can)."""
+        found = []
+        worst_task = (
+            self.max_payload_bytes + self.max_result_bytes + 2 * self.max_error_bytes + self.max_progress_bytes
+        ) + RECORD_OVERHEAD_BYTES
+        if self.max_record_bytes < worst_task:
+            found.append(
+                f"max_record_bytes ({self.max_record_bytes}) must be at least payload + result + 2 errors + progress"
+                f" + {RECORD_OVERHEAD_BYTES} bytes for the rest of a task ({worst_task})"
+            )
+        if self.max_record_bytes > MAX_RECORD_BYTES:
+            found.append(
+                f"max_record_bytes ({self.max_record_bytes}) must be at most {MAX_RECORD_BYTES} (etcd's limit)"
+            )
+        if self.max_descriptors_bytes > self.max_record_bytes - RECORD_OVERHEAD_BYTES:
+            found.append("max_descriptors_bytes must leave room in max_record_bytes")
+        return found
 
 
 def raise_if(violations: Sequence[FieldViolation], message: str) -> None:
@@ -143,9 +184,9 @@ def validate_spec(spec: task_pb2.TaskSpec, limits: Limits, prefix: str = "spec")
         found.append(_too_long(f"{prefix}.concurrency_key", spec.concurrency_key, limits.max_name_length))
     if not spec.concurrency_key.isprintable():
         found.append(FieldViolation(f"{prefix}.concurrency_key", "must not contain control characters"))
-    found += _timestamp(spec.not_before, f"{prefix}.not_before")
-    found += _duration(spec.ttl, f"{prefix}.ttl")
-    found += _duration(spec.timeout, f"{prefix}.timeout")
+    found += _not_before(spec.not_before, limits, f"{prefix}.not_before")
+    found += _delay(spec.ttl, limits, f"{prefix}.ttl")
+    found += _delay(spec.timeout, limits, f"{prefix}.timeout")
     found += _retry(spec.retry, limits, f"{prefix}.retry")
     found += _tags(spec.tags, limits, f"{prefix}.tags")
     found += _metadata(spec.metadata, limits, f"{prefix}.metadata")
@@ -173,6 +214,10 @@ def validate_task_type(task_type: task_pb2.TaskType, limits: Limits, prefix: str
     if len(task_type.description) > limits.max_description_length:
         found.append(_too_long(f"{prefix}.description", task_type.description, limits.max_description_length))
     size = task_type.descriptors.ByteSize()
+    total = task_type.ByteSize()
+    if total > limits.max_record_bytes - 1024:
+        found.append(_too_big(prefix, total, limits.max_record_bytes - 1024))
+        return found
     if size > limits.max_descriptors_bytes:
         found.append(
             FieldViolation(f"{prefix}.descriptors", f"is {size} bytes, at most {limits.max_descriptors_bytes} allowed")
@@ -181,6 +226,33 @@ def validate_task_type(task_type: task_pb2.TaskType, limits: Limits, prefix: str
     # The contract check repeats "is required" / bad-name findings in its own words; keep the first.
     named = {v.field for v in found}
     found += [v for v in contracts.contract_violations(task_type, prefix) if v.field not in named]
+    return found
+
+
+def validate_hello_extras(hello: coordinator_pb2.WorkerHello, limits: Limits) -> list[FieldViolation]:
+    """A hello's type names, labels, address and re-claims: bounded, since a session keeps them."""
+    found: list[FieldViolation] = []
+    if len(hello.task_types) > limits.max_hello_task_types:
+        found.append(FieldViolation("hello.task_types", f"at most {limits.max_hello_task_types} types"))
+    else:
+        for i, name in enumerate(hello.task_types):
+            found += validate_name(name, f"hello.task_types[{i}]", limits)
+    if len(hello.labels) > limits.max_labels:
+        found.append(FieldViolation("hello.labels", f"at most {limits.max_labels} labels"))
+    for key, value in hello.labels.items():
+        if len(key) > limits.max_metadata_key_length or len(value) > limits.max_metadata_value_length:
+            shown = key[:_MAX_KEY_IN_PATH]
+            found.append(
+                FieldViolation(
+                    f"hello.labels[{shown}]",
+                    f"keys are at most {limits.max_metadata_key_length} and values {limits.max_metadata_value_length}"
+                    " characters",
+                )
+            )
+    if len(hello.address) > 256:
+        found.append(FieldViolation("hello.address", "must be at most 256 characters"))
+    if len(hello.running) > 10_000:
+        found.append(FieldViolation("hello.running", "at most 10000 attempts (the most slots a worker can have)"))
     return found
 
 
@@ -205,8 +277,8 @@ def _retry(retry: task_pb2.RetryPolicy, limits: Limits, prefix: str) -> list[Fie
     found: list[FieldViolation] = []
     if retry.max_attempts > limits.max_attempts_limit:
         found.append(FieldViolation(f"{prefix}.max_attempts", f"must be at most {limits.max_attempts_limit}"))
-    bad_durations = _duration(retry.initial_backoff, f"{prefix}.initial_backoff")
-    bad_durations += _duration(retry.max_backoff, f"{prefix}.max_backoff")
+    bad_durations = _delay(retry.initial_backoff, limits, f"{prefix}.initial_backoff")
+    bad_durations += _delay(retry.max_backoff, limits, f"{prefix}.max_backoff")
     found += bad_durations
     initial = _total_nanos(retry.initial_backoff)
     maximum = _total_nanos(retry.max_backoff)
@@ -272,6 +344,27 @@ def _timestamp(value: timestamp_pb2.Timestamp, field: str) -> list[FieldViolatio
     if not 0 <= value.nanos <= _MAX_NANOS:
         return [FieldViolation(field, f"nanos must be between 0 and {_MAX_NANOS}, got {value.nanos}")]
     return []
+
+
+def _not_before(value: timestamp_pb2.Timestamp, limits: Limits, field: str) -> list[FieldViolation]:
+    found = _timestamp(value, field)
+    if not found and value.seconds > time.time() + limits.max_delay_seconds:
+        found.append(FieldViolation(field, f"must be at most {_days(limits.max_delay_seconds)} ahead"))
+    return found
+
+
+def _delay(value: duration_pb2.Duration, limits: Limits, field: str) -> list[FieldViolation]:
+    """A duration the coordinator waits for: at most max_delay_seconds, so no computed time overflows."""
+    found = _duration(value, field)
+    if not found and _total_nanos(value) > limits.max_delay_seconds * 1_000_000_000:
+        found.append(
+            FieldViolation(field, f"must be at most {limits.max_delay_seconds}s ({_days(limits.max_delay_seconds)})")
+        )
+    return found
+
+
+def _days(seconds: int) -> str:
+    return f"{seconds / 86400:g} days"
 
 
 def _duration(value: duration_pb2.Duration, field: str) -> list[FieldViolation]:

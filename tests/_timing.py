@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 T = TypeVar("T")
@@ -37,6 +38,19 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}; last seen: {value!r}")
         await asyncio.sleep(interval)
+
+
+def retry_unavailable(call: Callable[[], T], *, timeout: float = 30.0) -> T:
+    """call()'s value once it stops failing with UNAVAILABLE (a leader stepping down and back), as any
+    client would retry; other errors, or UNAVAILABLE after `timeout` seconds, are raised."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:  # type: ignore[attr-defined]
+                raise
+        time.sleep(0.1)
 
 
 async def quiet(queue: asyncio.Queue[Any], seconds: float, *, what: str) -> None:
@@ -75,4 +89,4 @@ def assert_between(value: float, low: float, high: float, what: str) -> None:
     assert low <= value < high, f"{what}: measured {value:.3f}s, expected within [{low:.3f}s, {high:.3f}s)"
 
 
-__all__ = ["SLACK", "assert_between", "duration", "eventually", "now", "quiet", "seconds", "until"]
+__all__ = ["SLACK", "assert_between", "duration", "eventually", "now", "quiet", "retry_unavailable", "seconds", "until"]

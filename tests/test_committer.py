@@ -1,4 +1,4 @@
-"""The committer against a real etcd: batching, merged writes, large requests, order."""
+"""The committer against a real etcd: batching, merged writes, atomic requests, size guards, order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.server import _etcd
 from herder.server._etcd import Etcd
-from herder.server.committer import Committer, Write
+from herder.server.committer import Committer, RequestTooLargeError, Write
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,15 +56,39 @@ async def test_writes_to_one_key_land_in_order_each_at_its_own_revision(
     assert committer.transactions < 50 + 200 // 4
 
 
-async def test_a_request_larger_than_a_transaction_resolves_after_all_of_it_landed(
+async def test_a_request_no_transaction_could_hold_is_refused_before_anything_is_queued(
     fenced: tuple[Etcd, Committer, bytes],
 ) -> None:
     kv, committer, prefix = fenced
-    writes = [Write(prefix + b"big%04d" % i, b"x" * 100) for i in range(700)]
-    await committer.commit(writes)
-    keys = [kv_.key async for kv_ in kv.scan_prefix(prefix + b"big")]
-    assert len(keys) == 700
-    assert committer.transactions >= 700 // 128
+    with pytest.raises(RequestTooLargeError, match="at most 128 writes"):
+        committer.submit([Write(prefix + b"big%04d" % i, b"x") for i in range(129)])
+    with pytest.raises(RequestTooLargeError, match="bytes"):
+        committer.submit([Write(prefix + b"huge", b"x" * (2 * 1024 * 1024))])
+    with pytest.raises(RequestTooLargeError, match="distinct"):
+        committer.submit([Write(prefix + b"twice", b"1"), Write(prefix + b"twice", b"2")])
+    # The committer is still healthy: nothing was sent, nothing failed.
+    assert await committer.commit([Write(prefix + b"after", b"ok")]) > 0
+    assert not committer.failed.is_set()
+    assert [kv_.key async for kv_ in kv.scan_prefix(prefix + b"big")] == []
+
+
+async def test_a_request_lands_in_one_transaction_even_when_transactions_are_full(
+    fenced: tuple[Etcd, Committer, bytes],
+) -> None:
+    kv, committer, prefix = fenced
+    pairs = []
+    singles = []
+    for i in range(1500):
+        # A shared hot key makes requests wait behind busy keys; pairs must still never split.
+        singles.append(committer.submit([Write(prefix + b"hot", b"%d" % i)]))
+        pairs.append(committer.submit([Write(prefix + b"task/%04d" % i, b"t"), Write(prefix + b"idem/%04d" % i, b"i")]))
+        singles.append(committer.submit([Write(prefix + b"one/%04d" % i, b"x" * 50)]))
+    await asyncio.gather(*pairs, *singles)
+    tasks = {kv_.key.rsplit(b"/", 1)[1]: kv_.mod_revision async for kv_ in kv.scan_prefix(prefix + b"task/")}
+    idems = {kv_.key.rsplit(b"/", 1)[1]: kv_.mod_revision async for kv_ in kv.scan_prefix(prefix + b"idem/")}
+    assert len(tasks) == 1500 and tasks == idems
+    # The hot key needs a transaction per write; everything else rode along with them.
+    assert committer.operations == 1500 * 4 and committer.transactions < 1500 + 100
 
 
 async def test_writes_to_one_key_are_answered_in_order(fenced: tuple[Etcd, Committer, bytes]) -> None:

@@ -770,11 +770,14 @@ class Node(_message.Message):
     CONNECT_TIME_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    QUARANTINED_UNTIL_FIELD_NUMBER: _builtins.int
+    QUARANTINE_REASON_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     slots: _builtins.int
     running: _builtins.int
     address: _builtins.str
+    quarantine_reason: _builtins.str
     @_builtins.property
     def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -783,6 +786,10 @@ class Node(_message.Message):
     def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def quarantined_until(self) -> _timestamp_pb2.Timestamp:
+        """Set while the worker gets no assignments because it let one go unacknowledged."""
+
     def __init__(
         self,
         *,
@@ -795,10 +802,12 @@ class Node(_message.Message):
         connect_time: _timestamp_pb2.Timestamp | None = ...,
         last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        quarantined_until: _timestamp_pb2.Timestamp | None = ...,
+        quarantine_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_heartbeat_time", b"last_heartbeat_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_heartbeat_time", b"last_heartbeat_time", "quarantined_until", b"quarantined_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connect_time", b"connect_time", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connect_time", b"connect_time", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "quarantine_reason", b"quarantine_reason", "quarantined_until", b"quarantined_until", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1196,7 +1205,16 @@ class Welcome(_message.Message):
     ACK_TIMEOUT_FIELD_NUMBER: _builtins.int
     RECLAIMED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    MAX_RESULT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_PROGRESS_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    max_result_bytes: _builtins.int
+    """The largest output, error and progress update (serialized bytes) the coordinator stores. A bigger
+    output or error fails the attempt as herder.result_too_large; a bigger progress update is dropped.
+    """
+    max_error_bytes: _builtins.int
+    max_progress_bytes: _builtins.int
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -1222,10 +1240,13 @@ class Welcome(_message.Message):
         ack_timeout: _duration_pb2.Duration | None = ...,
         reclaimed: _abc.Iterable[Global___AttemptRef] | None = ...,
         rejected: _abc.Iterable[Global___AttemptRef] | None = ...,
+        max_result_bytes: _builtins.int = ...,
+        max_error_bytes: _builtins.int = ...,
+        max_progress_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ack_timeout", b"ack_timeout", "heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout", b"ack_timeout", "heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "reclaimed", b"reclaimed", "rejected", b"rejected", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout", b"ack_timeout", "heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "max_error_bytes", b"max_error_bytes", "max_progress_bytes", b"max_progress_bytes", "max_result_bytes", b"max_result_bytes", "reclaimed", b"reclaimed", "rejected", b"rejected", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

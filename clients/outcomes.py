@@ -1,0 +1,29 @@
+"""The error types Herder itself puts in a TaskError, defined once for the coordinator and the SDK.
+
+A handler's own failures carry the exception's name (or NonRetryableError.type); these are
+the ones the system sets, all under the `herder.` prefix.
+"""
+
+# The task was canceled (CancelTask, or a cancel that reached a running attempt).
+CANCELED = "herder.canceled"
+# The attempt ran longer than the task's timeout.
+TIMEOUT = "herder.timeout"
+# The task was not started within its ttl.
+EXPIRED = "herder.expired"
+# The worker's session ended (or its heartbeats stopped) and it did not re-claim the attempt.
+WORKER_LOST = "herder.worker_lost"
+# The worker did not acknowledge the assignment in time (the attempt is re-queued, using none up).
+ACK_TIMEOUT = "herder.ack_timeout"
+# The payload is not the type the handler takes, or does not decode.
+BAD_PAYLOAD = "herder.bad_payload"
+# The handler returned another message type than its task type's output.
+BAD_OUTPUT = "herder.bad_output"
+# The attempt's output or error is bigger than the coordinator stores (Welcome.max_*_bytes).
+RESULT_TOO_LARGE = "herder.result_too_large"
+# The worker sent a result with no outcome set.
+INVALID_RESULT = "herder.invalid_result"
+
+# What the coordinator stores unless its flags say otherwise; a Welcome carries the values in force.
+DEFAULT_MAX_RESULT_BYTES = 512 * 1024
+DEFAULT_MAX_ERROR_BYTES = 16 * 1024
+DEFAULT_MAX_PROGRESS_BYTES = 16 * 1024
