@@ -23,6 +23,7 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_
 from herder.server import election, keys, validation
 from herder.server._etcd import Etcd, EtcdError
 from herder.server.contracts import TaskTypeRegistry
+from herder.server.decoding import DecodingInterceptor
 from herder.server.leader import LeaderSettings, NamespaceLeader
 from herder.server.reflection import ContractReflection
 from herder.server.service import CoordinatorServicer
@@ -84,10 +85,12 @@ class Coordinator:
         """Connect to etcd, bind the server and start campaigning. Raises EtcdError or ListenError."""
         await self.etcd.connect()
         server = grpc.aio.server(
+            # Undecodable requests to any service below are INVALID_ARGUMENT, not UNKNOWN with a traceback.
+            interceptors=[DecodingInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

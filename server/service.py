@@ -406,9 +406,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     await context.write(message)
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            leader.close_session(session)
+            try:
+                # What ended the reader (an undecodable message) ends the call, after the session closes.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            finally:
+                leader.close_session(session)
         if leader.deposed:
             await context.abort_with_status(self._stepped_down())
 

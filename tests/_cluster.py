@@ -5,7 +5,7 @@
         coordinator.kill()       # SIGKILL the whole group (a crash)
         coordinator.restart()    # same port, waits until it leads again
 
-The fixture `coordinator` (import it into a test module: `from _cluster import coordinator`)
+The fixture `coordinator` (shared through conftest.py; older modules still import it from here)
 gives one started coordinator per test on the session's etcd and the test's namespace.
 Every process started here is killed at teardown, on failure too, and at interpreter exit.
 """

@@ -1,4 +1,4 @@
-"""Shared fixtures: one real etcd per test session; each test gets its own namespace."""
+"""Shared fixtures: one real etcd per test session; each test gets its own namespace (and a coordinator if asked)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 import pytest
+from _cluster import coordinator  # noqa: F401  (shared: a started coordinator per test)
 
 from herder.clients.embedded_etcd import EmbeddedEtcd
 
