@@ -31,7 +31,3 @@ def etcd() -> Iterator[EmbeddedEtcd]:
 @pytest.fixture
 def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
-
-
-# One coordinator per test: fixtures live here, not imported test module by test module.
-from _cluster import coordinator  # noqa: E402, F401
