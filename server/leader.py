@@ -884,7 +884,7 @@ class NamespaceLeader:
         if beat.draining and not session.draining:
             session.draining = True
             log.info("session %s is draining", session.id)
-        session.send(coordinator_pb2.ConnectResponse(heartbeat_ack=coordinator_pb2.HeartbeatAck()))
+        session.ack_heartbeat()
 
     def close_session(self, session: Session) -> None:
         """The stream ended: its attempts wait heartbeat_timeout for the worker to re-claim them."""

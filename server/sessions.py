@@ -25,6 +25,11 @@ class SessionSettings:
     ack_timeout: float = 5.0
 
 
+# Messages waiting for a worker that does not read its stream (five times the most slots a worker
+# can have): past this the session is ended.
+MAX_PENDING_MESSAGES = 50_000
+
+
 @dataclass(eq=False)
 class Session:
     worker_id: str
@@ -48,6 +53,8 @@ class Session:
     _assignments: list[bytes] = field(default_factory=list)
     _result_acks: list[coordinator_pb2.ResultAck] = field(default_factory=list)
     _others: list[coordinator_pb2.ConnectResponse] = field(default_factory=list)
+    # One heartbeat ack answers every heartbeat since the last one sent.
+    _heartbeat_ack_due: bool = False
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -71,15 +78,33 @@ class Session:
             self._ready.set()
 
     def send_result_ack(self, ref: coordinator_pb2.AttemptRef, accepted: bool, reason: str = "") -> None:
-        if not self.closed:
+        if not self.closed and self._room():
             self._result_acks.append(coordinator_pb2.ResultAck(ref=ref, accepted=accepted, reason=reason))
             self._ready.set()
 
     def send(self, message: coordinator_pb2.ConnectResponse) -> None:
-        """Queue any other message (cancel, heartbeat ack); sent after pending assignments and acks."""
-        if not self.closed:
+        """Queue any other message (a cancel); sent after pending assignments and acks."""
+        if not self.closed and self._room():
             self._others.append(message)
             self._ready.set()
+
+    def ack_heartbeat(self) -> None:
+        if not self.closed:
+            self._heartbeat_ack_due = True
+            self._ready.set()
+
+    def _room(self) -> bool:
+        """False (and the session ended) once a worker that does not read has too much waiting for it."""
+        if len(self._result_acks) + len(self._others) < MAX_PENDING_MESSAGES:
+            return True
+        log.warning(
+            "session %s of worker %s: %d messages wait unread; ending the session",
+            self.id,
+            self.worker_id,
+            MAX_PENDING_MESSAGES,
+        )
+        self.end()
+        return False
 
     async def next_messages(self) -> list[coordinator_pb2.ConnectResponse]:
         """Wait for something to send; everything pending, batched. Empty once the session ended."""
@@ -103,6 +128,9 @@ class Session:
             messages.append(message)
         messages.extend(self._others)
         self._others.clear()
+        if self._heartbeat_ack_due:
+            self._heartbeat_ack_due = False
+            messages.append(coordinator_pb2.ConnectResponse(heartbeat_ack=coordinator_pb2.HeartbeatAck()))
         return messages
 
     def end(self) -> None:

@@ -16,6 +16,7 @@ from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import task_pb2
+from herder.server.sessions import MAX_PENDING_MESSAGES
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,3 +81,17 @@ async def _in(stub: object, task_id: str, state: int) -> task_pb2.Task | None:
 async def _quarantined(stub: object) -> list[pb.Node]:
     reply = await stub.ListNodes(pb.ListNodesRequest())  # type: ignore[attr-defined]
     return [node for node in reply.nodes if node.HasField("quarantined_until")]
+
+
+async def test_a_worker_flooding_its_stream_is_cut_off_not_buffered_without_end(coordinator: Coordinator) -> None:
+    flood = pb.AttemptResults(
+        results=[
+            pb.AttemptResult(ref=ref(f"no-such-task-{i}", 1), canceled="x") for i in range(MAX_PENDING_MESSAGES + 1)
+        ]
+    )
+    async with RawWorker(coordinator.address, "flooder", [ECHO]) as worker:
+        await worker.send(results=flood)
+        await asyncio.wait_for(worker.closed.wait(), 30)
+    async with echo_stub(coordinator.address) as stub:
+        assert (await stub.ListNodes(pb.ListNodesRequest())).nodes == []
+    assert "messages wait unread; ending the session" in coordinator.log_tail(100_000)
