@@ -14,6 +14,7 @@ from herder.server._etcd import EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
 from herder.server.leader import LeaderSettings
 from herder.server.sessions import SessionSettings
+from herder.server.watchers import WatchSettings
 
 
 def _env(name: str, default: str) -> str:
@@ -55,6 +56,20 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         default=float(_env("IDEMPOTENCY_WINDOW", str(24 * 3600))),
         help="seconds an idempotency key returns its task (default one day)",
     )
+    watch = WatchSettings()
+    # String defaults go through `type`, so a bad HERDER_* value is reported like a bad flag.
+    parser.add_argument(
+        "--max-watchers",
+        type=int,
+        default=_env("MAX_WATCHERS", str(watch.max_watchers)),
+        help=f"WatchTasks streams served at once; more are refused (default {watch.max_watchers})",
+    )
+    parser.add_argument(
+        "--watch-backlog",
+        type=int,
+        default=_env("WATCH_BACKLOG", str(watch.max_backlog)),
+        help=f"changes a watcher may fall behind before it is ended (default {watch.max_backlog})",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning or error")
     args = parser.parse_args(argv)
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
@@ -73,6 +88,10 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         problems.append("--ack-timeout: must be positive")
     if args.retention < 0 or args.idempotency_window < 0:
         problems.append("--retention and --idempotency-window must not be negative")
+    if args.max_watchers < 1:
+        problems.append("--max-watchers: must be at least 1")
+    if args.watch_backlog < 1:
+        problems.append("--watch-backlog: must be at least 1")
     if problems:
         parser.error("; ".join(problems))
     logging.basicConfig(
@@ -94,6 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
             retention=args.retention,
             idempotency_window=args.idempotency_window,
         ),
+        watch=WatchSettings(max_watchers=args.max_watchers, max_backlog=args.watch_backlog),
     )
 
 

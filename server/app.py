@@ -26,6 +26,7 @@ from herder.server.contracts import TaskTypeRegistry
 from herder.server.leader import LeaderSettings, NamespaceLeader
 from herder.server.reflection import ContractReflection
 from herder.server.service import CoordinatorServicer
+from herder.server.watchers import WatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class CoordinatorConfig:
     lease: election.LeaseSettings = field(default_factory=election.LeaseSettings)
     leader: LeaderSettings = field(default_factory=LeaderSettings)
     limits: validation.Limits = field(default_factory=validation.Limits)
+    watch: WatchSettings = field(default_factory=WatchSettings)
     etcd_timeout: float = 5.0
 
 
