@@ -57,11 +57,13 @@ def run_worker(address: str, slots: int) -> None:
 
 
 class Stack:
-    """etcd (fsync on) + one coordinator + worker processes, all stopped on exit."""
+    """etcd (fsync on) + one coordinator (given coordinator_args as extra flags) + worker processes,
+    all stopped on exit."""
 
-    def __init__(self, workers: int, slots: int) -> None:
+    def __init__(self, workers: int, slots: int, coordinator_args: tuple[str, ...] = ()) -> None:
         self.workers = workers
         self.slots = slots
+        self.coordinator_args = coordinator_args
         self.dir = tempfile.mkdtemp(prefix="herder-bench-")
         self.etcd = EmbeddedEtcd(data_dir=Path(self.dir), fsync=True)
         self.address = f"127.0.0.1:{free_port()}"
@@ -77,10 +79,8 @@ class Stack:
 
     async def start(self) -> None:
         self.etcd.start()
-        self._spawn(
-            ["-m", "herder.server", "--etcd", self.etcd.endpoint, "--listen", self.address, "--log-level", "warning"],
-            "coordinator.log",
-        )
+        args = ["-m", "herder.server", "--etcd", self.etcd.endpoint, "--listen", self.address, "--log-level", "warning"]
+        self._spawn([*args, *self.coordinator_args], "coordinator.log")
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             await _until(lambda: _answers(stub.ListNodes(pb.ListNodesRequest(), timeout=1)), 30, "coordinator")

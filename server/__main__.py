@@ -16,6 +16,7 @@ from herder.server.app import CoordinatorConfig, ListenError, serve
 from herder.server.horizon import MAX_DELAY_SECONDS
 from herder.server.leader import LeaderSettings
 from herder.server.sessions import SessionSettings
+from herder.server.watchers import WatchSettings
 
 
 def _env(name: str, default: str) -> str:
@@ -60,21 +61,35 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
     parser.add_argument(
         "--quarantine",
         type=float,
-        default=float(_env("QUARANTINE", "60")),
+        default=_env("QUARANTINE", "60"),
         help="seconds a worker that leaves an assignment unacknowledged gets no assignments (default 60)",
     )
     limits = validation.Limits()
     parser.add_argument(
         "--max-result-bytes",
         type=int,
-        default=int(_env("MAX_RESULT_BYTES", str(limits.max_result_bytes))),
+        default=_env("MAX_RESULT_BYTES", str(limits.max_result_bytes)),
         help=f"largest attempt output a worker may report (default {limits.max_result_bytes})",
     )
     parser.add_argument(
         "--max-record-bytes",
         type=int,
-        default=int(_env("MAX_RECORD_BYTES", str(limits.max_record_bytes))),
+        default=_env("MAX_RECORD_BYTES", str(limits.max_record_bytes)),
         help=f"largest record stored in etcd, below etcd's request limit (default {limits.max_record_bytes})",
+    )
+    watch = WatchSettings()
+    # String defaults go through `type`, so a bad HERDER_* value is reported like a bad flag.
+    parser.add_argument(
+        "--max-watchers",
+        type=int,
+        default=_env("MAX_WATCHERS", str(watch.max_watchers)),
+        help=f"WatchTasks streams served at once; more are refused (default {watch.max_watchers})",
+    )
+    parser.add_argument(
+        "--watch-backlog",
+        type=int,
+        default=_env("WATCH_BACKLOG", str(watch.max_backlog)),
+        help=f"changes a watcher may fall behind before it is ended (default {watch.max_backlog})",
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning or error")
     args = parser.parse_args(argv)
@@ -98,6 +113,10 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         problems.append("--quarantine: must be between 0 and 86400 seconds")
     limits = dataclasses.replace(limits, max_result_bytes=args.max_result_bytes, max_record_bytes=args.max_record_bytes)
     problems += [problem.replace("max_", "--max-").replace("_bytes", "-bytes") for problem in limits.problems()]
+    if args.max_watchers < 1:
+        problems.append("--max-watchers: must be at least 1")
+    if args.watch_backlog < 1:
+        problems.append("--watch-backlog: must be at least 1")
     if problems:
         parser.error("; ".join(problems))
     logging.basicConfig(
@@ -121,6 +140,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
             quarantine=args.quarantine,
         ),
         limits=limits,
+        watch=WatchSettings(max_watchers=args.max_watchers, max_backlog=args.watch_backlog),
     )
 
 

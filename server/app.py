@@ -27,6 +27,7 @@ from herder.server.decoding import DecodingInterceptor
 from herder.server.leader import LeaderSettings, NamespaceLeader
 from herder.server.reflection import ContractReflection
 from herder.server.service import CoordinatorServicer
+from herder.server.watchers import WatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class CoordinatorConfig:
     lease: election.LeaseSettings = field(default_factory=election.LeaseSettings)
     leader: LeaderSettings = field(default_factory=LeaderSettings)
     limits: validation.Limits = field(default_factory=validation.Limits)
+    watch: WatchSettings = field(default_factory=WatchSettings)
     etcd_timeout: float = 5.0
 
 

@@ -319,7 +319,7 @@ class NamespaceLeader:
             entry.committed, entry.revision = data, revision
             entry.first_write = None
             entry.rest()
-            if self.hub.wants(task.id):
+            if self.hub.wants(task.id, task.spec.queue, task.spec.type):
                 self.hub.publish(task_pb2.Task.FromString(data), Change(data, previous_state, revision))
             if state in TERMINAL and self._entries.get(task.id) is entry:
                 del self._entries[task.id]
