@@ -216,7 +216,7 @@ class Coordinator:
         status.etcd_db_size_bytes = etcd_status.db_size
         leader = self.leader
         if leader is not None:
-            status.sessions = len(leader.sessions)
+            status.sessions = len(leader.workers.sessions)
             counts = leader.counts()
             status.tasks_pending = counts.get(task_pb2.TASK_STATE_PENDING, 0)
             status.tasks_queued = counts.get(task_pb2.TASK_STATE_QUEUED, 0)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,3 +267,13 @@ class Committer:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+def after_commit(future: asyncio.Future[int], action: Callable[[], None]) -> None:
+    """Run action once the write behind future is committed; never if it failed or was cancelled."""
+
+    def run(f: asyncio.Future[int]) -> None:
+        if not f.cancelled() and f.exception() is None:
+            action()
+
+    future.add_done_callback(run)

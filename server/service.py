@@ -18,8 +18,9 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_
 from herder.server import keys, validation
 from herder.server._etcd import EtcdError, prefix_end
 from herder.server.contracts import render_json, resolve_payload
+from herder.server.entries import TERMINAL
 from herder.server.horizon import set_timestamp
-from herder.server.leader import TERMINAL, NamespaceLeader
+from herder.server.leader import NamespaceLeader
 from herder.server.watchers import Published, TaskFilter, WatchSettings
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.ListNodesResponse:
         leader = self._leader()
         nodes = []
-        for session in leader.sessions.values():
+        for session in leader.workers.sessions.values():
             node = coordinator_pb2.Node(
                 worker_id=session.worker_id,
                 session_id=session.id,
@@ -290,7 +291,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             )
             set_timestamp(node.connect_time, session.connect_time)
             set_timestamp(node.last_heartbeat_time, session.last_heartbeat_wall)
-            quarantine = leader.quarantined.get(session.worker_id)
+            quarantine = leader.workers.quarantined.get(session.worker_id)
             if quarantine is not None:
                 until, node.quarantine_reason = quarantine
                 set_timestamp(node.quarantined_until, time.time() + max(until - time.monotonic(), 0.0))
@@ -438,7 +439,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 violations.append(errors.FieldViolation("hello.slots", "must be between 1 and 10000"))
             violations += validation.validate_hello_extras(hello, self._limits)
             validation.raise_if(violations, "invalid hello")
-            session, welcome = leader.open_session(hello, context.peer())
+            session, welcome = leader.workers.open_session(hello, context.peer())
         except errors.HerderError as exc:
             await context.abort_with_status(errors.to_status(exc))
             return
@@ -455,7 +456,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
             finally:
-                leader.close_session(session)
+                leader.workers.close_session(session)
         if leader.deposed:
             await context.abort_with_status(self._stepped_down())
 
@@ -468,14 +469,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 kind = message.WhichOneof("message")
                 if kind == "ack":
                     for ref in message.ack.refs:
-                        leader.acknowledge(session, ref)
+                        leader.reports.acknowledge(session, ref)
                 elif kind == "results":
                     for result in message.results.results:
-                        leader.result(session, result)
+                        leader.reports.result(session, result)
                 elif kind == "progress":
-                    leader.progress(session, message.progress)
+                    leader.reports.progress(session, message.progress)
                 elif kind == "heartbeat":
-                    leader.heartbeat(session, message.heartbeat)
+                    leader.workers.heartbeat(session, message.heartbeat)
                 else:
                     log.warning("session %s sent an unexpected %s; ignored", session.id, kind)
                     continue

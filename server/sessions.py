@@ -43,7 +43,7 @@ class Session:
     last_heartbeat_wall: float = field(default_factory=time.time)
     draining: bool = False
     closed: bool = False
-    # Monotonic time until which the worker gets no assignments (see NamespaceLeader._quarantine).
+    # Monotonic time until which the worker gets no assignments (see Workers.quarantine in workers.py).
     quarantined_until: float = 0.0
     # Kinds of bad input already logged for this session: one line each, not one per message.
     _warned: set[str] = field(default_factory=set)

@@ -37,17 +37,16 @@ async def _boom_async(*args: Any, **kwargs: Any) -> Any:
 
 
 def _timers(leader: NamespaceLeader) -> None:
-    leader._delayed.pop_due = _boom  # type: ignore[method-assign]
-    leader._delayed.push(time.time() - 1, "due-now")
-    leader._timer_wakeup.set()
+    leader.timers.delayed.pop_due = _boom  # type: ignore[method-assign]
+    leader.timers.delay(time.time() - 1, "due-now")
 
 
 def _liveness(leader: NamespaceLeader) -> None:
-    leader._release_quarantines = _boom  # type: ignore[method-assign]
+    leader.workers._release_quarantines = _boom  # type: ignore[method-assign]
 
 
 def _retention(leader: NamespaceLeader) -> None:
-    leader.collect_garbage = _boom_async  # type: ignore[method-assign]
+    leader.retention.collect_garbage = _boom_async  # type: ignore[method-assign]
 
 
 def _committer(leader: NamespaceLeader) -> None:
@@ -60,8 +59,8 @@ def _keep_alive(leader: NamespaceLeader) -> None:
 
 
 def _dispatch(leader: NamespaceLeader) -> None:
-    leader._dispatch = _boom  # type: ignore[method-assign]
-    leader._schedule_dispatch()
+    leader.dispatcher.dispatch = _boom  # type: ignore[method-assign]
+    leader.dispatcher.schedule()
 
 
 INJECTIONS: dict[str, Callable[[NamespaceLeader], None]] = {

@@ -1,0 +1,119 @@
+"""Dispatch: queued tasks go to free session slots, in the order the scheduler picks them.
+
+An assignment changes memory at once (so one pass never gives a slot twice)
+and is sent to its worker only once committed, and only if its session still
+holds that attempt. The worker then has ack_timeout to acknowledge it;
+otherwise the task is re-queued at once, using up none of its attempts, and
+the worker is quarantined. However many changes ask for a pass, at most one
+is scheduled at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+from herder.clients.outcomes import ACK_TIMEOUT
+from herder.server.entries import Entry, S
+from herder.server.horizon import stamp_now, timestamp_seconds
+from herder.server.sessions import Session
+
+if TYPE_CHECKING:
+    from herder.server.leader import NamespaceLeader
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Dispatch for one NamespaceLeader; a pass it schedules runs guarded, failing the leader if it raises."""
+
+    def __init__(self, leader: NamespaceLeader) -> None:
+        self._leader = leader
+        self._scheduled = False
+
+    def schedule(self) -> None:
+        """Run a pass soon: something may have freed a slot or queued a task."""
+        if not self._scheduled and not self._leader.stopped.is_set():
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._leader._guarded, "dispatch", self.dispatch)
+
+    def dispatch(self) -> None:
+        """Assign what the scheduler picks to free slots, until either runs out."""
+        leader = self._leader
+        self._scheduled = False
+        if leader.deposed or not leader.scheduler:
+            return
+        sessions = [s for s in leader.workers.sessions.values() if s.free > 0]
+        random.shuffle(sessions)
+        while sessions and leader.scheduler:
+            still_free = []
+            for session in sessions:
+                task_id = leader.scheduler.pick(session.task_types)
+                if task_id is None:
+                    continue
+                self._assign(leader._entries[task_id], session)
+                if session.free > 0:
+                    still_free.append(session)
+            sessions = still_free
+
+    def _assign(self, entry: Entry, session: Session) -> None:
+        task = entry.task
+        previous = task.state
+        task.state = S.TASK_STATE_ASSIGNED
+        task.attempt += 1
+        task.worker_id = session.worker_id
+        task.session_id = session.id
+        stamp_now(task.assign_time)
+        task.ClearField("progress")
+        task.waiting_reason = ""
+        entry.session = session
+        session.held[task.id] = task.attempt
+        now = time.time()
+        leader = self._leader
+        leader.book.dispatched(task.spec.queue, now - timestamp_seconds(task.queue_time))
+        leader.timers.expiry.discard(task.id)
+        leader.timers.arm_timeout(entry, now)
+        if not entry.fresh:
+            self.send_assignment_after(leader._write(entry, previous), entry, session)
+
+    def send_assignment_after(self, written: asyncio.Future[int], entry: Entry, session: Session) -> None:
+        """Once the assignment is committed, send it and start the acknowledgement window."""
+        task_id, attempt = entry.task.id, entry.task.attempt
+
+        def send(f: asyncio.Future[int]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            if session.held.get(task_id) != attempt or session.closed:
+                return
+            session.send_assignment(entry.committed)
+            entry.ack_timer = asyncio.get_running_loop().call_later(
+                self._leader.settings.sessions.ack_timeout,
+                self._leader._guarded,
+                "an ack timer",
+                self._ack_expired,
+                entry,
+                session,
+                attempt,
+            )
+
+        written.add_done_callback(send)
+
+    def _ack_expired(self, entry: Entry, session: Session, attempt: int) -> None:
+        task = entry.task
+        entry.ack_timer = None
+        if task.attempt != attempt or task.state != S.TASK_STATE_ASSIGNED or entry.session is not session:
+            return
+        log.info("task %s attempt %d not acknowledged by %s; re-queued", task.id, attempt, session.worker_id)
+        leader = self._leader
+        leader.workers.quarantine(session.worker_id, f"assignment {task.id} attempt {attempt} not acknowledged")
+        # The worker never started it: re-queued at once, using up none of the task's attempts. The
+        # history shows it (bounded: a worker is quarantined after each, so these come rarely).
+        if len(task.attempt_errors) < leader.limits_.max_attempts_limit:
+            task.attempt_errors.add(
+                type=ACK_TIMEOUT, message=f"not acknowledged by {session.worker_id}", retryable=True
+            )
+        requeued = leader._requeue(entry)
+        leader._cancel_after(requeued, session, task.id, attempt, "not acknowledged")

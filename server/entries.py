@@ -1,0 +1,61 @@
+"""What the leader keeps for each unfinished task, and the task states by phase.
+
+An Entry's `task` is the leader's latest state of it; `committed` and
+`revision` are what etcd holds, set only once a write lands. The session,
+timers and flags on it are memory only, never stored: a new leader derives
+them again (recovery.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from herder.clients.proto.v1 import task_pb2
+from herder.server.sessions import Session
+
+S = task_pb2.TaskState
+TERMINAL = frozenset({S.TASK_STATE_SUCCEEDED, S.TASK_STATE_FAILED, S.TASK_STATE_CANCELED, S.TASK_STATE_EXPIRED})
+ACTIVE = frozenset({S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING})
+WAITING = frozenset({S.TASK_STATE_PENDING, S.TASK_STATE_QUEUED})
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """A task the leader tracks: its latest state and the record last committed for it.
+
+    A task that waits (QUEUED or PENDING) with nothing left to write keeps only its committed
+    record; the message is parsed again when something touches it. That is most of a backlog's
+    memory: a parsed Task costs about four times its record.
+    """
+
+    _task: task_pb2.Task | None
+    committed: bytes = b""
+    revision: int = 0
+    session: Session | None = None
+    ack_timer: asyncio.TimerHandle | None = None
+    # Monotonic time after which an attempt no session holds is re-queued.
+    orphan_deadline: float = 0.0
+    # The attempt whose timeout is armed.
+    timeout_attempt: int = 0
+    # A progress write is on its way; later updates wait for it and go in one write.
+    progress_writing: bool = False
+    progress_dirty: bool = False
+    # Created by a submit that has not written it yet: dispatch may assign it in memory,
+    # and the submit's one write then stores it already assigned.
+    fresh: bool = False
+    # Writes submitted and not yet committed.
+    writes_pending: int = 0
+    # The submit's write, until it lands: readers of a task not yet committed wait for it.
+    first_write: asyncio.Future[int] | None = None
+
+    @property
+    def task(self) -> task_pb2.Task:
+        if self._task is None:
+            self._task = task_pb2.Task.FromString(self.committed)
+        return self._task
+
+    def rest(self) -> None:
+        """Drop the parsed message of a waiting task whose every change is committed."""
+        if self.writes_pending == 0 and self._task is not None and self._task.state in WAITING:
+            self._task = None

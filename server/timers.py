@@ -1,0 +1,103 @@
+"""The leader's timers: delays and backoffs ending, unstarted tasks expiring, attempts timing out.
+
+A timer is a due time for a task id, in memory only: a new leader arms them
+again from the stored tasks (recovery.py). One that fires acts only if the
+task is still as it was when armed (still PENDING, still unstarted, still on
+that attempt), and then through the leader's own transitions, which write
+before anything is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from herder.clients.outcomes import EXPIRED, TIMEOUT
+from herder.clients.proto.v1 import task_pb2
+from herder.server.deadlines import Deadlines
+from herder.server.entries import ACTIVE, TERMINAL, Entry, S
+from herder.server.horizon import clamp_delay, duration_seconds
+
+if TYPE_CHECKING:
+    from herder.server.leader import NamespaceLeader
+
+log = logging.getLogger(__name__)
+
+
+class Timers:
+    """The timers of one NamespaceLeader; `run()` is its supervised timer loop."""
+
+    def __init__(self, leader: NamespaceLeader) -> None:
+        self._leader = leader
+        # PENDING tasks by run time; unstarted tasks by expiry (ttl); attempts by timeout.
+        self.delayed = Deadlines()
+        self.expiry = Deadlines()
+        self.timeouts = Deadlines()
+        self.wakeup = asyncio.Event()
+
+    def delay(self, due: float, task_id: str) -> None:
+        """Re-queue a PENDING task at `due` (seconds since the epoch)."""
+        self.delayed.push(due, task_id)
+        self.wakeup.set()
+
+    def expire(self, due: float, task_id: str) -> None:
+        """Expire the task at `due` unless it has started by then."""
+        self.expiry.push(due, task_id)
+        self.wakeup.set()
+
+    def arm_timeout(self, entry: Entry, started: float) -> None:
+        """Fail the current attempt if it is still running `spec.timeout` after it was assigned."""
+        task = entry.task
+        if task.spec.HasField("timeout") and duration_seconds(task.spec.timeout) > 0:
+            entry.timeout_attempt = task.attempt
+            self.timeouts.push(started + clamp_delay(duration_seconds(task.spec.timeout)), task.id)
+            self.wakeup.set()
+
+    def discard(self, task_id: str) -> None:
+        """Disarm every timer of the task."""
+        self.delayed.discard(task_id)
+        self.expiry.discard(task_id)
+        self.timeouts.discard(task_id)
+
+    async def run(self) -> None:
+        """Delays and backoffs ending, unstarted tasks expiring, attempts timing out."""
+        leader = self._leader
+        timers = (self.delayed, self.expiry, self.timeouts)
+        while True:
+            self.wakeup.clear()
+            dues = [due for due in (t.next_due() for t in timers) if due is not None]
+            if not dues:
+                await self.wakeup.wait()
+                continue
+            wait = min(dues) - time.time()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), wait)
+                continue
+            now = time.time()
+            for task_id in self.delayed.pop_due(now):
+                entry = leader._entries.get(task_id)
+                if entry is not None and entry.task.state == S.TASK_STATE_PENDING:
+                    leader._requeue(entry)
+            for task_id in self.expiry.pop_due(now):
+                entry = leader._entries.get(task_id)
+                if entry is not None and entry.task.attempt == 0 and entry.task.state not in TERMINAL | ACTIVE:
+                    error = task_pb2.TaskError(type=EXPIRED, message="not started within its ttl")
+                    leader._finish(entry, S.TASK_STATE_EXPIRED, error=error)
+            for task_id in self.timeouts.pop_due(now):
+                entry = leader._entries.get(task_id)
+                if entry is not None and entry.task.state in ACTIVE and entry.task.attempt == entry.timeout_attempt:
+                    self._time_out(entry)
+
+    def _time_out(self, entry: Entry) -> None:
+        task = entry.task
+        limit = duration_seconds(task.spec.timeout)
+        session, attempt = entry.session, task.attempt
+        log.info("task %s attempt %d timed out after %.3gs", task.id, attempt, limit)
+        error = task_pb2.TaskError(type=TIMEOUT, message=f"attempt {attempt} ran longer than {limit:g}s")
+        failed = self._leader._attempt_failed(entry, error)
+        if session is not None:
+            self._leader._cancel_after(failed, session, task.id, attempt, "timed out")
