@@ -38,7 +38,7 @@ class Dispatcher:
         """Run a pass soon: something may have freed a slot or queued a task."""
         if not self._scheduled and not self._leader.stopped.is_set():
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._leader._guarded, "dispatch", self.dispatch)
+            asyncio.get_running_loop().call_soon(self._leader.guarded, "dispatch", self.dispatch)
 
     def dispatch(self) -> None:
         """Assign what the scheduler picks to free slots, until either runs out."""
@@ -54,7 +54,7 @@ class Dispatcher:
                 task_id = leader.scheduler.pick(session.task_types)
                 if task_id is None:
                     continue
-                self._assign(leader._entries[task_id], session)
+                self._assign(leader.entries[task_id], session)
                 if session.free > 0:
                     still_free.append(session)
             sessions = still_free
@@ -77,7 +77,7 @@ class Dispatcher:
         leader.timers.expiry.discard(task.id)
         leader.timers.arm_timeout(entry, now)
         if not entry.fresh:
-            self.send_assignment_after(leader._write(entry, previous), entry, session)
+            self.send_assignment_after(leader.write(entry, previous), entry, session)
 
     def send_assignment_after(self, written: asyncio.Future[int], entry: Entry, session: Session) -> None:
         """Once the assignment is committed, send it and start the acknowledgement window."""
@@ -91,7 +91,7 @@ class Dispatcher:
             session.send_assignment(entry.committed)
             entry.ack_timer = asyncio.get_running_loop().call_later(
                 self._leader.settings.sessions.ack_timeout,
-                self._leader._guarded,
+                self._leader.guarded,
                 "an ack timer",
                 self._ack_expired,
                 entry,
@@ -111,9 +111,9 @@ class Dispatcher:
         leader.workers.quarantine(session.worker_id, f"assignment {task.id} attempt {attempt} not acknowledged")
         # The worker never started it: re-queued at once, using up none of the task's attempts. The
         # history shows it (bounded: a worker is quarantined after each, so these come rarely).
-        if len(task.attempt_errors) < leader.limits_.max_attempts_limit:
+        if len(task.attempt_errors) < leader.input_limits.max_attempts_limit:
             task.attempt_errors.add(
                 type=ACK_TIMEOUT, message=f"not acknowledged by {session.worker_id}", retryable=True
             )
-        requeued = leader._requeue(entry)
-        leader._cancel_after(requeued, session, task.id, attempt, "not acknowledged")
+        requeued = leader.requeue(entry)
+        leader.cancel_after(requeued, session, task.id, attempt, "not acknowledged")

@@ -103,16 +103,16 @@ class NamespaceLeader:
         self.leadership = leadership
         self.settings = settings
         self.registry = registry
-        self.limits_ = limits or Limits()
+        self.input_limits = limits or Limits()
         self.committer = Committer(etcd, keys.leader(self.prefix), leadership.fence)
         self.hub = WatchHub()
-        self._entries: dict[str, Entry] = {}
-        self._idempotency: dict[str, str] = {}
+        self.entries: dict[str, Entry] = {}
+        self.idempotency: dict[str, str] = {}
         self.scheduler = Scheduler()
         self.book = QueueBook()
         # Scheduling settings by (scope, name), as stored.
         self.limits: dict[tuple[int, str], coordinator_pb2.Limit] = {}
-        self._sequence = 0
+        self.sequence = 0
         self.dispatcher = Dispatcher(self)
         self.timers = Timers(self)
         self.workers = Workers(self)
@@ -148,7 +148,7 @@ class NamespaceLeader:
         task.add_done_callback(ended)
         return task
 
-    def _guarded(self, where: str, callback: Callable[..., None], *args: Any) -> None:
+    def guarded(self, where: str, callback: Callable[..., None], *args: Any) -> None:
         """Run a loop callback; an error in it fails the leader instead of being lost in the event loop's log."""
         try:
             callback(*args)
@@ -171,7 +171,7 @@ class NamespaceLeader:
             task.cancel()
         # A loop that failed was logged when it did; stopping must not raise it again.
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for entry in self._entries.values():
+        for entry in self.entries.values():
             if entry.ack_timer is not None:
                 entry.ack_timer.cancel()
         self.workers.end_all()
@@ -187,13 +187,13 @@ class NamespaceLeader:
             or self.stopped.is_set()
         )
 
-    def _check(self) -> None:
+    def check(self) -> None:
         if self.deposed:
             raise errors.UnavailableError("this coordinator is stepping down; retry on the new leader")
 
     # ----------------------------------------------------------------- writes
 
-    def _write(self, entry: Entry, previous_state: int, extra: tuple[Write, ...] = ()) -> asyncio.Future[int]:
+    def write(self, entry: Entry, previous_state: int, extra: tuple[Write, ...] = ()) -> asyncio.Future[int]:
         return self._write_record(entry, previous_state, extra)[0]
 
     def _write_record(
@@ -216,7 +216,7 @@ class NamespaceLeader:
         entry.writes_pending += 1
 
         def committed(f: asyncio.Future[int]) -> None:
-            self._guarded("a commit callback", applied, f)
+            self.guarded("a commit callback", applied, f)
 
         def applied(f: asyncio.Future[int]) -> None:
             entry.writes_pending -= 1
@@ -228,13 +228,13 @@ class NamespaceLeader:
             entry.rest()
             if self.hub.wants(task.id, task.spec.queue, task.spec.type):
                 self.hub.publish(task_pb2.Task.FromString(data), Change(data, previous_state, revision))
-            if state in TERMINAL and self._entries.get(task.id) is entry:
-                del self._entries[task.id]
+            if state in TERMINAL and self.entries.get(task.id) is entry:
+                del self.entries[task.id]
 
         future.add_done_callback(committed)
         return future, data
 
-    async def _await(self, future: asyncio.Future[int]) -> int:
+    async def await_commit(self, future: asyncio.Future[int]) -> int:
         try:
             return await asyncio.shield(future)
         except errors.HerderError:
@@ -252,7 +252,7 @@ class NamespaceLeader:
         trace_context (W3C traceparent/tracestate of the submitter) is stored with each task, so
         the handler's span joins the submitter's trace.
         """
-        self._check()
+        self.check()
         now = _now_ts()
         wall = time.time()
         # Per spec, in order: the task it created, or the id an idempotency key already names.
@@ -260,11 +260,11 @@ class NamespaceLeader:
         created: list[Entry] = []
         for spec in specs:
             key = spec.idempotency_key
-            if key and key in self._idempotency:
-                answers.append(self._idempotency[key])
+            if key and key in self.idempotency:
+                answers.append(self.idempotency[key])
                 continue
-            self._sequence += 1
-            task = task_pb2.Task(id=new_task_id(), namespace=self.namespace, sequence=self._sequence)
+            self.sequence += 1
+            task = task_pb2.Task(id=new_task_id(), namespace=self.namespace, sequence=self.sequence)
             task.spec.CopyFrom(spec)
             if not task.spec.queue:
                 task.spec.queue = "default"
@@ -272,7 +272,7 @@ class NamespaceLeader:
             if trace_context:
                 task.trace_context.update(trace_context)
             entry = Entry(task, fresh=True)
-            self._entries[task.id] = entry
+            self.entries[task.id] = entry
             if spec.HasField("not_before") and timestamp_seconds(spec.not_before) > wall:
                 task.state = S.TASK_STATE_PENDING
                 task.next_run_time.CopyFrom(spec.not_before)
@@ -280,11 +280,11 @@ class NamespaceLeader:
             else:
                 task.state = S.TASK_STATE_QUEUED
                 task.queue_time.CopyFrom(now)
-                self._push(task)
+                self.push(task)
             if spec.HasField("ttl"):
                 self.timers.expire(wall + clamp_delay(duration_seconds(spec.ttl)), task.id)
             if key:
-                self._idempotency[key] = task.id
+                self.idempotency[key] = task.id
             created.append(entry)
             answers.append(entry)
         # Idle workers get the new tasks at once: each task's first write already assigns it.
@@ -305,7 +305,7 @@ class NamespaceLeader:
             if isinstance(answer, Entry):
                 # By the entry itself: touching answer.task would parse a record just set to rest.
                 future, record = writes[answer]
-                await self._await(future)
+                await self.await_commit(future)
                 results.append((task_pb2.Task.FromString(record), True))
             else:
                 results.append((await self.get(answer), False))
@@ -318,12 +318,12 @@ class NamespaceLeader:
 
     async def get_with_revision(self, task_id: str) -> tuple[task_pb2.Task, int]:
         """The task as last committed, and the revision it was committed at."""
-        entry = self._entries.get(task_id)
+        entry = self.entries.get(task_id)
         if entry is not None:
             if not entry.committed and entry.first_write is not None:
                 # Submitted but not committed yet: answer once its first write lands. A write that
                 # has just landed may still have its callbacks queued; they run before this resumes.
-                await self._await(entry.first_write)
+                await self.await_commit(entry.first_write)
                 await asyncio.sleep(0)
             return task_pb2.Task.FromString(entry.committed), entry.revision
         kv, _ = await self.etcd.get(keys.task(self.prefix, task_id))
@@ -333,7 +333,7 @@ class NamespaceLeader:
 
     async def active_snapshots(self) -> AsyncIterator[tuple[task_pb2.Task, int]]:
         """Committed state of every unfinished task; yields to the loop now and then, a backlog being large."""
-        for i, entry in enumerate(list(self._entries.values())):
+        for i, entry in enumerate(list(self.entries.values())):
             if entry.committed:
                 yield task_pb2.Task.FromString(entry.committed), entry.revision
             if i % 2000 == 1999:
@@ -343,10 +343,10 @@ class NamespaceLeader:
         self, task_filter: TaskFilter, after: str, limit: int
     ) -> tuple[list[task_pb2.Task], bool]:
         """Committed unfinished tasks matching the filter, in id (submission) order after `after`: (page, more)."""
-        ids = sorted(task_id for task_id in self._entries if task_id > after)
+        ids = sorted(task_id for task_id in self.entries if task_id > after)
         found: list[task_pb2.Task] = []
         for n, task_id in enumerate(ids):
-            entry = self._entries.get(task_id)
+            entry = self.entries.get(task_id)
             if entry is not None and entry.committed:
                 task = task_pb2.Task.FromString(entry.committed)
                 if task_filter.matches(task):
@@ -360,15 +360,15 @@ class NamespaceLeader:
     # ----------------------------------------------------------------- cancel
 
     async def cancel(self, task_id: str, reason: str) -> task_pb2.Task:
-        self._check()
-        entry = self._entries.get(task_id)
+        self.check()
+        entry = self.entries.get(task_id)
         if entry is None or not entry.committed:
             task = await self.get(task_id)
             if task.state in TERMINAL:
                 raise errors.FailedPreconditionError(
                     f"task {task_id} already finished as {S.Name(task.state).removeprefix('TASK_STATE_')}"
                 )
-            entry = self._entries.get(task_id)
+            entry = self.entries.get(task_id)
             if entry is None:
                 raise errors.FailedPreconditionError(f"task {task_id} already finished")
         task = entry.task
@@ -377,15 +377,15 @@ class NamespaceLeader:
         if task.state in ACTIVE and entry.session is not None and not entry.session.closed:
             if not task.cancel_requested:
                 task.cancel_requested = True
-                future = self._write(entry, task.state)
-                self._cancel_after(future, entry.session, task_id, task.attempt, reason or "canceled")
-                await self._await(future)
+                future = self.write(entry, task.state)
+                self.cancel_after(future, entry.session, task_id, task.attempt, reason or "canceled")
+                await self.await_commit(future)
             return task_pb2.Task.FromString(entry.committed)
         error = task_pb2.TaskError(type=CANCELED, message=reason or "canceled", retryable=False)
-        await self._await(self._finish(entry, S.TASK_STATE_CANCELED, error=error))
+        await self.await_commit(self.finish(entry, S.TASK_STATE_CANCELED, error=error))
         return task_pb2.Task.FromString(entry.committed)
 
-    def _finish(
+    def finish(
         self,
         entry: Entry,
         state: int,
@@ -403,7 +403,7 @@ class NamespaceLeader:
             task.error.CopyFrom(error)
         if result is not None:
             task.result.CopyFrom(result)
-        return self._write(entry, previous, (self.retention.marker(task),))
+        return self.write(entry, previous, (self.retention.marker(task),))
 
     def _release(self, entry: Entry) -> None:
         """Detach a task from queues, timers and its session."""
@@ -425,22 +425,22 @@ class NamespaceLeader:
     # ----------------------------------------------------------------- types
 
     async def register_type(self, task_type: task_pb2.TaskType) -> task_pb2.TaskType:
-        self._check()
+        self.check()
         stamp_now(task_type.register_time)
         self.registry.put(task_type)
-        await self._await(
+        await self.await_commit(
             self.committer.submit([Write(keys.task_type(self.prefix, task_type.name), task_type.SerializeToString())])
         )
         return task_type
 
     # ----------------------------------------------------------------- attempt outcomes
 
-    def _requeue(self, entry: Entry) -> asyncio.Future[int]:
+    def requeue(self, entry: Entry) -> asyncio.Future[int]:
         task = entry.task
         previous = task.state
         self._release(entry)
         if task.cancel_requested:
-            return self._finish(
+            return self.finish(
                 entry, S.TASK_STATE_CANCELED, error=task_pb2.TaskError(type=CANCELED, message="canceled")
             )
         task.state = S.TASK_STATE_QUEUED
@@ -448,10 +448,10 @@ class NamespaceLeader:
         task.ClearField("next_run_time")
         task.worker_id = ""
         task.session_id = ""
-        self._push(task)
-        return self._write(entry, previous)
+        self.push(task)
+        return self.write(entry, previous)
 
-    def _attempt_failed(
+    def attempt_failed(
         self, entry: Entry, error: task_pb2.TaskError, retry_after: float | None = None
     ) -> asyncio.Future[int]:
         """Record a failed attempt; retry it (now or after a backoff) or fail the task."""
@@ -459,7 +459,7 @@ class NamespaceLeader:
         if error.type in (WORKER_LOST, TIMEOUT):
             error.retryable = True
         # The history keeps each attempt's error short; the last one is kept whole in task.error.
-        limit = self.limits_.max_history_message_length
+        limit = self.input_limits.max_history_message_length
         task.attempt_errors.add(type=error.type, message=error.message[:limit], retryable=error.retryable)
         policy = task.spec.retry
         failures = sum(1 for e in task.attempt_errors if e.type != ACK_TIMEOUT)
@@ -471,14 +471,14 @@ class NamespaceLeader:
             or failures >= max_attempts
         ):
             state = S.TASK_STATE_CANCELED if task.cancel_requested else S.TASK_STATE_FAILED
-            return self._finish(entry, state, error=error)
+            return self.finish(entry, state, error=error)
         delay = retry_after if retry_after is not None else next_backoff(policy, failures, self.settings.retry)
         if error.type == WORKER_LOST and retry_after is None:
             delay = 0.0
         # Bounded, so the run time below stays a valid Timestamp whatever a policy or worker asked for.
         delay = clamp_delay(delay)
         if delay <= 0:
-            return self._requeue(entry)
+            return self.requeue(entry)
         previous = task.state
         self._release(entry)
         task.state = S.TASK_STATE_PENDING
@@ -487,15 +487,15 @@ class NamespaceLeader:
         due = time.time() + delay
         set_timestamp(task.next_run_time, due)
         self.timers.delay(due, task.id)
-        return self._write(entry, previous)
+        return self.write(entry, previous)
 
-    def _push(self, task: task_pb2.Task) -> None:
+    def push(self, task: task_pb2.Task) -> None:
         spec = task.spec
         self.scheduler.push(task.id, spec.type, spec.queue, spec.priority, spec.concurrency_key, task.sequence)
         self.dispatcher.schedule()
 
     @staticmethod
-    def _cancel_after(written: asyncio.Future[int], session: Session, task_id: str, attempt: int, reason: str) -> None:
+    def cancel_after(written: asyncio.Future[int], session: Session, task_id: str, attempt: int, reason: str) -> None:
         """Tell the worker to stop an attempt once its failure is committed."""
         ref = coordinator_pb2.AttemptRef(task_id=task_id, attempt=attempt)
         message = coordinator_pb2.ConnectResponse(cancel=coordinator_pb2.CancelAttempt(ref=ref, reason=reason))
@@ -505,16 +505,16 @@ class NamespaceLeader:
 
     async def set_limit(self, limit: coordinator_pb2.Limit) -> coordinator_pb2.Limit:
         """Store a validated limit; it applies to the next dispatch."""
-        self._check()
+        self.check()
         stored = coordinator_pb2.Limit()
         stored.CopyFrom(limit)
-        await self._await(
+        await self.await_commit(
             self.committer.submit([Write(keys.limit(self.prefix, limit.scope, limit.name), stored.SerializeToString())])
         )
-        self._apply_limit(stored)
+        self.apply_limit(stored)
         return stored
 
-    def _apply_limit(self, limit: coordinator_pb2.Limit) -> None:
+    def apply_limit(self, limit: coordinator_pb2.Limit) -> None:
         self.limits[(limit.scope, limit.name)] = limit
         if limit.scope == coordinator_pb2.LIMIT_SCOPE_GLOBAL:
             self.scheduler.set_global_limit(limit.max_running)
@@ -527,8 +527,8 @@ class NamespaceLeader:
 
     async def update_priority(self, task_id: str, priority: int) -> task_pb2.Task:
         """Change a PENDING or QUEUED task's priority, durably; the next dispatch uses it."""
-        self._check()
-        entry = self._entries.get(task_id)
+        self.check()
+        entry = self.entries.get(task_id)
         task = entry.task if entry is not None and entry.committed else await self.get(task_id)
         if entry is None or task.state not in WAITING:
             raise errors.FailedPreconditionError(
@@ -540,7 +540,7 @@ class NamespaceLeader:
             if task.state == S.TASK_STATE_QUEUED:
                 self.scheduler.update_priority(task_id, priority)
                 self.dispatcher.schedule()
-            await self._await(self._write(entry, task.state))
+            await self.await_commit(self.write(entry, task.state))
         return task_pb2.Task.FromString(entry.committed)
 
     def waiting_reason(self, task_id: str) -> str:
@@ -574,8 +574,8 @@ class NamespaceLeader:
             set_duration(stats.wait_p99, figures.wait_p99)
             set_duration(stats.retention, self.retention.period(name))
             oldest = self.scheduler.oldest(name)
-            if oldest is not None and oldest in self._entries:
-                stats.oldest_queued_time.CopyFrom(self._entries[oldest].task.queue_time)
+            if oldest is not None and oldest in self.entries:
+                stats.oldest_queued_time.CopyFrom(self.entries[oldest].task.queue_time)
                 # A whole queue waits when its own or the global limit is full; a key limit holds only its key.
                 if self.scheduler.hold_reason(oldest).startswith(("queue", "the global")):
                     stats.held = stats.queued

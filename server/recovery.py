@@ -31,27 +31,27 @@ async def rebuild(leader: NamespaceLeader) -> None:
     """Load the namespace's stored state into `leader`, which must not have started yet."""
     etcd, prefix = leader.etcd, leader.prefix
     async for kv in etcd.scan_prefix(keys.limits_prefix(prefix)):
-        leader._apply_limit(coordinator_pb2.Limit.FromString(kv.value))
+        leader.apply_limit(coordinator_pb2.Limit.FromString(kv.value))
     async for kv in etcd.scan_prefix(keys.types_prefix(prefix)):
         tt = task_pb2.TaskType.FromString(kv.value)
         with contextlib.suppress(errors.HerderError):
             leader.registry.put(tt)
     async for kv in etcd.scan_prefix(keys.idempotency_prefix(prefix)):
-        leader._idempotency[kv.key[len(keys.idempotency_prefix(prefix)) :].decode()] = kv.value.decode()
+        leader.idempotency[kv.key[len(keys.idempotency_prefix(prefix)) :].decode()] = kv.value.decode()
     grace = time.monotonic() + leader.settings.sessions.heartbeat_timeout
     loaded = 0
     async for kv in etcd.scan_prefix(keys.tasks_prefix(prefix)):
         task = task_pb2.Task.FromString(kv.value)
-        leader._sequence = max(leader._sequence, task.sequence)
+        leader.sequence = max(leader.sequence, task.sequence)
         leader.book.transition(task.spec.queue, 0, task.state)
         if task.state in TERMINAL:
             continue
         entry = Entry(task, kv.value, kv.mod_revision)
-        leader._entries[task.id] = entry
+        leader.entries[task.id] = entry
         entry.rest()
         loaded += 1
         if task.state == S.TASK_STATE_QUEUED:
-            leader._push(task)
+            leader.push(task)
         elif task.state == S.TASK_STATE_PENDING:
             leader.timers.delay(timestamp_seconds(task.next_run_time), task.id)
         else:

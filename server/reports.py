@@ -31,7 +31,7 @@ class Reports:
         self._leader = leader
 
     def _held_by(self, session: Session, ref: coordinator_pb2.AttemptRef) -> Entry | None:
-        entry = self._leader._entries.get(ref.task_id)
+        entry = self._leader.entries.get(ref.task_id)
         if (
             entry is None
             or entry.task.attempt != ref.attempt
@@ -50,14 +50,14 @@ class Reports:
             entry.ack_timer = None
         entry.task.state = S.TASK_STATE_RUNNING
         stamp_now(entry.task.start_time)
-        self._leader._write(entry, S.TASK_STATE_ASSIGNED)
+        self._leader.write(entry, S.TASK_STATE_ASSIGNED)
 
     def progress(self, session: Session, update: coordinator_pb2.ProgressUpdate) -> None:
         entry = self._held_by(session, update.ref)
         if entry is None:
             return
         size = update.progress.ByteSize()
-        limit = self._leader.limits_.max_progress_bytes
+        limit = self._leader.input_limits.max_progress_bytes
         if size > limit:
             # Dropped, not stored: the attempt goes on, and the worker hears why.
             session.warn("progress", f"a progress update of {size} bytes was dropped: at most {limit} bytes")
@@ -78,7 +78,7 @@ class Reports:
                 entry.progress_dirty = False
                 self._write_progress(entry)
 
-        self._leader._write(entry, entry.task.state).add_done_callback(written)
+        self._leader.write(entry, entry.task.state).add_done_callback(written)
 
     def result(self, session: Session, result: coordinator_pb2.AttemptResult) -> None:
         """Apply an attempt's outcome; the worker gets its ResultAck once the outcome is committed."""
@@ -94,7 +94,7 @@ class Reports:
         if too_large:
             # Not retryable: the same handler would return the same thing. Acknowledged, so the worker
             # stops re-sending it.
-            future = leader._finish(
+            future = leader.finish(
                 entry, S.TASK_STATE_FAILED, error=task_pb2.TaskError(type=RESULT_TOO_LARGE, message=too_large)
             )
         elif outcome is None:
@@ -104,14 +104,14 @@ class Reports:
             error = task_pb2.TaskError(
                 type=INVALID_RESULT, message=f"worker {session.worker_id} sent a result with no outcome", retryable=True
             )
-            leader._attempt_failed(entry, error)
+            leader.attempt_failed(entry, error)
             return
         elif outcome == "output":
             output_class = leader.registry.output_class(task.spec.type)
             expected = output_class.DESCRIPTOR.full_name if output_class is not None else ""
             got = result.output.type_url.rpartition("/")[2]
             if expected and got != expected:
-                future = leader._finish(
+                future = leader.finish(
                     entry,
                     S.TASK_STATE_FAILED,
                     error=task_pb2.TaskError(
@@ -120,28 +120,28 @@ class Reports:
                     ),
                 )
             else:
-                future = leader._finish(entry, S.TASK_STATE_SUCCEEDED, result=result.output)
+                future = leader.finish(entry, S.TASK_STATE_SUCCEEDED, result=result.output)
         elif outcome == "error":
             retry_after = None
             if result.HasField("retry_after"):
                 retry_after = clamp_delay(result.retry_after.seconds + result.retry_after.nanos / 1e9)
             error = task_pb2.TaskError()
             error.CopyFrom(result.error)
-            future = leader._attempt_failed(entry, error, retry_after)
+            future = leader.attempt_failed(entry, error, retry_after)
         elif task.cancel_requested:
-            future = leader._finish(
+            future = leader.finish(
                 entry,
                 S.TASK_STATE_CANCELED,
                 error=task_pb2.TaskError(type=CANCELED, message=result.canceled or "canceled"),
             )
         else:
             # Stopped by the worker itself (shutdown): run it again elsewhere, not counted as a failure.
-            future = leader._requeue(entry)
+            future = leader.requeue(entry)
         after_commit(future, lambda: session.send_result_ack(ref, True))
 
     def _oversized(self, entry: Entry, result: coordinator_pb2.AttemptResult, outcome: str | None) -> str:
         """Why this result cannot be stored (too big for its limit or for the task's record), or ""."""
-        limits = self._leader.limits_
+        limits = self._leader.input_limits
         if outcome == "output":
             size, limit, what = result.output.ByteSize(), limits.max_result_bytes, "output"
         elif outcome == "error":

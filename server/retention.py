@@ -69,11 +69,11 @@ class Retention:
             state, queue, idempotency_key = kv.value.decode().split("\n", 2)
             # One task's keys go together: a crash never leaves a marker without its task or the reverse.
             writes = [Write(kv.key, None), Write(keys.task(leader.prefix, task_id), None)]
-            if idempotency_key and leader._idempotency.get(idempotency_key) == task_id:
-                del leader._idempotency[idempotency_key]
+            if idempotency_key and leader.idempotency.get(idempotency_key) == task_id:
+                del leader.idempotency[idempotency_key]
                 writes.append(Write(keys.idempotency(leader.prefix, idempotency_key), None))
             leader.book.forget(queue, int(state))
             deletions.append(leader.committer.submit(writes))
         for deletion in deletions:
-            await leader._await(deletion)
+            await leader.await_commit(deletion)
         return len(due)

@@ -79,16 +79,16 @@ class Timers:
                 continue
             now = time.time()
             for task_id in self.delayed.pop_due(now):
-                entry = leader._entries.get(task_id)
+                entry = leader.entries.get(task_id)
                 if entry is not None and entry.task.state == S.TASK_STATE_PENDING:
-                    leader._requeue(entry)
+                    leader.requeue(entry)
             for task_id in self.expiry.pop_due(now):
-                entry = leader._entries.get(task_id)
+                entry = leader.entries.get(task_id)
                 if entry is not None and entry.task.attempt == 0 and entry.task.state not in TERMINAL | ACTIVE:
                     error = task_pb2.TaskError(type=EXPIRED, message="not started within its ttl")
-                    leader._finish(entry, S.TASK_STATE_EXPIRED, error=error)
+                    leader.finish(entry, S.TASK_STATE_EXPIRED, error=error)
             for task_id in self.timeouts.pop_due(now):
-                entry = leader._entries.get(task_id)
+                entry = leader.entries.get(task_id)
                 if entry is not None and entry.task.state in ACTIVE and entry.task.attempt == entry.timeout_attempt:
                     self._time_out(entry)
 
@@ -98,6 +98,6 @@ class Timers:
         session, attempt = entry.session, task.attempt
         log.info("task %s attempt %d timed out after %.3gs", task.id, attempt, limit)
         error = task_pb2.TaskError(type=TIMEOUT, message=f"attempt {attempt} ran longer than {limit:g}s")
-        failed = self._leader._attempt_failed(entry, error)
+        failed = self._leader.attempt_failed(entry, error)
         if session is not None:
-            self._leader._cancel_after(failed, session, task.id, attempt, "timed out")
+            self._leader.cancel_after(failed, session, task.id, attempt, "timed out")

@@ -39,7 +39,7 @@ class Workers:
 
     def open_session(self, hello: coordinator_pb2.WorkerHello, peer: str) -> tuple[Session, coordinator_pb2.Welcome]:
         leader = self._leader
-        leader._check()
+        leader.check()
         settings = leader.settings.sessions
         session = Session(
             worker_id=hello.worker_id,
@@ -52,7 +52,7 @@ class Workers:
         welcome.heartbeat_interval.FromNanoseconds(int(settings.heartbeat_interval * 1e9))
         welcome.heartbeat_timeout.FromNanoseconds(int(settings.heartbeat_timeout * 1e9))
         welcome.ack_timeout.FromNanoseconds(int(settings.ack_timeout * 1e9))
-        limits = leader.limits_
+        limits = leader.input_limits
         welcome.max_result_bytes = limits.max_result_bytes
         welcome.max_error_bytes = limits.max_error_bytes
         welcome.max_progress_bytes = limits.max_progress_bytes
@@ -60,7 +60,7 @@ class Workers:
         if quarantine is not None:
             session.quarantined_until = quarantine[0]
         for ref in hello.running:
-            entry = leader._entries.get(ref.task_id)
+            entry = leader.entries.get(ref.task_id)
             if (
                 entry is None
                 or entry.task.attempt != ref.attempt
@@ -82,7 +82,7 @@ class Workers:
             if previous == S.TASK_STATE_ASSIGNED:
                 entry.task.state = S.TASK_STATE_RUNNING
                 stamp_now(entry.task.start_time)
-            leader._write(entry, previous)
+            leader.write(entry, previous)
             welcome.reclaimed.append(ref)
         self.sessions[session.id] = session
         log.info(
@@ -110,7 +110,7 @@ class Workers:
             return
         deadline = time.monotonic() + self._leader.settings.sessions.heartbeat_timeout
         for task_id, attempt in list(session.held.items()):
-            entry = self._leader._entries.get(task_id)
+            entry = self._leader.entries.get(task_id)
             if entry is not None and entry.session is session and entry.task.attempt == attempt:
                 if entry.ack_timer is not None:
                     entry.ack_timer.cancel()
@@ -144,7 +144,7 @@ class Workers:
                 self.adopt(entry)
                 if entry.task.state in ACTIVE:
                     log.info("task %s attempt %d lost its worker; re-queued", entry.task.id, entry.task.attempt)
-                    self._leader._attempt_failed(
+                    self._leader.attempt_failed(
                         entry,
                         task_pb2.TaskError(type=WORKER_LOST, message=f"worker {entry.task.worker_id} went away"),
                     )

@@ -52,7 +52,7 @@ async def test_queued_tasks_rest_as_records_and_wake_with_their_state(
         reply = await stub.SubmitTasks(pb.SubmitTasksRequest(specs=specs))
     created = [r.task.id for r in reply.results if r.created]
     assert len(created) == 5
-    entries = [leader._entries[task_id] for task_id in created]
+    entries = [leader.entries[task_id] for task_id in created]
     assert all(entry._task is None and entry.writes_pending == 0 for entry in entries)
     # Touching one brings back the committed state.
     assert entries[0].task.state == task_pb2.TASK_STATE_QUEUED
