@@ -60,6 +60,8 @@ _STATE_PREFIX = "TASK_STATE_"
 # A restarted coordinator is found again within a fraction of a second instead of
 # gRPC's default reconnect backoff (1 s growing to 120 s).
 _CHANNEL_OPTIONS = (
+    # A SubmitTasks reply echoes its tasks, payloads included: as large as the request (16 MiB at most).
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),

@@ -139,16 +139,38 @@ def bad_request(message: str, violations: Iterable[tuple[str, str]]) -> InvalidA
     return InvalidArgumentError(message, violations=[FieldViolation(f, d) for f, d in violations])
 
 
+# A status travels in trailing metadata, which clients accept up to 16 KiB by default (base64 adds a
+# third): past these bounds a client would see RESOURCE_EXHAUSTED instead of the violations.
+MAX_VIOLATIONS = 16
+_MAX_FIELD = 160
+_MAX_DESCRIPTION = 240
+_MAX_MESSAGE = 1024
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def to_status_proto(error: HerderError) -> status_pb2.Status:
-    """The `google.rpc.Status` for an error, with BadRequest details when fields are named."""
-    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    """The `google.rpc.Status` for an error, with BadRequest details when fields are named.
+
+    At most MAX_VIOLATIONS are listed, each cut short, and the last says how many more there were,
+    so the status always fits the trailing metadata a client accepts.
+    """
+    status = status_pb2.Status(code=error.code.value[0], message=_cut(error.message, _MAX_MESSAGE))
     if error.violations:
+        shown = list(error.violations[:MAX_VIOLATIONS])
+        if len(error.violations) > MAX_VIOLATIONS:
+            more = len(error.violations) - MAX_VIOLATIONS + 1
+            shown[-1] = FieldViolation(shown[-1].field, f"... and {more} more violations like the ones above")
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=_cut(v.field, _MAX_FIELD), description=_cut(v.description, _MAX_DESCRIPTION)
+                    )
+                    for v in shown
                 ]
             )
         )

@@ -23,6 +23,10 @@ RESULT_TOO_LARGE = "herder.result_too_large"
 # The worker sent a result with no outcome set.
 INVALID_RESULT = "herder.invalid_result"
 
+# Set by the coordinator only: they change how a failure counts (retried at once, not counted), so
+# a worker reporting one of them is refused as an invalid result.
+COORDINATOR_ERROR_TYPES = frozenset({CANCELED, TIMEOUT, EXPIRED, WORKER_LOST, ACK_TIMEOUT, INVALID_RESULT})
+
 # What the coordinator stores unless its flags say otherwise; a Welcome carries the values in force.
 DEFAULT_MAX_RESULT_BYTES = 512 * 1024
 DEFAULT_MAX_ERROR_BYTES = 16 * 1024

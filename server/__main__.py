@@ -59,6 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         help="seconds an idempotency key returns its task (default one day)",
     )
     parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=_env("MAX_SESSIONS", str(SessionSettings().max_sessions)),
+        help=f"worker sessions served at once (default {SessionSettings().max_sessions})",
+    )
+    parser.add_argument(
         "--quarantine",
         type=float,
         default=_env("QUARANTINE", "60"),
@@ -109,6 +115,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         problems.append("--ack-timeout: must be positive")
     if not 0 <= args.retention <= MAX_DELAY_SECONDS or not 0 <= args.idempotency_window <= MAX_DELAY_SECONDS:
         problems.append(f"--retention and --idempotency-window must be between 0 and {MAX_DELAY_SECONDS} (366 days)")
+    if args.max_sessions < 1:
+        problems.append("--max-sessions: must be at least 1")
     if not 0 < args.quarantine <= 24 * 3600:
         problems.append("--quarantine: must be between 0 and 86400 seconds")
     limits = dataclasses.replace(limits, max_result_bytes=args.max_result_bytes, max_record_bytes=args.max_record_bytes)
@@ -133,6 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
                 heartbeat_interval=args.heartbeat_interval,
                 heartbeat_timeout=args.heartbeat_timeout,
                 ack_timeout=args.ack_timeout,
+                max_sessions=args.max_sessions,
             ),
             accept_unregistered_types=args.accept_unregistered_types,
             retention=args.retention,

@@ -220,6 +220,9 @@ def _parse_json(
         return None, f"is not valid JSON: {error}"
     except RecursionError:
         return None, "is not valid JSON: nested too deeply"
+    except ValueError as error:
+        # Python's own limits, such as integers of more than 4,300 digits.
+        return None, f"is not valid JSON: {str(error)[:200]}"
     if not isinstance(loaded, dict):
         return None, f"must be a JSON object for {full_name}, got {_json_kind(loaded)}"
     message = message_class()

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from herder.clients.outcomes import BAD_OUTPUT, CANCELED, INVALID_RESULT, RESULT_TOO_LARGE
+from google.protobuf import any_pb2, message
+
+from herder.clients.outcomes import BAD_OUTPUT, CANCELED, COORDINATOR_ERROR_TYPES, INVALID_RESULT, RESULT_TOO_LARGE
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server.committer import after_commit
 from herder.server.entries import ACTIVE, Entry, S
@@ -98,27 +100,17 @@ class Reports:
                 entry, S.TASK_STATE_FAILED, error=task_pb2.TaskError(type=RESULT_TOO_LARGE, message=too_large)
             )
         elif outcome is None:
-            # A worker bug: neither output, error nor canceled. It fails the attempt (counted), so a
-            # broken worker cannot re-queue a task forever at no cost.
-            session.send_result_ack(ref, False, "invalid result: no outcome set (output, error or canceled)")
-            error = task_pb2.TaskError(
-                type=INVALID_RESULT, message=f"worker {session.worker_id} sent a result with no outcome", retryable=True
-            )
-            leader.attempt_failed(entry, error)
+            self._invalid(entry, session, ref, "no outcome set (output, error or canceled)")
+            return
+        elif outcome == "error" and result.error.type in COORDINATOR_ERROR_TYPES:
+            # Those types change how a failure counts; only the coordinator may set them.
+            self._invalid(entry, session, ref, f"error type {result.error.type} is the coordinator's own")
             return
         elif outcome == "output":
-            output_class = leader.registry.output_class(task.spec.type)
-            expected = output_class.DESCRIPTOR.full_name if output_class is not None else ""
-            got = result.output.type_url.rpartition("/")[2]
-            if expected and got != expected:
-                future = leader.finish(
-                    entry,
-                    S.TASK_STATE_FAILED,
-                    error=task_pb2.TaskError(
-                        type=BAD_OUTPUT,
-                        message=f"handler returned {got or 'nothing'}, expected {expected}",
-                    ),
-                )
+            problem = self._bad_output(task.spec.type, result.output)
+            if problem:
+                error = task_pb2.TaskError(type=BAD_OUTPUT, message=problem)
+                future = leader.finish(entry, S.TASK_STATE_FAILED, error=error)
             else:
                 future = leader.finish(entry, S.TASK_STATE_SUCCEEDED, result=result.output)
         elif outcome == "error":
@@ -138,6 +130,29 @@ class Reports:
             # Stopped by the worker itself (shutdown): run it again elsewhere, not counted as a failure.
             future = leader.requeue(entry)
         after_commit(future, lambda: session.send_result_ack(ref, True))
+
+    def _invalid(self, entry: Entry, session: Session, ref: coordinator_pb2.AttemptRef, reason: str) -> None:
+        """A worker bug: the attempt fails (counted), so a broken worker cannot re-queue a task forever
+        at no cost; once that is committed, the ResultAck refuses the result, saying why."""
+        message = f"worker {session.worker_id} sent an invalid result: {reason}"
+        error = task_pb2.TaskError(type=INVALID_RESULT, message=message, retryable=True)
+        failed = self._leader.attempt_failed(entry, error)
+        after_commit(failed, lambda: session.send_result_ack(ref, False, f"invalid result: {reason}"))
+
+    def _bad_output(self, task_type: str, output: any_pb2.Any) -> str:
+        """Why an output is not the task type's output message (its type or its bytes), or ""."""
+        output_class = self._leader.registry.output_class(task_type)
+        if output_class is None:
+            return ""
+        expected = output_class.DESCRIPTOR.full_name
+        got = output.type_url.rpartition("/")[2]
+        if got != expected:
+            return f"handler returned {got or 'nothing'}, expected {expected}"
+        try:
+            output_class.FromString(output.value)
+        except message.DecodeError as exc:
+            return f"handler returned bytes that do not decode as {expected}: {exc}"
+        return ""
 
     def _oversized(self, entry: Entry, result: coordinator_pb2.AttemptResult, outcome: str | None) -> str:
         """Why this result cannot be stored (too big for its limit or for the task's record), or ""."""

@@ -25,6 +25,11 @@ from herder.server.watchers import Published, TaskFilter, WatchSettings
 
 log = logging.getLogger(__name__)
 
+# The longest a request holds the event loop between yields while checking a batch.
+_TURN = 0.01
+# Acknowledgements or results in one Connect message: a worker has at most this many slots.
+MAX_ITEMS_PER_MESSAGE = 10_000
+
 R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]
 
@@ -111,7 +116,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         request.DiscardUnknownFields()
         results = [coordinator_pb2.SubmitTaskResult() for _ in request.specs]
         accepted: list[tuple[int, task_pb2.TaskSpec]] = []
+        turn = time.monotonic()
         for i, spec in enumerate(request.specs):
+            if time.monotonic() - turn > _TURN:
+                # A batch of large JSON payloads can take seconds to check: the loop (and the lease
+                # keep-alive with it) must not wait for all of it.
+                await asyncio.sleep(0)
+                turn = time.monotonic()
             violations = self._prepare(leader, spec, f"specs[{i}]")
             if violations:
                 status = errors.to_status_proto(errors.InvalidArgumentError("invalid task spec", violations=violations))
@@ -149,10 +160,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListTasksResponse:
         violations = validation.validate_page_size(request.page_size, "page_size", self._limits)
+        violations += validation.validate_filter((), request.states, request.tags, self._limits)
         start = b""
         if request.page_token:
             try:
                 start = base64.b64decode(request.page_token.encode(), altchars=b"-_", validate=True)
+                start[len(keys.tasks_prefix(self._coordinator.prefix)) :].decode()
             except (ValueError, TypeError):
                 start = b"\xff"
             if not start.startswith(keys.tasks_prefix(self._coordinator.prefix)):
@@ -312,13 +325,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> None:
         settings = self._watch_settings
         try:
-            violations = [
-                v
-                for i, task_id in enumerate(request.ids)
-                for v in validation.validate_id(task_id, f"ids[{i}]", self._limits)
-            ]
-            if len(request.ids) > self._limits.max_batch:
-                violations.append(errors.FieldViolation("ids", f"at most {self._limits.max_batch} ids"))
+            violations = validation.validate_filter(request.ids, request.states, request.tags, self._limits)
             validation.raise_if(violations, "invalid watch request")
             leader = self._leader()
             if self._watchers >= settings.max_watchers:
@@ -358,7 +365,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if request.skip_initial:
                 pass
             elif request.ids:
-                for task_id in request.ids:
+                for task_id in dict.fromkeys(request.ids):
                     try:
                         initial.append(await leader.get_with_revision(task_id))
                     except errors.NotFoundError:
@@ -444,6 +451,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             await context.abort_with_status(errors.to_status(exc))
             return
         reader = asyncio.create_task(self._read(leader, session, context))
+        refused: errors.HerderError | None = None
         try:
             await context.write(coordinator_pb2.ConnectResponse(welcome=welcome))
             while messages := await session.next_messages():
@@ -454,35 +462,52 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             try:
                 # What ended the reader (an undecodable message) ends the call, after the session closes.
                 with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                    refused = await reader
             finally:
                 leader.workers.close_session(session)
+        if refused is not None:
+            await context.abort_with_status(errors.to_status(refused))
         if leader.deposed:
             await context.abort_with_status(self._stepped_down())
 
-    async def _read(self, leader: NamespaceLeader, session: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _read(
+        self, leader: NamespaceLeader, session: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> errors.HerderError | None:
+        """Apply what the worker sends until its stream ends; the error that ends a session it broke."""
         try:
             while True:
                 message = await context.read()
                 if message is grpc.aio.EOF:
                     break
                 kind = message.WhichOneof("message")
-                if kind == "ack":
-                    for ref in message.ack.refs:
-                        leader.reports.acknowledge(session, ref)
-                elif kind == "results":
-                    for result in message.results.results:
-                        leader.reports.result(session, result)
+                if kind in ("ack", "results"):
+                    items = message.ack.refs if kind == "ack" else message.results.results
+                    if len(items) > MAX_ITEMS_PER_MESSAGE:
+                        raise errors.InvalidArgumentError(
+                            f"one {kind} message carries {len(items)} items, at most {MAX_ITEMS_PER_MESSAGE}"
+                            " (the most slots a worker can have)"
+                        )
+                    for item in items:
+                        if session.closed:
+                            break
+                        if kind == "ack":
+                            leader.reports.acknowledge(session, item)
+                        else:
+                            leader.reports.result(session, item)
                 elif kind == "progress":
                     leader.reports.progress(session, message.progress)
                 elif kind == "heartbeat":
                     leader.workers.heartbeat(session, message.heartbeat)
                 else:
-                    log.warning("session %s sent an unexpected %s; ignored", session.id, kind)
+                    session.warn(f"unexpected {kind}", f"sent an unexpected {kind or 'empty message'}; ignored")
                     continue
                 if kind != "heartbeat":
                     session.beat()
+        except errors.HerderError as exc:
+            log.info("session %s of worker %s ended: %s", session.id, session.worker_id, exc.message)
+            return exc
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
             log.info("session %s stream failed: %s", session.id, exc)
         finally:
             session.end()
+        return None

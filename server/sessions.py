@@ -18,11 +18,14 @@ class SessionSettings:
     """heartbeat_interval: how often workers send heartbeats.
     heartbeat_timeout: a session without heartbeats (or with a closed stream) this long loses its attempts.
     ack_timeout: how long a worker has to acknowledge an assignment before it is re-queued.
+    max_sessions: worker sessions served at once (each keeps its hello: at most about 100 KB).
     """
 
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
     ack_timeout: float = 5.0
+    # Worker sessions served at once; one more Connect is refused with RESOURCE_EXHAUSTED.
+    max_sessions: int = 1000
 
 
 # Messages waiting for a worker that does not read its stream (five times the most slots a worker

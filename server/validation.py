@@ -89,8 +89,10 @@ class Limits:
     # Characters of each earlier attempt's error message kept in the task's attempt history.
     max_history_message_length: int = 1024
     # Fields and sizes of a worker's hello.
-    max_hello_task_types: int = 1000
+    max_hello_task_types: int = 256
     max_labels: int = 64
+    # Filters of a listing or a watch: ids (WatchTasks), states and tags.
+    max_filter_ids: int = 1000
 
     def problems(self) -> list[str]:
         """Why these limits cannot hold together (empty when they can)."""
@@ -232,6 +234,8 @@ def validate_task_type(task_type: task_pb2.TaskType, limits: Limits, prefix: str
 def validate_hello_extras(hello: coordinator_pb2.WorkerHello, limits: Limits) -> list[FieldViolation]:
     """A hello's type names, labels, address and re-claims: bounded, since a session keeps them."""
     found: list[FieldViolation] = []
+    if len(hello.running) > 10_000:
+        return [FieldViolation("hello.running", "at most 10000 attempts (the most slots a worker can have)")]
     if len(hello.task_types) > limits.max_hello_task_types:
         found.append(FieldViolation("hello.task_types", f"at most {limits.max_hello_task_types} types"))
     else:
@@ -239,8 +243,15 @@ def validate_hello_extras(hello: coordinator_pb2.WorkerHello, limits: Limits) ->
             found += validate_name(name, f"hello.task_types[{i}]", limits)
     if len(hello.labels) > limits.max_labels:
         found.append(FieldViolation("hello.labels", f"at most {limits.max_labels} labels"))
+        return found
+    if not hello.worker_id.isprintable() or not hello.address.isprintable():
+        found.append(FieldViolation("hello", "worker_id and address must not contain control characters"))
     for key, value in hello.labels.items():
-        if len(key) > limits.max_metadata_key_length or len(value) > limits.max_metadata_value_length:
+        if not (key + value).isprintable():
+            found.append(
+                FieldViolation(f"hello.labels[{key[:_MAX_KEY_IN_PATH]!r}]", "must not contain control characters")
+            )
+        elif len(key) > limits.max_metadata_key_length or len(value) > limits.max_metadata_value_length:
             shown = key[:_MAX_KEY_IN_PATH]
             found.append(
                 FieldViolation(
@@ -251,8 +262,23 @@ def validate_hello_extras(hello: coordinator_pb2.WorkerHello, limits: Limits) ->
             )
     if len(hello.address) > 256:
         found.append(FieldViolation("hello.address", "must be at most 256 characters"))
-    if len(hello.running) > 10_000:
-        found.append(FieldViolation("hello.running", "at most 10000 attempts (the most slots a worker can have)"))
+    return found
+
+
+def validate_filter(
+    ids: Sequence[str], states: Sequence[int], tags: Sequence[str], limits: Limits
+) -> list[FieldViolation]:
+    """The filters of a ListTasks or WatchTasks request: counted first, then each checked."""
+    found: list[FieldViolation] = []
+    if len(ids) > limits.max_filter_ids:
+        found.append(FieldViolation("ids", f"has {len(ids)} ids, at most {limits.max_filter_ids} allowed"))
+    else:
+        for i, task_id in enumerate(ids):
+            found += validate_id(task_id, f"ids[{i}]", limits)
+    if len(states) > len(task_pb2.TaskState.values()):
+        found.append(FieldViolation("states", f"has {len(states)} states, more than there are"))
+    if len(tags) > limits.max_tags:
+        found.append(FieldViolation("tags", f"has {len(tags)} tags, at most {limits.max_tags} allowed"))
     return found
 
 
@@ -290,6 +316,9 @@ def _retry(retry: task_pb2.RetryPolicy, limits: Limits, prefix: str) -> list[Fie
         found.append(FieldViolation(f"{prefix}.backoff_multiplier", f"must be 0 (default) or 1..100, got {multiplier}"))
     if math.isnan(retry.jitter) or not 0 <= retry.jitter <= 1:
         found.append(FieldViolation(f"{prefix}.jitter", f"must be between 0 and 1, got {retry.jitter}"))
+    if len(retry.non_retryable_error_types) > limits.max_tags:
+        found.append(FieldViolation(f"{prefix}.non_retryable_error_types", f"at most {limits.max_tags} types"))
+        return found
     for index, error_type in enumerate(retry.non_retryable_error_types):
         if not error_type:
             found.append(FieldViolation(f"{prefix}.non_retryable_error_types[{index}]", "must not be empty"))
@@ -299,7 +328,8 @@ def _retry(retry: task_pb2.RetryPolicy, limits: Limits, prefix: str) -> list[Fie
 def _tags(tags: Sequence[str], limits: Limits, prefix: str) -> list[FieldViolation]:
     found: list[FieldViolation] = []
     if len(tags) > limits.max_tags:
-        found.append(FieldViolation(prefix, f"has {len(tags)} tags, at most {limits.max_tags} allowed"))
+        # Counted before anything else: a million tags must not cost a million checks.
+        return [FieldViolation(prefix, f"has {len(tags)} tags, at most {limits.max_tags} allowed")]
     first_index: dict[str, int] = {}
     for index, tag in enumerate(tags):
         field = f"{prefix}[{index}]"
@@ -318,7 +348,7 @@ def _tags(tags: Sequence[str], limits: Limits, prefix: str) -> list[FieldViolati
 def _metadata(items: Mapping[str, str], limits: Limits, prefix: str) -> list[FieldViolation]:
     found: list[FieldViolation] = []
     if len(items) > limits.max_metadata:
-        found.append(FieldViolation(prefix, f"has {len(items)} entries, at most {limits.max_metadata} allowed"))
+        return [FieldViolation(prefix, f"has {len(items)} entries, at most {limits.max_metadata} allowed")]
     for key in sorted(items):
         shown = key if len(key) <= _MAX_KEY_IN_PATH else key[:_MAX_KEY_IN_PATH] + "..."
         field = f"{prefix}[{shown}]"

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from herder.clients import errors
 from herder.clients.outcomes import WORKER_LOST
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server.entries import ACTIVE, Entry, S
@@ -41,6 +42,11 @@ class Workers:
         leader = self._leader
         leader.check()
         settings = leader.settings.sessions
+        if len(self.sessions) >= settings.max_sessions:
+            raise errors.ResourceExhaustedError(
+                f"this coordinator already serves {len(self.sessions)} worker sessions, its limit"
+                f" (--max-sessions / HERDER_MAX_SESSIONS = {settings.max_sessions})"
+            )
         session = Session(
             worker_id=hello.worker_id,
             task_types=frozenset(hello.task_types),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from _cluster import Coordinator
 from _helpers import ECHO, echo_stub, get, submit
@@ -16,7 +17,8 @@ from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import task_pb2
-from herder.server.sessions import MAX_PENDING_MESSAGES
+from herder.server.service import MAX_ITEMS_PER_MESSAGE
+from herder.server.sessions import MAX_PENDING_MESSAGES, Session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,15 +85,27 @@ async def _quarantined(stub: object) -> list[pb.Node]:
     return [node for node in reply.nodes if node.HasField("quarantined_until")]
 
 
-async def test_a_worker_flooding_its_stream_is_cut_off_not_buffered_without_end(coordinator: Coordinator) -> None:
+async def test_a_message_with_more_items_than_slots_ends_the_session(coordinator: Coordinator) -> None:
     flood = pb.AttemptResults(
         results=[
-            pb.AttemptResult(ref=ref(f"no-such-task-{i}", 1), canceled="x") for i in range(MAX_PENDING_MESSAGES + 1)
+            pb.AttemptResult(ref=ref(f"no-such-task-{i}", 1), canceled="x") for i in range(MAX_ITEMS_PER_MESSAGE + 1)
         ]
     )
     async with RawWorker(coordinator.address, "flooder", [ECHO]) as worker:
         await worker.send(results=flood)
         await asyncio.wait_for(worker.closed.wait(), 30)
+        assert worker.error is not None and worker.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 10000" in (worker.error.details() or "")
     async with echo_stub(coordinator.address) as stub:
         assert (await stub.ListNodes(pb.ListNodesRequest())).nodes == []
-    assert "messages wait unread; ending the session" in coordinator.log_tail(100_000)
+
+
+async def test_a_session_whose_worker_reads_nothing_is_ended_once_too_much_waits() -> None:
+    session = Session(worker_id="deaf", task_types=frozenset({ECHO}), slots=1, labels={}, address="test")
+    for i in range(MAX_PENDING_MESSAGES - 1):
+        session.send_result_ack(ref(f"t{i}", 1), False, "stale")
+    assert not session.closed
+    session.send_result_ack(ref("one-more", 1), False, "stale")
+    session.send_result_ack(ref("and-another", 1), False, "stale")
+    assert session.closed
+    assert await session.next_messages() == []
