@@ -167,8 +167,10 @@ class Reports:
             return ""
         if size > limit:
             return f"the attempt's {what} is {size} bytes, at most {limit} allowed"
-        # The record holds the result beside everything else (the error once more in the history).
-        record = entry.task.ByteSize() + 2 * size + 64
+        # The record holds the result beside everything else (the error once more in the history). The
+        # last committed record stands for the rest (measuring the task would serialize it once more);
+        # what changed since (state, times, progress) fits in the margin.
+        record = len(entry.committed) + 2 * size + self._leader.input_limits.max_progress_bytes + 1024
         if record > limits.max_record_bytes:
             return f"the task with this {what} would be {record} bytes, at most {limits.max_record_bytes} allowed"
         return ""
