@@ -30,9 +30,10 @@ class Deadlines:
             heapq.heappop(self._heap)
         return None
 
-    def pop_due(self, now: float) -> list[str]:
+    def pop_due(self, now: float, limit: int = 1 << 62) -> list[str]:
+        """Up to `limit` ids due by `now`, earliest first."""
         ready: list[str] = []
-        while (due := self.next_due()) is not None and due <= now:
+        while len(ready) < limit and (due := self.next_due()) is not None and due <= now:
             _, task_id = heapq.heappop(self._heap)
             del self._live[task_id]
             ready.append(task_id)

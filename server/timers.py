@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Timers of each kind handled before the loop lets everything else run.
+TURN = 500
+
 
 class Timers:
     """The timers of one NamespaceLeader; `run()` is its supervised timer loop."""
@@ -78,19 +81,22 @@ class Timers:
                     await asyncio.wait_for(self.wakeup.wait(), wait)
                 continue
             now = time.time()
-            for task_id in self.delayed.pop_due(now):
+            for task_id in self.delayed.pop_due(now, TURN):
                 entry = leader.entries.get(task_id)
                 if entry is not None and entry.task.state == S.TASK_STATE_PENDING:
                     leader.requeue(entry)
-            for task_id in self.expiry.pop_due(now):
+            for task_id in self.expiry.pop_due(now, TURN):
                 entry = leader.entries.get(task_id)
                 if entry is not None and entry.task.attempt == 0 and entry.task.state not in TERMINAL | ACTIVE:
                     error = task_pb2.TaskError(type=EXPIRED, message="not started within its ttl")
                     leader.finish(entry, S.TASK_STATE_EXPIRED, error=error)
-            for task_id in self.timeouts.pop_due(now):
+            for task_id in self.timeouts.pop_due(now, TURN):
                 entry = leader.entries.get(task_id)
                 if entry is not None and entry.task.state in ACTIVE and entry.task.attempt == entry.timeout_attempt:
                     self._time_out(entry)
+            # Thousands due at once are handled a turn at a time: the loop (and the lease keep-alive
+            # with it) runs in between.
+            await asyncio.sleep(0)
 
     def _time_out(self, entry: Entry) -> None:
         task = entry.task

@@ -14,6 +14,7 @@ from _timing import eventually, now, seconds
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import task_pb2
+from herder.server.deadlines import Deadlines
 from herder.server.horizon import MAX_DELAY_SECONDS, MAX_TIMESTAMP_SECONDS, clamp_delay, set_timestamp
 
 pytestmark = pytest.mark.timeout(60)
@@ -110,3 +111,15 @@ async def test_a_huge_retry_after_is_clamped_and_the_task_waits(coordinator: Coo
 async def _in_state(stub: object, task_id: str, state: int) -> task_pb2.Task | None:
     task = await get(stub, task_id)  # type: ignore[arg-type]
     return task if task.state == state else None
+
+
+def test_due_timers_come_a_turn_at_a_time_earliest_first() -> None:
+    deadlines = Deadlines()
+    for i in range(1200):
+        deadlines.push(1000.0 + i, f"t{i}")
+    deadlines.discard("t0")
+    first = deadlines.pop_due(5000.0, 500)
+    assert first == [f"t{i}" for i in range(1, 501)]
+    assert len(deadlines.pop_due(5000.0, 500)) == 500
+    assert deadlines.pop_due(5000.0, 500) == [f"t{i}" for i in range(1001, 1200)]
+    assert deadlines.pop_due(5000.0) == [] and len(deadlines) == 0
