@@ -78,6 +78,18 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         help=f"largest attempt output a worker may report (default {limits.max_result_bytes})",
     )
     parser.add_argument(
+        "--max-error-bytes",
+        type=int,
+        default=_env("MAX_ERROR_BYTES", str(limits.max_error_bytes)),
+        help=f"largest attempt error (serialized TaskError) a worker may report (default {limits.max_error_bytes})",
+    )
+    parser.add_argument(
+        "--max-progress-bytes",
+        type=int,
+        default=_env("MAX_PROGRESS_BYTES", str(limits.max_progress_bytes)),
+        help=f"largest progress update stored; bigger ones are dropped (default {limits.max_progress_bytes})",
+    )
+    parser.add_argument(
         "--max-record-bytes",
         type=int,
         default=_env("MAX_RECORD_BYTES", str(limits.max_record_bytes)),
@@ -119,7 +131,13 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         problems.append("--max-sessions: must be at least 1")
     if not 0 < args.quarantine <= 24 * 3600:
         problems.append("--quarantine: must be between 0 and 86400 seconds")
-    limits = dataclasses.replace(limits, max_result_bytes=args.max_result_bytes, max_record_bytes=args.max_record_bytes)
+    limits = dataclasses.replace(
+        limits,
+        max_result_bytes=args.max_result_bytes,
+        max_error_bytes=args.max_error_bytes,
+        max_progress_bytes=args.max_progress_bytes,
+        max_record_bytes=args.max_record_bytes,
+    )
     problems += [problem.replace("max_", "--max-").replace("_bytes", "-bytes") for problem in limits.problems()]
     if args.max_watchers < 1:
         problems.append("--max-watchers: must be at least 1")

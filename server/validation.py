@@ -105,6 +105,9 @@ class Limits:
                 f"max_record_bytes ({self.max_record_bytes}) must be at least payload + result + 2 errors + progress"
                 f" + {RECORD_OVERHEAD_BYTES} bytes for the rest of a task ({worst_task})"
             )
+        sizes = (self.max_result_bytes, self.max_error_bytes, self.max_progress_bytes)
+        if min(sizes) < 1024:
+            found.append("max_result_bytes, max_error_bytes and max_progress_bytes must be at least 1024")
         if self.max_record_bytes > MAX_RECORD_BYTES:
             found.append(
                 f"max_record_bytes ({self.max_record_bytes}) must be at most {MAX_RECORD_BYTES} (etcd's limit)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -170,3 +171,31 @@ async def _progress(stub: object, task_id: str) -> task_pb2.Progress | None:
 async def _finished(stub: object, task_id: str) -> task_pb2.Task | None:
     task = await get(stub, task_id)  # type: ignore[arg-type]
     return task if task.state in (S.TASK_STATE_SUCCEEDED, S.TASK_STATE_FAILED) else None
+
+
+@pytest.fixture
+def small_limits(etcd: EmbeddedEtcd, namespace: str) -> Iterator[Coordinator]:
+    flags = ["--max-result-bytes", "4096", "--max-error-bytes", "2048", "--max-progress-bytes", "1024"]
+    with Coordinator(etcd.endpoint, namespace, extra_args=flags) as node:
+        yield node
+
+
+async def test_configured_limits_reach_the_worker_in_its_welcome(small_limits: Coordinator) -> None:
+    async with RawWorker(small_limits.address, "raw", [ECHO]) as raw:
+        assert raw.welcome is not None
+        assert (raw.welcome.max_result_bytes, raw.welcome.max_error_bytes, raw.welcome.max_progress_bytes) == (
+            4096,
+            2048,
+            1024,
+        )
+    worker = Worker(small_limits.address, worker_id="sdk-small", settings=WorkerSettings())
+
+    @worker.task(ECHO, input_type=examples_pb2.EchoRequest, output_type=examples_pb2.EchoResponse)
+    async def echo(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+        return examples_pb2.EchoResponse(text="x" * 5000)
+
+    async with echo_stub(small_limits.address) as stub, worker:
+        task = (await stub.SubmitTask(pb.SubmitTaskRequest(spec=echo_spec()))).task
+        done = await eventually(lambda: _finished(stub, task.id), what="the result refused by the SDK")
+        assert (done.state, done.error.type) == (S.TASK_STATE_FAILED, "herder.result_too_large")
+        assert "4096 bytes" in done.error.message
