@@ -71,30 +71,19 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         help="seconds a worker that leaves an assignment unacknowledged gets no assignments (default 60)",
     )
     limits = validation.Limits()
-    parser.add_argument(
-        "--max-result-bytes",
-        type=int,
-        default=_env("MAX_RESULT_BYTES", str(limits.max_result_bytes)),
-        help=f"largest attempt output a worker may report (default {limits.max_result_bytes})",
-    )
-    parser.add_argument(
-        "--max-error-bytes",
-        type=int,
-        default=_env("MAX_ERROR_BYTES", str(limits.max_error_bytes)),
-        help=f"largest attempt error (serialized TaskError) a worker may report (default {limits.max_error_bytes})",
-    )
-    parser.add_argument(
-        "--max-progress-bytes",
-        type=int,
-        default=_env("MAX_PROGRESS_BYTES", str(limits.max_progress_bytes)),
-        help=f"largest progress update stored; bigger ones are dropped (default {limits.max_progress_bytes})",
-    )
-    parser.add_argument(
-        "--max-record-bytes",
-        type=int,
-        default=_env("MAX_RECORD_BYTES", str(limits.max_record_bytes)),
-        help=f"largest record stored in etcd, below etcd's request limit (default {limits.max_record_bytes})",
-    )
+    for name, what in (
+        ("result", "largest attempt output a worker may report"),
+        ("error", "largest attempt error (serialized TaskError) a worker may report"),
+        ("progress", "largest progress update stored; bigger ones are dropped"),
+        ("record", "largest record stored in etcd, below etcd's request limit"),
+    ):
+        default = getattr(limits, f"max_{name}_bytes")
+        parser.add_argument(
+            f"--max-{name}-bytes",
+            type=int,
+            default=_env(f"MAX_{name.upper()}_BYTES", str(default)),
+            help=f"{what} (default {default})",
+        )
     watch = WatchSettings()
     # String defaults go through `type`, so a bad HERDER_* value is reported like a bad flag.
     parser.add_argument(

@@ -114,6 +114,12 @@ class RawWorker:
     async def next_assignment(self, timeout: float = 10) -> task_pb2.Task:
         return await asyncio.wait_for(self.assignments.get(), timeout)
 
+    async def start_next(self, timeout: float = 10) -> task_pb2.Task:
+        """The next assignment, acknowledged: the attempt is RUNNING from the coordinator's view."""
+        task = await self.next_assignment(timeout)
+        await self.ack(task)
+        return task
+
     def stop_heartbeats(self) -> None:
         self._tasks[1].cancel()
 

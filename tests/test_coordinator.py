@@ -149,8 +149,7 @@ async def test_result_for_a_superseded_attempt_is_rejected_and_changes_nothing(s
         await a.send(heartbeat=pb.Heartbeat(draining=True))
         await asyncio.wait_for(a.cancels.get(), 10)
         async with RawWorker(coordinator.address, "b", [ECHO]) as b:
-            current = await b.next_assignment()
-            await b.ack(current)
+            await b.start_next()
             await eventually(lambda: _is(stub, task.id, S.TASK_STATE_RUNNING), what="RUNNING")
             stale = await a.succeed(task.id, 1, examples_pb2.EchoResponse(text="stale"))
             assert not stale.accepted
@@ -167,8 +166,7 @@ async def test_retryable_error_runs_again_and_non_retryable_fails(stub, coordina
     retry.initial_backoff.FromMilliseconds(100)
     task = await submit(stub, retry=retry)
     async with RawWorker(coordinator.address, "w", [ECHO]) as worker:
-        first = await worker.next_assignment()
-        await worker.ack(first)
+        await worker.start_next()
         started = time.monotonic()
         error = task_pb2.TaskError(type="Boom", message="try again", retryable=True)
         assert (await worker.fail(task.id, 1, error)).accepted
@@ -189,8 +187,7 @@ async def test_retryable_error_runs_again_and_non_retryable_fails(stub, coordina
 async def test_wrong_output_type_fails_the_task(stub, coordinator) -> None:  # noqa: F811
     task = await submit(stub)
     async with RawWorker(coordinator.address, "w", [ECHO]) as worker:
-        assigned = await worker.next_assignment()
-        await worker.ack(assigned)
+        await worker.start_next()
         assert (await worker.succeed(task.id, 1, examples_pb2.SleepResponse())).accepted
     done = await state_of(stub, task.id)
     assert done.state == S.TASK_STATE_FAILED
@@ -201,8 +198,7 @@ async def test_closed_session_requeues_after_heartbeat_timeout(stub, coordinator
     task = await submit(stub)
     worker = RawWorker(coordinator.address, "gone", [ECHO])
     async with worker:
-        assigned = await worker.next_assignment()
-        await worker.ack(assigned)
+        await worker.start_next()
         await eventually(lambda: _is(stub, task.id, S.TASK_STATE_RUNNING), what="RUNNING")
     closed_at = time.monotonic()
     async with RawWorker(coordinator.address, "next", [ECHO]) as other:
@@ -218,8 +214,7 @@ async def test_closed_session_requeues_after_heartbeat_timeout(stub, coordinator
 async def test_silent_worker_loses_its_attempt(stub, coordinator) -> None:  # noqa: F811
     task = await submit(stub)
     async with RawWorker(coordinator.address, "mute", [ECHO]) as mute:
-        assigned = await mute.next_assignment()
-        await mute.ack(assigned)
+        await mute.start_next()
         mute.stop_heartbeats()
         await asyncio.wait_for(mute.closed.wait(), 15)  # the coordinator ended the session
         async with RawWorker(coordinator.address, "next", [ECHO]) as other:
@@ -230,8 +225,7 @@ async def test_silent_worker_loses_its_attempt(stub, coordinator) -> None:  # no
 async def test_reconnecting_worker_reclaims_its_running_attempt(stub, coordinator) -> None:  # noqa: F811
     task = await submit(stub)
     async with RawWorker(coordinator.address, "w", [ECHO]) as worker:
-        assigned = await worker.next_assignment()
-        await worker.ack(assigned)
+        await worker.start_next()
         await eventually(lambda: _is(stub, task.id, S.TASK_STATE_RUNNING), what="RUNNING")
     async with RawWorker(coordinator.address, "w", [ECHO], running=[(task.id, 1), ("nope", 3)]) as back:
         assert back.welcome is not None
@@ -373,8 +367,7 @@ async def test_late_watcher_sees_current_state_then_every_change(stub, coordinat
 
     collector = asyncio.create_task(collect())
     async with RawWorker(coordinator.address, "w", [ECHO]) as worker:
-        assigned = await worker.next_assignment()
-        await worker.ack(assigned)
+        await worker.start_next()
         await worker.succeed(task.id, 1, examples_pb2.EchoResponse(text="done"))
     await asyncio.wait_for(collector, 10)
     call.cancel()

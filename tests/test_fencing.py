@@ -53,8 +53,7 @@ async def test_killed_coordinator_loses_and_duplicates_nothing(etcd: EmbeddedEtc
         running: list[task_pb2.Task] = []
         async with RawWorker(node.address, "survivor", [ECHO], slots=5) as worker:
             for _ in range(5):
-                task = await worker.next_assignment()
-                await worker.ack(task)
+                task = await worker.start_next()
                 running.append(task)
 
             async def all_running() -> bool:

@@ -113,8 +113,7 @@ async def test_a_worker_cannot_report_the_coordinators_own_error_types(coordinat
     async with echo_stub(coordinator.address) as stub:
         task = await submit(stub, retry=task_pb2.RetryPolicy(max_attempts=1))
         async with RawWorker(coordinator.address, "liar", [ECHO]) as worker:
-            assigned = await worker.next_assignment()
-            await worker.ack(assigned)
+            assigned = await worker.start_next()
             ack = await worker.fail(task.id, assigned.attempt, task_pb2.TaskError(type="herder.ack_timeout"))
             assert not ack.accepted and "coordinator's own" in ack.reason
         done = await get(stub, task.id)
@@ -125,8 +124,7 @@ async def test_an_output_whose_bytes_do_not_decode_fails_as_bad_output(coordinat
     async with echo_stub(coordinator.address) as stub:
         task = await submit(stub)
         async with RawWorker(coordinator.address, "garbler", [ECHO]) as worker:
-            assigned = await worker.next_assignment()
-            await worker.ack(assigned)
+            assigned = await worker.start_next()
             output = pb.AttemptResult(ref=ref(task.id, assigned.attempt))
             output.output.type_url = "type.googleapis.com/" + examples_pb2.EchoResponse.DESCRIPTOR.full_name
             output.output.value = b"\xff\xff\xff\xff"

@@ -97,8 +97,7 @@ async def test_a_result_too_large_fails_the_attempt_for_good_and_is_acknowledged
         before = await fence(stub)
         task = (await stub.SubmitTask(pb.SubmitTaskRequest(spec=echo_spec()))).task
         async with RawWorker(coordinator.address, "big", [ECHO]) as worker:
-            assigned = await worker.next_assignment()
-            await worker.ack(assigned)
+            assigned = await worker.start_next()
             result = pb.AttemptResult(ref=ref(task.id, assigned.attempt))
             if kind == "output":
                 result.output.Pack(examples_pb2.EchoResponse(text="x" * MB2))
@@ -126,8 +125,7 @@ async def test_a_progress_update_too_large_is_dropped_and_the_attempt_goes_on(co
         before = await fence(stub)
         task = (await stub.SubmitTask(pb.SubmitTaskRequest(spec=echo_spec()))).task
         async with RawWorker(coordinator.address, "chatty", [ECHO]) as worker:
-            assigned = await worker.next_assignment()
-            await worker.ack(assigned)
+            await worker.start_next()
             big = task_pb2.Progress(fraction=0.5, message="x" * MB2)
             await worker.send(progress=pb.ProgressUpdate(ref=ref(task.id, 1), progress=big))
             small = task_pb2.Progress(fraction=0.7, message="fine")

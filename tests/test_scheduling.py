@@ -618,8 +618,7 @@ async def test_running_attempts_count_toward_limits_after_a_restart(etcd, namesp
             first = await submit(api, "first", queue="held")
             second = await submit(api, "second", queue="held")
             async with RawWorker(node.address, "keeper", [ECHO], slots=1) as keeper:
-                got = await keeper.next_assignment()
-                await keeper.ack(got)
+                await keeper.start_next()
                 await eventually(lambda: _is(api, first.id, S.TASK_STATE_RUNNING), what="RUNNING")
         node.restart()
         async with connect(node) as api, RawWorker(node.address, "other", [ECHO], slots=1) as other:
@@ -726,8 +725,7 @@ async def test_a_delayed_task_expires_when_its_ttl_ends_before_its_delay(api) ->
 async def test_a_started_task_does_not_expire(api, coordinator) -> None:
     task = await submit(api, ttl=1.0)
     async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-        assigned = await worker.next_assignment()
-        await worker.ack(assigned)
+        await worker.start_next()
         await until(seconds(task.create_time) + 1.0 + 1.0)  # past the ttl, with room for a late expiry
         assert await state(api, task.id) == S.TASK_STATE_RUNNING
         assert (await worker.succeed(task.id, 1, examples_pb2.EchoResponse())).accepted
@@ -737,8 +735,7 @@ async def test_a_started_task_does_not_expire(api, coordinator) -> None:
 async def test_a_started_task_waiting_for_a_retry_does_not_expire(api, coordinator) -> None:
     task = await submit(api, ttl=1.0, retry=Retry(max_attempts=2, initial_backoff=1.5))
     async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-        first = await worker.next_assignment()
-        await worker.ack(first)
+        first = await worker.start_next()
         await fail_attempt(worker, first)
         second = await worker.next_assignment(timeout=1.5 + 10)  # PENDING past the ttl meanwhile
         assert (second.id, second.attempt) == (task.id, 2)
@@ -761,8 +758,7 @@ async def test_a_ttl_survives_a_restart(coordinator) -> None:
 async def test_an_attempt_past_its_timeout_is_failed_canceled_and_retried(api, coordinator) -> None:
     task = await submit(api, timeout=1.0, retry=Retry(max_attempts=2, initial_backoff=0.2))
     async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-        first = await worker.next_assignment()
-        await worker.ack(first)
+        first = await worker.start_next()
         cancel = await asyncio.wait_for(worker.cancels.get(), 1.0 + SLACK + 5)
         assert_between(now() - seconds(first.assign_time), 1.0, 1.0 + SLACK, "CancelAttempt after assignment")
         assert (cancel.ref.task_id, cancel.ref.attempt) == (task.id, 1)
@@ -780,8 +776,7 @@ async def test_an_attempt_past_its_timeout_is_failed_canceled_and_retried(api, c
 async def test_a_timeout_with_no_attempts_left_fails_the_task(api, coordinator) -> None:
     task = await submit(api, timeout=0.5, retry=Retry(max_attempts=1))
     async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-        assigned = await worker.next_assignment()
-        await worker.ack(assigned)
+        assigned = await worker.start_next()
         cancel = await asyncio.wait_for(worker.cancels.get(), 0.5 + SLACK + 5)
         assert (cancel.ref.task_id, cancel.ref.attempt) == (task.id, 1)
         failed = await eventually(lambda: _failed(api, task.id), what="FAILED after the timeout")
@@ -795,8 +790,7 @@ async def test_a_timeout_survives_a_restart(etcd, namespace) -> None:
         async with connect(node) as api:
             task = await submit(api, timeout=3.0, retry=Retry(max_attempts=1))
             async with RawWorker(node.address, "w", [ECHO], slots=1) as worker:
-                assigned = await worker.next_assignment()
-                await worker.ack(assigned)
+                assigned = await worker.start_next()
                 await eventually(lambda: _is(api, task.id, S.TASK_STATE_RUNNING), what="RUNNING")
         node.restart()
         async with connect(node) as api, RawWorker(node.address, "w", [ECHO], running=[(task.id, 1)]) as worker:
@@ -841,11 +835,9 @@ async def test_max_backoff_caps_the_wait(api, coordinator) -> None:
     retry = Retry(max_attempts=3, initial_backoff=0.3, backoff_multiplier=20, max_backoff=0.8)
     task = await submit(api, retry=retry)
     async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-        first = await worker.next_assignment()
-        await worker.ack(first)
+        first = await worker.start_next()
         await fail_attempt(worker, first)
-        second = await worker.next_assignment()
-        await worker.ack(second)
+        second = await worker.start_next()
         sent = await fail_attempt(worker, second)
         third = await worker.next_assignment(timeout=10)
         assert_between(now() - sent, 0.8, 0.8 + SLACK, "second backoff, capped at 0.8 s (uncapped: 6 s)")
@@ -886,8 +878,7 @@ async def _submit_many(api: Api, count: int, retry: Retry) -> list[str]:
 async def test_retry_after_overrides_the_backoff(api, coordinator, backoff, retry_after) -> None:
     task = await submit(api, retry=Retry(max_attempts=2, initial_backoff=backoff))
     async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-        first = await worker.next_assignment()
-        await worker.ack(first)
+        first = await worker.start_next()
         sent = await fail_attempt(worker, first, retry_after=retry_after)
         waiting = await get(api, task.id)
         assert waiting.state == S.TASK_STATE_PENDING, named(waiting.state)
@@ -901,8 +892,7 @@ async def test_a_non_retryable_error_type_fails_at_once(api, coordinator) -> Non
     retry = Retry(max_attempts=5, initial_backoff=0.1, non_retryable_error_types=("Fatal",))
     task = await submit(api, retry=retry)
     async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-        first = await worker.next_assignment()
-        await worker.ack(first)
+        first = await worker.start_next()
         await fail_attempt(worker, first, "Fatal", retryable=True)
         await quiet(worker.assignments, 0.5, what="a retry of a non-retryable error type")
     done = await get(api, task.id)
@@ -912,8 +902,7 @@ async def test_a_non_retryable_error_type_fails_at_once(api, coordinator) -> Non
 async def test_an_error_marked_not_retryable_fails_at_once(api, coordinator) -> None:
     task = await submit(api, retry=Retry(max_attempts=5, initial_backoff=0.1))
     async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-        first = await worker.next_assignment()
-        await worker.ack(first)
+        first = await worker.start_next()
         await fail_attempt(worker, first, "Bad", retryable=False)
         await quiet(worker.assignments, 0.5, what="a retry of a non-retryable error")
     done = await get(api, task.id)
@@ -924,8 +913,7 @@ async def test_a_retry_backoff_survives_a_restart(coordinator) -> None:
     async with connect(coordinator) as api:
         task = await submit(api, retry=Retry(max_attempts=2, initial_backoff=4.0))
         async with RawWorker(coordinator.address, "w", [ECHO], slots=1) as worker:
-            first = await worker.next_assignment()
-            await worker.ack(first)
+            first = await worker.start_next()
             sent = await fail_attempt(worker, first)
         due = seconds((await get(api, task.id)).next_run_time)
     coordinator.restart()

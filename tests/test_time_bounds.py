@@ -91,8 +91,7 @@ async def test_a_huge_retry_after_is_clamped_and_the_task_waits(coordinator: Coo
     async with echo_stub(coordinator.address) as stub:
         task = await submit(stub, retry=task_pb2.RetryPolicy(max_attempts=5))
         async with RawWorker(coordinator.address, "asker", [ECHO]) as worker:
-            assigned = await worker.next_assignment()
-            await worker.ack(assigned)
+            assigned = await worker.start_next()
             result = pb.AttemptResult(
                 ref=ref(task.id, assigned.attempt),
                 error=task_pb2.TaskError(type="Busy", message="come back later", retryable=True),

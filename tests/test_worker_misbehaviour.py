@@ -62,8 +62,7 @@ async def test_a_worker_that_never_acknowledges_is_quarantined_and_costs_no_atte
                 await quiet(again.assignments, 0.5, what="an assignment to a quarantined worker's new session")
             # A healthy worker runs the task; max_attempts=1 was not used up by the ack timeout.
             async with RawWorker(strict.address, "healthy", [ECHO]) as healthy:
-                attempt = await healthy.next_assignment()
-                await healthy.ack(attempt)
+                attempt = await healthy.start_next()
                 assert (await healthy.succeed(task.id, attempt.attempt, examples_pb2.EchoResponse(text="ok"))).accepted
             done = await get(stub, task.id)
             assert done.state == S.TASK_STATE_SUCCEEDED
