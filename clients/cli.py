@@ -28,6 +28,7 @@ from google.protobuf import (
 )
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from herder.clients import errors
@@ -671,16 +672,22 @@ async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
     for replica in status.replicas:
         replicas.add_row(replica.id, replica.address, "leader" if replica.leader else "follower")
     out.console.print(replicas)
-    table = _table("WORKER", "TYPES", "SLOTS", "RUNNING", "ADDRESS", "CONNECTED", "LAST HEARTBEAT", title="nodes")
+    table = _table(
+        "WORKER", "TYPES", "SLOTS", "RUNNING", "ADDRESS", "CONNECTED", "LAST HEARTBEAT", "QUARANTINED", title="nodes"
+    )
     for node in nodes:
+        quarantined = ""
+        if node.HasField("quarantined_until"):
+            quarantined = f"[red]until {_time(node.quarantined_until)}[/]: {escape(node.quarantine_reason)}"
         table.add_row(
-            node.worker_id,
+            escape(node.worker_id),
             ", ".join(node.task_types),
             str(node.slots),
             str(node.running),
-            node.address,
+            escape(node.address),
             _time(node.connect_time),
             _time(node.last_heartbeat_time),
+            quarantined,
         )
     out.console.print(table)
     if not nodes:

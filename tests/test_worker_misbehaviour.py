@@ -13,6 +13,7 @@ from _helpers import ECHO, echo_stub, get, submit
 from _raw_worker import RawWorker, ref
 from _timing import eventually, quiet
 
+from herder.clients.cli import main
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
@@ -47,13 +48,19 @@ async def test_a_result_with_no_outcome_is_rejected_and_uses_up_an_attempt(coord
         assert [e.type for e in done.attempt_errors] == ["herder.invalid_result"] * 2
 
 
-async def test_a_worker_that_never_acknowledges_is_quarantined_and_costs_no_attempt(strict: Coordinator) -> None:
+async def test_a_worker_that_never_acknowledges_is_quarantined_and_costs_no_attempt(
+    strict: Coordinator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
     async with echo_stub(strict.address) as stub:
         task = await submit(stub, retry=task_pb2.RetryPolicy(max_attempts=1))
         async with RawWorker(strict.address, "mute", [ECHO], slots=4) as mute:
             assigned = await mute.next_assignment()  # and never acknowledged
             nodes = await eventually(lambda: _quarantined(stub), what="the worker quarantined")
             assert [n.worker_id for n in nodes] == ["mute"] and "not acknowledged" in nodes[0].quarantine_reason
+            code = await asyncio.to_thread(main, ["--coordinator", strict.address, "status"])
+            shown = capsys.readouterr().out
+            assert code == 0 and "QUARANTINED" in shown and "not acknowledged" in " ".join(shown.split())
             requeued = await get(stub, task.id)
             assert (requeued.state, requeued.attempt) == (S.TASK_STATE_QUEUED, assigned.attempt)
             # Quarantined: nothing more for it, on this session or a new one, while the cool-down lasts.
