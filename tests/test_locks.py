@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -236,3 +238,30 @@ def test_the_sync_client_holds_and_releases(coordinator: Coordinator) -> None:
             assert first.token > 0
         with client.lock("sync", ttl=5, wait=0) as second:
             assert second.token > first.token
+
+
+async def test_the_sync_client_raises_a_lost_lock_at_exit(coordinator: Coordinator, kv: Etcd) -> None:
+    granted: queue.Queue[str] = queue.Queue()
+    revoked = threading.Event()
+    seen_lost: list[bool] = []
+
+    def hold() -> None:
+        with (
+            SyncClient(coordinator.address) as client,
+            pytest.raises(LockLostError),
+            client.lock("sync-lost", ttl=3, wait=5) as lock,
+        ):
+            granted.put(lock.lease_id)
+            assert revoked.wait(15)
+            # Synchronous code is not interrupted: it sees `lost` set, and the exit raises.
+            deadline = time.monotonic() + lock.ttl + SLACK
+            while not lock.lost.is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen_lost.append(lock.lost.is_set())
+
+    holder = asyncio.create_task(asyncio.to_thread(hold))
+    lease_id = await asyncio.to_thread(granted.get, timeout=15)
+    await kv.revoke(int(lease_id, 16))
+    revoked.set()
+    await asyncio.wait_for(holder, 30)
+    assert seen_lost == [True]
