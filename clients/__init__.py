@@ -32,6 +32,8 @@ from herder.clients.errors import (
     HerderError,
     InternalError,
     InvalidArgumentError,
+    LockHeldError,
+    LockLostError,
     NotFoundError,
     NotLeaderError,
     ResourceExhaustedError,
@@ -40,6 +42,7 @@ from herder.clients.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from herder.clients.locks import Lock
 from herder.clients.worker import NonRetryableError, RetryAfter, TaskContext, Worker, WorkerSettings, run_worker
 
 __all__ = [
@@ -55,6 +58,9 @@ __all__ = [
     "HerderError",
     "InternalError",
     "InvalidArgumentError",
+    "Lock",
+    "LockHeldError",
+    "LockLostError",
     "NonRetryableError",
     "NotFoundError",
     "NotLeaderError",

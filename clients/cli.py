@@ -45,6 +45,7 @@ from herder.clients.client import (
     timestamp_to_datetime,
 )
 from herder.clients.descriptors import add_files
+from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 
 PROG = "herder"
@@ -77,7 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     head, passthrough = _split_passthrough(args_list)
+    # `herder lock NAME -- COMMAND ...`: everything after the first -- is the command, untouched.
+    head, command = (head[: head.index("--")], head[head.index("--") + 1 :]) if "--" in head else (head, [])
     args = parser.parse_args(head)
+    if command and not getattr(args, "takes_command", False):
+        parser.error(f"unrecognized arguments: -- {' '.join(command)}")
+    args.argv = command
     if args.command in _PASSTHROUGH:
         args.passthrough = passthrough
     runner: Callable[[argparse.Namespace], int] = args.run
@@ -219,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--retention", type=_seconds, metavar="S", help="a queue keeps finished tasks S seconds (0: the default)"
     )
     command("status", "show the cluster (leader, replicas, etcd) and connected nodes", _async(_status))
+
+    lock = command(
+        "lock",
+        f"run a command while holding a lock: herder lock NAME [--ttl S] [--wait S] -- COMMAND ...; the command"
+        f" gets the fencing token in {TOKEN_ENV} and the lock is released when it ends (exit code: the command's)",
+        _async(_lock),
+    )
+    lock.add_argument("name", help="lock name")
+    lock.add_argument("--ttl", type=_seconds, default=30.0, metavar="S", help="lease TTL (default 30)")
+    lock.add_argument("--wait", type=_seconds, default=60.0, metavar="S", help="wait this long, 0 = try once")
+    lock.add_argument("--owner", default="", help="shown as the holder (default host:pid)")
+    lock.set_defaults(takes_command=True)
     return parser
 
 
@@ -696,6 +714,20 @@ async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
 
 
 # --- output ---
+
+
+async def _lock(client: Client, out: Output, args: argparse.Namespace) -> int:
+    argv = args.argv
+    if not argv:
+        raise UsageError("a command is required: herder lock NAME [--ttl S] [--wait S] -- COMMAND ...")
+    try:
+        return await run_locked(client, args.name, argv, ttl=args.ttl, wait=args.wait, owner=args.owner)
+    except errors.LockLostError as exc:
+        _error(f"{exc}; the command was stopped")
+        return 1
+    except OSError as exc:
+        _error(f"cannot run {argv[0]}: {exc.strerror or exc}")
+        return 127
 
 
 def _table(*columns: str, title: str | None = None) -> Table:

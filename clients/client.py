@@ -34,6 +34,7 @@ from opentelemetry import propagate
 from herder.clients import errors
 from herder.clients.backoff import Backoff
 from herder.clients.descriptors import MessageType, task_type_for
+from herder.clients.locks import Lock, default_owner
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 
 if TYPE_CHECKING:
@@ -587,16 +588,41 @@ class Client:
     async def cluster_status(self) -> coordinator_pb2.GetClusterStatusResponse:
         return await self._unary(lambda s: s.GetClusterStatus, coordinator_pb2.GetClusterStatusRequest())
 
+    # --- locks ---
+
+    def lock(self, name: str, *, ttl: Seconds = 30.0, wait: Seconds = 60.0, owner: str = "") -> Lock:
+        """A distributed lock, held inside `async with client.lock(name) as lock:`.
+
+        `lock.token` is its fencing token: send it with every write the lock guards. Entry waits
+        up to `wait` seconds (0: try once) and raises LockHeldError if another holder keeps it.
+        The lock is refreshed about every ttl/3; if it is lost (released or revoked behind its
+        back, or no refresh succeeds before the TTL runs out) the body is CANCELLED and the
+        `async with` raises LockLostError. Exit releases it, shielded from cancellation.
+        Any coordinator replica serves locks, leader or not.
+        """
+        return Lock(
+            self.channel,
+            name,
+            ttl=ttl,
+            wait=wait,
+            owner=owner or default_owner(),
+            timeout=self._timeout,
+        )
+
     # --- plumbing ---
 
     def _stub(self) -> CoordinatorServiceAsyncStub:
+        return coordinator_pb2_grpc.CoordinatorServiceStub(self.channel())
+
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the coordinator this client talks to now (opened on first use)."""
         if self._closed:
             raise errors.FailedPreconditionError("the client is closed")
         channel = self._channels.get(self._address)
         if channel is None:
             channel = grpc.aio.insecure_channel(self._address, options=_CHANNEL_OPTIONS)
             self._channels[self._address] = channel
-        return coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        return channel
 
     def _follow(self, error: errors.NotLeaderError) -> bool:
         """Switch to the leader a follower named; False when there is nowhere new to go."""
@@ -977,6 +1003,21 @@ class SyncClient:
 
     def cluster_status(self) -> coordinator_pb2.GetClusterStatusResponse:
         return self.run(self._client.cluster_status())
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, ttl: Seconds = 30.0, wait: Seconds = 60.0, owner: str = "") -> Iterator[Lock]:
+        """A distributed lock, held inside `with client.lock(name) as lock:` (see `Client.lock`).
+
+        Refreshed in the background on the client's loop thread. Synchronous code cannot be
+        cancelled, so the body is NOT interrupted when the lock is lost: LockLostError is raised
+        at exit instead; check `lock.lost.is_set()` before writes if the body runs long.
+        """
+        held = self._client.lock(name, ttl=ttl, wait=wait, owner=owner)
+        self.run(held.start(cancel_body=False))
+        try:
+            yield held
+        finally:
+            self.run(held.stop())
 
     def _iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
         async def step() -> T:

@@ -115,7 +115,26 @@ class TaskFailedError(HerderError):
         self.error_type = error_type
 
 
-# The one table: gRPC status code <-> error class.
+class LockHeldError(HerderError):
+    """Another holder kept the lock until the wait ran out (or at once, for a try with no wait).
+
+    ABORTED, as gRPC advises for a concurrency conflict that the caller may retry at a higher level.
+    Nothing is left behind: the waiter's key and lease are gone.
+    """
+
+    code = grpc.StatusCode.ABORTED
+
+
+class LockLostError(HerderError):
+    """A held lock ended before its holder released it: its lease expired or was revoked, or no refresh
+    succeeded in time. Raised by the SDK only (never sent by the coordinator); whatever the lock
+    guarded may already be done by another holder."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+# The one table: gRPC status code <-> error class. ABORTED on the wire is a lock held by another;
+# TaskFailedError and LockLostError share its code but are raised by the SDK only.
 _BY_CODE: dict[grpc.StatusCode, type[HerderError]] = {
     cls.code: cls
     for cls in (
@@ -129,7 +148,7 @@ _BY_CODE: dict[grpc.StatusCode, type[HerderError]] = {
         CancelledError,
         UnimplementedError,
         InternalError,
-        TaskFailedError,
+        LockHeldError,
     )
 }
 
@@ -209,8 +228,6 @@ def from_status_proto(status: status_pb2.Status) -> HerderError:
     """The error for a `google.rpc.Status` (as SubmitTasks reports a rejected item)."""
     code = _code_of(status.code)
     cls = _BY_CODE.get(code, HerderError)
-    if cls is TaskFailedError:
-        cls = HerderError
     return cls(status.message, violations=violations_of(status))
 
 
@@ -230,7 +247,7 @@ def from_rpc_error(error: grpc.RpcError) -> HerderError:
         if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
             violations = violations_of(status_pb2.Status.FromString(value))
     cls = _BY_CODE.get(code, HerderError)
-    if cls is TaskFailedError or cls is HerderError:
+    if cls is HerderError:
         err = HerderError(f"{code.name}: {details}", violations=violations)
         err.code = code
         return err
@@ -254,6 +271,8 @@ __all__ = [
     "HerderError",
     "InternalError",
     "InvalidArgumentError",
+    "LockHeldError",
+    "LockLostError",
     "NotFoundError",
     "NotLeaderError",
     "ResourceExhaustedError",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +172,19 @@ class Etcd:
         reply = await self._call(self._kv.Range, request, timeout=max(self.timeout, 30.0))
         return [_kv(kv) for kv in reply.kvs], reply.more, reply.header.revision
 
+    async def last_created_before(self, prefix: bytes, revision: int) -> tuple[KeyValue | None, int]:
+        """The newest key under prefix created before `revision` (or None), and the store revision read at."""
+        request = rpc.RangeRequest(
+            key=prefix,
+            range_end=prefix_end(prefix),
+            sort_order=rpc.RangeRequest.DESCEND,
+            sort_target=rpc.RangeRequest.CREATE,
+            max_create_revision=revision - 1,
+            limit=1,
+        )
+        reply = await self._call(self._kv.Range, request)
+        return (_kv(reply.kvs[0]) if reply.kvs else None), reply.header.revision
+
     async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncIterator[KeyValue]:
         """Every key under prefix, read page by page at one revision (a consistent snapshot)."""
         end = prefix_end(prefix)
@@ -204,7 +217,7 @@ class Etcd:
         """A keeper that refreshes `lease` on this connection, one refresh at a time."""
         return LeaseKeeper(self, lease)
 
-    async def watch(self, key: bytes, end: bytes = b"", *, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
+    async def watch(self, key: bytes, end: bytes = b"", *, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
         """Every change of key (or [key, end)) from start_revision on, in order. Raises EtcdError when it breaks."""
         create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=start_revision)
         stop = asyncio.Event()

@@ -1,6 +1,7 @@
 """The coordinator process: etcd connection, election loop and the gRPC server.
 
-It serves CoordinatorService, grpc.health.v1.Health and server reflection.
+It serves CoordinatorService, LockService (on every replica, leader or not: etcd
+arbitrates locks), grpc.health.v1.Health and server reflection.
 While it leads, a NamespaceLeader holds all leader state; when leadership
 is lost (lease gone, fence failed, etcd unreachable) that object is torn down
 at once and the replica campaigns again.
@@ -19,12 +20,13 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, lock_pb2, lock_pb2_grpc, task_pb2
 from herder.server import election, keys, validation
 from herder.server._etcd import Etcd, EtcdError
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.decoding import DecodingInterceptor
 from herder.server.leader import LeaderSettings, NamespaceLeader
+from herder.server.lock_service import LockServicer
 from herder.server.reflection import ContractReflection
 from herder.server.service import CoordinatorServicer
 from herder.server.watchers import WatchSettings
@@ -32,6 +34,7 @@ from herder.server.watchers import WatchSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+LOCK_SERVICE_NAME = lock_pb2.DESCRIPTOR.services_by_name["LockService"].full_name
 
 
 class ListenError(RuntimeError):
@@ -95,8 +98,11 @@ class Coordinator:
             ],
         )
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self), server)
+        lock_pb2_grpc.add_LockServiceServicer_to_server(LockServicer(self.etcd, self.prefix, self.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+        self.reflection.enable(
+            server, (SERVICE_NAME, LOCK_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        )
         try:
             self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as exc:
@@ -115,6 +121,7 @@ class Coordinator:
         status = serving if leading else health_pb2.HealthCheckResponse.NOT_SERVING
         # The process is up either way; the coordinator service serves only while leading.
         await _maybe_await(self._health.set("", serving))
+        await _maybe_await(self._health.set(LOCK_SERVICE_NAME, serving))
         await _maybe_await(self._health.set(SERVICE_NAME, status))
 
     async def _lead_loop(self) -> None:

@@ -63,3 +63,14 @@ def gc(ns: bytes, delete_at: float, task_id: str) -> bytes:
 def gc_until(ns: bytes, now: float) -> bytes:
     """The range end covering every gc key due at or before now."""
     return gc_prefix(ns) + f"{int(now * 1000) + 1:016x}".encode()
+
+
+def lock_prefix(ns: bytes, name: str) -> bytes:
+    """Every waiter's and the holder's key of one lock: locks/<name>/ (names hold no "/", so no lock's
+    prefix covers another's keys)."""
+    return ns + f"locks/{name}/".encode()
+
+
+def lock(ns: bytes, name: str, lease: int) -> bytes:
+    """One Acquire's key: locks/<name>/<its lease, 16 hex digits>."""
+    return lock_prefix(ns, name) + f"{lease:016x}".encode()

@@ -5,22 +5,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.server import keys, validation
-from herder.server._etcd import EtcdError, prefix_end
+from herder.server._etcd import prefix_end
 from herder.server.contracts import render_json, resolve_payload
 from herder.server.entries import TERMINAL
 from herder.server.horizon import set_timestamp
 from herder.server.leader import NamespaceLeader
+from herder.server.unary import unary as _unary
 from herder.server.watchers import Published, TaskFilter, WatchSettings
 
 log = logging.getLogger(__name__)
@@ -29,26 +29,6 @@ log = logging.getLogger(__name__)
 _TURN = 0.01
 # Acknowledgements or results in one Connect message: a worker has at most this many slots.
 MAX_ITEMS_PER_MESSAGE = 10_000
-
-R = TypeVar("R")
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]
-
-
-def _unary(method: Handler[R]) -> Handler[R]:
-    """Turn Herder and etcd errors into gRPC statuses, in one place for every unary RPC."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
-        try:
-            return await method(self, request, context)
-        except errors.HerderError as exc:
-            await context.abort_with_status(errors.to_status(exc))
-        except EtcdError as exc:
-            await context.abort_with_status(errors.to_status(errors.UnavailableError(str(exc))))
-        raise AssertionError("unreachable")
-
-    return wrapper
-
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
 

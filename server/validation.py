@@ -18,13 +18,17 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from herder.clients import errors, outcomes
 from herder.clients.errors import FieldViolation
-from herder.clients.proto.v1 import coordinator_pb2, task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, lock_pb2, task_pb2
 from herder.server import contracts
 from herder.server.committer import ETCD_MAX_REQUEST_BYTES, TXN_OVERHEAD_BYTES
 from herder.server.horizon import MAX_DELAY_SECONDS
 
 # Type and queue names: safe in etcd keys, metric labels and command lines.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# Lock names: NAME_PATTERN without "/", so no lock's key prefix covers another lock's keys.
+LOCK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# Lease ids as LockService hands them out: etcd's 64-bit lease id in hex.
+_LEASE_ID = re.compile(r"[0-9a-f]{1,16}")
 # A protobuf full message name, such as "images.v1.ResizeRequest".
 _FULL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 # Ids: printable ASCII without spaces.
@@ -93,6 +97,13 @@ class Limits:
     max_labels: int = 64
     # Filters of a listing or a watch: ids (WatchTasks), states and tags.
     max_filter_ids: int = 1000
+    # Locks: a holder's owner text, its lease TTL in whole seconds, how long an Acquire may wait,
+    # and Acquires waiting at once on one replica (each holds an etcd watch and a keep-alive).
+    max_lock_owner_length: int = 256
+    min_lock_ttl_seconds: int = 1
+    max_lock_ttl_seconds: int = 3600
+    max_lock_wait_seconds: int = 3600
+    max_lock_waiters: int = 10_000
 
     def problems(self) -> list[str]:
         """Why these limits cannot hold together (empty when they can)."""
@@ -137,6 +148,41 @@ def validate_name(value: str, field: str, limits: Limits, *, required: bool = Tr
                 "must start with a letter or digit and contain only letters, digits and . _ : / -",
             )
         )
+    return found
+
+
+def validate_acquire(request: lock_pb2.AcquireRequest, limits: Limits) -> list[FieldViolation]:
+    """An Acquire: a lock name, an owner of printable characters, a TTL and a wait within the limits."""
+    found = validate_lock_name(request.name, "name", limits)
+    if len(request.owner) > limits.max_lock_owner_length:
+        found.append(_too_long("owner", request.owner, limits.max_lock_owner_length))
+    elif not request.owner.isprintable():
+        found.append(FieldViolation("owner", "must be printable characters"))
+    low, high = limits.min_lock_ttl_seconds, limits.max_lock_ttl_seconds
+    ttl = _duration(request.ttl, "ttl")
+    if not ttl and not low * 1_000_000_000 <= _total_nanos(request.ttl) <= high * 1_000_000_000:
+        ttl.append(FieldViolation("ttl", f"must be between {low}s and {high}s"))
+    wait = _duration(request.wait_timeout, "wait_timeout")
+    if not wait and _total_nanos(request.wait_timeout) > limits.max_lock_wait_seconds * 1_000_000_000:
+        wait.append(FieldViolation("wait_timeout", f"must be at most {limits.max_lock_wait_seconds}s"))
+    return found + ttl + wait
+
+
+def validate_lock_ref(name: str, lease_id: str, limits: Limits) -> list[FieldViolation]:
+    """A Refresh or Release: the lock's name and the lease id its Acquire returned."""
+    found = validate_lock_name(name, "name", limits)
+    if not lease_id:
+        found.append(FieldViolation("lease_id", "is required"))
+    elif not _LEASE_ID.fullmatch(lease_id):
+        found.append(FieldViolation("lease_id", "must be 1 to 16 lowercase hex digits, as Acquire returns it"))
+    return found
+
+
+def validate_lock_name(value: str, field: str, limits: Limits) -> list[FieldViolation]:
+    """A lock name: like a queue name (validate_name) but without "/"."""
+    found = validate_name(value, field, limits)
+    if not found and not LOCK_NAME_PATTERN.fullmatch(value):
+        found.append(FieldViolation(field, 'must not contain "/"'))
     return found
 
 
@@ -423,11 +469,15 @@ def _too_big(field: str, size: int, limit: int) -> FieldViolation:
 
 
 __all__ = [
+    "LOCK_NAME_PATTERN",
     "NAME_PATTERN",
     "Limits",
     "raise_if",
+    "validate_acquire",
     "validate_batch_size",
     "validate_id",
+    "validate_lock_name",
+    "validate_lock_ref",
     "validate_name",
     "validate_page_size",
     "validate_spec",

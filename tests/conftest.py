@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import FrameType
 
 import pytest
 from _cluster import coordinator  # noqa: F401  (shared: a started coordinator per test)
 
 from herder.clients.embedded_etcd import EmbeddedEtcd
+from herder.server._etcd import Etcd
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -26,6 +27,15 @@ signal.signal(signal.SIGTERM, _interrupt)
 def etcd() -> Iterator[EmbeddedEtcd]:
     with EmbeddedEtcd(fsync=False) as server:
         yield server
+
+
+@pytest.fixture
+async def kv(etcd: EmbeddedEtcd) -> AsyncIterator[Etcd]:
+    """A direct etcd connection, to look at or change what the coordinator stored."""
+    client = Etcd([etcd.endpoint])
+    await client.connect()
+    yield client
+    await client.close()
 
 
 @pytest.fixture

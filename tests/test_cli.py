@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,6 +20,8 @@ from herder.clients.cli import main
 from herder.clients.client import SyncClient
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
+from herder.server import keys
+from herder.server._etcd import Etcd, prefix_end
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -255,3 +258,50 @@ def test_coordinator_command_runs_the_server(etcd: EmbeddedEtcd, namespace: str)
         assert node.is_leader()
     done = subprocess.run([HERDER, "coordinator", "--help"], capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0 and "--etcd" in done.stdout
+
+
+def lock_command(address: str, name: str, *options: str, script: str) -> list[str]:
+    return [HERDER, "lock", name, "--coordinator", address, *options, "--", sys.executable, "-c", script]
+
+
+def test_lock_runs_a_command_with_the_token_and_exits_with_its_code(address: str) -> None:
+    script = "import os, sys; print('token', os.environ['HERDER_LOCK_TOKEN']); sys.exit(3)"
+    command = lock_command(address, "cli", "--ttl", "5", script=script)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 3, done.stderr
+    assert int(done.stdout.split()[1]) > 0
+
+
+def test_lock_held_elsewhere_is_one_line(address: str) -> None:
+    with SyncClient(address) as client, client.lock("cli-held", ttl=10, wait=0):
+        command = lock_command(address, "cli-held", "--wait", "0", script="print('ran')")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "held" in done.stderr
+
+
+def test_a_lost_lock_stops_the_command(address: str, etcd: EmbeddedEtcd, namespace: str) -> None:
+    script = "import time; print('started', flush=True); time.sleep(60)"
+    process = spawn("lock", "cli-lost", "--coordinator", address, "--ttl", "3", "--", sys.executable, "-c", script)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "started\n"
+        asyncio.run(_revoke_lock_leases(etcd.endpoint, keys.lock_prefix(keys.prefix(namespace), "cli-lost")))
+        _, err = process.communicate(timeout=30)
+    finally:
+        stop(process)
+    assert process.returncode == 1
+    assert err.count("\n") == 1 and "was lost" in err
+
+
+async def _revoke_lock_leases(endpoint: str, prefix: bytes) -> None:
+    """Revoke the leases of a lock's keys behind their holders' backs."""
+    kv = Etcd([endpoint])
+    await kv.connect()
+    try:
+        found, _, _ = await kv.range(prefix, prefix_end(prefix))
+        assert found, "nobody holds the lock"
+        for item in found:
+            await kv.revoke(item.lease)
+    finally:
+        await kv.close()

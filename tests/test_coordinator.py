@@ -14,7 +14,6 @@ from _raw_worker import RawWorker
 
 from herder.clients import errors
 from herder.clients.descriptors import task_type_for
-from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
@@ -36,14 +35,6 @@ async def stub(coordinator: Coordinator) -> AsyncIterator[coordinator_pb2_grpc.C
             )
         )
         yield stub
-
-
-@pytest.fixture
-async def kv(etcd: EmbeddedEtcd) -> AsyncIterator[Etcd]:
-    client = Etcd([etcd.endpoint])
-    await client.connect()
-    yield client
-    await client.close()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15, what: str = "condition") -> None:

@@ -26,7 +26,6 @@ from google.protobuf import any_pb2
 
 from herder.clients import Client, Retry, errors
 from herder.clients.descriptors import task_type_for
-from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
@@ -73,14 +72,6 @@ async def connect(node: Coordinator) -> AsyncIterator[Api]:
 async def api(coordinator: Coordinator) -> AsyncIterator[Api]:
     async with connect(coordinator) as value:
         yield value
-
-
-@pytest.fixture
-async def kv(etcd: EmbeddedEtcd) -> AsyncIterator[Etcd]:
-    client = Etcd([etcd.endpoint])
-    await client.connect()
-    yield client
-    await client.close()
 
 
 async def submit(api: Api, text: str = "x", **options: Any) -> task_pb2.Task:
