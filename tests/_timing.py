@@ -26,7 +26,7 @@ SLACK = 2.0
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 15.0, what: str = "condition", interval: float = 0.05
+    check: Callable[[], Awaitable[T]], what: str = "condition", *, timeout: float = 15.0, interval: float = 0.05
 ) -> T:
     """The first truthy value `check()` returns; AssertionError naming `what` (and the last value seen)
     once `timeout` seconds pass without one."""
@@ -38,6 +38,20 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}; last seen: {value!r}")
         await asyncio.sleep(interval)
+
+
+def eventually_sync(
+    check: Callable[[], T], what: str = "condition", *, timeout: float = 15.0, interval: float = 0.05
+) -> T:
+    """`eventually` for synchronous tests (the CLI's, which runs its own event loop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}; last seen: {value!r}")
+        time.sleep(interval)
 
 
 def retry_unavailable(call: Callable[[], T], *, timeout: float = 30.0) -> T:
@@ -89,4 +103,15 @@ def assert_between(value: float, low: float, high: float, what: str) -> None:
     assert low <= value < high, f"{what}: measured {value:.3f}s, expected within [{low:.3f}s, {high:.3f}s)"
 
 
-__all__ = ["SLACK", "assert_between", "duration", "eventually", "now", "quiet", "retry_unavailable", "seconds", "until"]
+__all__ = [
+    "SLACK",
+    "assert_between",
+    "duration",
+    "eventually",
+    "eventually_sync",
+    "now",
+    "quiet",
+    "retry_unavailable",
+    "seconds",
+    "until",
+]

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _cluster import Coordinator, coordinator
+from _cluster import Coordinator
 
 from herder.clients.cli import main
 from herder.clients.client import SyncClient
@@ -25,7 +25,6 @@ from herder.server._etcd import Etcd, prefix_end
 
 pytestmark = pytest.mark.timeout(90)
 
-__all__ = ["coordinator"]  # the fixture, imported for pytest
 
 HERDER = str(Path(sys.executable).parent / "herder")
 

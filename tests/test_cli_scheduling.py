@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _cluster import Coordinator, coordinator
+from _cluster import Coordinator
+from _timing import eventually_sync as eventually
 
 from herder.clients.cli import main
 from herder.clients.client import SyncClient
@@ -22,7 +22,6 @@ from herder.clients.proto.examples.v1 import examples_pb2
 
 pytestmark = pytest.mark.timeout(90)
 
-__all__ = ["coordinator"]  # the fixture, imported for pytest
 
 HERDER = str(Path(sys.executable).parent / "herder")
 T = TypeVar("T")
@@ -42,15 +41,6 @@ def run_json(capsys: pytest.CaptureFixture[str], address: str, *args: str) -> An
     code, out, err = run(capsys, "--coordinator", address, "--output", "json", *args)
     assert code == 0, err
     return json.loads(out)
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
-    """The first truthy value of `check()`; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}; last seen {value!r}"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
-from _cluster import Coordinator, coordinator
+from _cluster import Coordinator
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -20,7 +20,6 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_
 
 pytestmark = pytest.mark.timeout(60)
 
-__all__ = ["coordinator"]  # the fixture, imported for pytest
 
 ECHO = "examples.echo"
 Outcome = Callable[[task_pb2.Task], coordinator_pb2.AttemptResult]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TypeVar
 
 import pytest
-from _cluster import Coordinator, coordinator
+from _cluster import Coordinator
+from _timing import eventually
 
 from herder.clients import errors
 from herder.clients.client import Client, SyncClient, TaskHandle, parse_scope, scope_name
@@ -19,22 +19,12 @@ from herder.clients.worker import TaskContext, Worker
 
 pytestmark = pytest.mark.timeout(60)
 
-__all__ = ["coordinator"]  # the fixture, imported for pytest
 
 ECHO = "examples.echo"
 GLOBAL = coordinator_pb2.LIMIT_SCOPE_GLOBAL
 QUEUE = coordinator_pb2.LIMIT_SCOPE_QUEUE
 KEY = coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY
 T = TypeVar("T")
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 15.0) -> T:
-    """The first truthy value of `check()`; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := await check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}; last seen {value!r}"
-        await asyncio.sleep(0.05)
-    return value
 
 
 def summary(limits: list[coordinator_pb2.Limit]) -> dict[tuple[str, str], tuple[int, int, float]]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from _cluster import Coordinator, coordinator  # noqa: F401
+from _cluster import Coordinator
 from _raw_worker import RawWorker
+from _timing import eventually
 
 from herder.clients import errors
 from herder.clients.descriptors import task_type_for
@@ -26,7 +27,7 @@ ECHO = "examples.echo"
 
 
 @pytest.fixture
-async def stub(coordinator: Coordinator) -> AsyncIterator[coordinator_pb2_grpc.CoordinatorServiceStub]:  # noqa: F811
+async def stub(coordinator: Coordinator) -> AsyncIterator[coordinator_pb2_grpc.CoordinatorServiceStub]:
     async with grpc.aio.insecure_channel(coordinator.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         await stub.RegisterTaskType(
@@ -35,14 +36,6 @@ async def stub(coordinator: Coordinator) -> AsyncIterator[coordinator_pb2_grpc.C
             )
         )
         yield stub
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def submit(stub: coordinator_pb2_grpc.CoordinatorServiceStub, text: str = "hi", **spec: object) -> task_pb2.Task:
@@ -61,7 +54,7 @@ async def stored_keys(kv: Etcd, namespace: str) -> list[bytes]:
     return [item.key async for item in kv.scan_prefix(f"/herder/{namespace}/".encode())]
 
 
-async def test_json_task_runs_to_success_with_a_readable_result(stub, coordinator) -> None:  # noqa: F811
+async def test_json_task_runs_to_success_with_a_readable_result(stub, coordinator) -> None:
     task = await submit(stub, "hello")
     assert task.state == S.TASK_STATE_QUEUED
     assert task.spec.payload.type_url.endswith("herder.examples.v1.EchoRequest")
@@ -85,7 +78,7 @@ async def _is(stub: coordinator_pb2_grpc.CoordinatorServiceStub, task_id: str, s
     return (await state_of(stub, task_id)).state == state
 
 
-async def test_dispatch_is_by_priority_then_fifo(stub, coordinator) -> None:  # noqa: F811
+async def test_dispatch_is_by_priority_then_fifo(stub, coordinator) -> None:
     low1 = await submit(stub, "low1", priority=1)
     high = await submit(stub, "high", priority=5)
     low2 = await submit(stub, "low2", priority=1)
@@ -99,7 +92,7 @@ async def test_dispatch_is_by_priority_then_fifo(stub, coordinator) -> None:  # 
     assert order == [high.id, low1.id, low2.id]
 
 
-async def test_a_worker_gets_only_its_types_and_at_most_its_slots(stub, coordinator) -> None:  # noqa: F811
+async def test_a_worker_gets_only_its_types_and_at_most_its_slots(stub, coordinator) -> None:
     tasks = [await submit(stub, str(i)) for i in range(3)]
     async with (
         RawWorker(coordinator.address, "other", ["examples.sleep"], slots=4) as other,
@@ -115,7 +108,7 @@ async def test_a_worker_gets_only_its_types_and_at_most_its_slots(stub, coordina
         assert {t.id for t in [*got, third]} == {t.id for t in tasks}
 
 
-async def test_unacknowledged_assignment_is_requeued_as_a_new_attempt(stub, coordinator) -> None:  # noqa: F811
+async def test_unacknowledged_assignment_is_requeued_as_a_new_attempt(stub, coordinator) -> None:
     task = await submit(stub)
     async with RawWorker(coordinator.address, "slow", [ECHO]) as slow:
         first = await slow.next_assignment()
@@ -133,7 +126,7 @@ async def test_unacknowledged_assignment_is_requeued_as_a_new_attempt(stub, coor
     assert [e.type for e in done.attempt_errors] == ["herder.ack_timeout"]
 
 
-async def test_result_for_a_superseded_attempt_is_rejected_and_changes_nothing(stub, coordinator) -> None:  # noqa: F811
+async def test_result_for_a_superseded_attempt_is_rejected_and_changes_nothing(stub, coordinator) -> None:
     task = await submit(stub)
     async with RawWorker(coordinator.address, "a", [ECHO]) as a:
         await a.next_assignment()  # never acknowledged
@@ -152,7 +145,7 @@ async def test_result_for_a_superseded_attempt_is_rejected_and_changes_nothing(s
     assert json.loads(done.result_json) == {"text": "fresh"}
 
 
-async def test_retryable_error_runs_again_and_non_retryable_fails(stub, coordinator) -> None:  # noqa: F811
+async def test_retryable_error_runs_again_and_non_retryable_fails(stub, coordinator) -> None:
     retry = task_pb2.RetryPolicy(max_attempts=3)
     retry.initial_backoff.FromMilliseconds(100)
     task = await submit(stub, retry=retry)
@@ -175,7 +168,7 @@ async def test_retryable_error_runs_again_and_non_retryable_fails(stub, coordina
     assert [e.type for e in done.attempt_errors] == ["Boom", "Bad"]
 
 
-async def test_wrong_output_type_fails_the_task(stub, coordinator) -> None:  # noqa: F811
+async def test_wrong_output_type_fails_the_task(stub, coordinator) -> None:
     task = await submit(stub)
     async with RawWorker(coordinator.address, "w", [ECHO]) as worker:
         await worker.start_next()
@@ -185,7 +178,7 @@ async def test_wrong_output_type_fails_the_task(stub, coordinator) -> None:  # n
     assert done.error.type == "herder.bad_output"
 
 
-async def test_closed_session_requeues_after_heartbeat_timeout(stub, coordinator) -> None:  # noqa: F811
+async def test_closed_session_requeues_after_heartbeat_timeout(stub, coordinator) -> None:
     task = await submit(stub)
     worker = RawWorker(coordinator.address, "gone", [ECHO])
     async with worker:
@@ -202,7 +195,7 @@ async def test_closed_session_requeues_after_heartbeat_timeout(stub, coordinator
     assert [e.type for e in done.attempt_errors] == ["herder.worker_lost"]
 
 
-async def test_silent_worker_loses_its_attempt(stub, coordinator) -> None:  # noqa: F811
+async def test_silent_worker_loses_its_attempt(stub, coordinator) -> None:
     task = await submit(stub)
     async with RawWorker(coordinator.address, "mute", [ECHO]) as mute:
         await mute.start_next()
@@ -213,7 +206,7 @@ async def test_silent_worker_loses_its_attempt(stub, coordinator) -> None:  # no
             assert (again.id, again.attempt) == (task.id, 2)
 
 
-async def test_reconnecting_worker_reclaims_its_running_attempt(stub, coordinator) -> None:  # noqa: F811
+async def test_reconnecting_worker_reclaims_its_running_attempt(stub, coordinator) -> None:
     task = await submit(stub)
     async with RawWorker(coordinator.address, "w", [ECHO]) as worker:
         await worker.start_next()
@@ -227,7 +220,7 @@ async def test_reconnecting_worker_reclaims_its_running_attempt(stub, coordinato
     assert (done.state, done.attempt, list(done.attempt_errors)) == (S.TASK_STATE_SUCCEEDED, 1, [])
 
 
-async def test_cancel_queued_running_finished_and_unknown(stub, coordinator) -> None:  # noqa: F811
+async def test_cancel_queued_running_finished_and_unknown(stub, coordinator) -> None:
     queued = await submit(stub)
     canceled = (await stub.CancelTask(pb.CancelTaskRequest(id=queued.id, reason="not needed"))).task
     assert canceled.state == S.TASK_STATE_CANCELED
@@ -345,7 +338,7 @@ async def test_list_filters_and_pages(stub) -> None:
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_late_watcher_sees_current_state_then_every_change(stub, coordinator) -> None:  # noqa: F811
+async def test_late_watcher_sees_current_state_then_every_change(stub, coordinator) -> None:
     task = await submit(stub)
     call = stub.WatchTasks(pb.WatchTasksRequest(ids=[task.id], include_result_json=True))
     events: list[task_pb2.TaskEvent] = []
@@ -370,7 +363,7 @@ async def test_late_watcher_sees_current_state_then_every_change(stub, coordinat
     assert json.loads(events[-1].task.result_json) == {"text": "done"}
 
 
-async def test_cluster_status_and_nodes(stub, coordinator) -> None:  # noqa: F811
+async def test_cluster_status_and_nodes(stub, coordinator) -> None:
     async with RawWorker(coordinator.address, "node-1", [ECHO], slots=3):
         status = await stub.GetClusterStatus(pb.GetClusterStatusRequest())
         assert status.leader_address == coordinator.address
@@ -379,7 +372,7 @@ async def test_cluster_status_and_nodes(stub, coordinator) -> None:  # noqa: F81
         assert [(n.worker_id, n.slots, list(n.task_types)) for n in nodes] == [("node-1", 3, [ECHO])]
 
 
-async def test_connect_must_start_with_hello(coordinator) -> None:  # noqa: F811
+async def test_connect_must_start_with_hello(coordinator) -> None:
     async with grpc.aio.insecure_channel(coordinator.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
 

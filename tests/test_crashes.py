@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from _cluster import Coordinator, coordinator  # noqa: F401
+from _cluster import Coordinator
 from google.protobuf import duration_pb2
 
 from herder.clients import Client
@@ -60,7 +60,7 @@ async def _nodes(client: Client, count: int, timeout: float = 30) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_killed_worker_task_is_finished_by_another_worker_once(coordinator: Coordinator) -> None:  # noqa: F811
+async def test_killed_worker_task_is_finished_by_another_worker_once(coordinator: Coordinator) -> None:
     async with Client(coordinator.address) as client:
         with worker_process(coordinator.address, "doomed") as doomed:
             await _nodes(client, 1)

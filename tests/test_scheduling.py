@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _cluster import Coordinator, coordinator
+from _cluster import Coordinator
 from _raw_worker import RawWorker, ref
 from _timing import SLACK, assert_between, duration, eventually, now, quiet, seconds, until
 from google.protobuf import any_pb2
@@ -33,7 +33,6 @@ from herder.server._etcd import Etcd
 
 pytestmark = pytest.mark.timeout(60)
 
-__all__ = ["coordinator"]  # the fixture, imported for pytest
 
 S = task_pb2.TaskState
 GLOBAL = pb.LimitScope.LIMIT_SCOPE_GLOBAL

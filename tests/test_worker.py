@@ -11,7 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
-from _cluster import Coordinator, coordinator
+from _cluster import Coordinator
 from google.protobuf import duration_pb2
 
 from herder.clients import errors
@@ -25,7 +25,6 @@ from herder.clients.worker import SHUTDOWN_REASON, RetryAfter, TaskContext, Work
 
 pytestmark = pytest.mark.timeout(60)
 
-__all__ = ["coordinator"]  # the fixture, imported for pytest
 
 S = task_pb2
 FAST = WorkerSettings(backoff=Backoff(initial=0.05, max=0.3), connect_timeout=5.0)
