@@ -5,7 +5,7 @@
         coordinator.kill()       # SIGKILL the whole group (a crash)
         coordinator.restart()    # same port, waits until it leads again
 
-The fixture `coordinator` (shared through conftest.py; older modules still import it from here)
+The fixture `coordinator` (in conftest.py)
 gives one started coordinator per test on the session's etcd and the test's namespace.
 Every process started here is killed at teardown, on failure too, and at interpreter exit.
 """
@@ -20,15 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import grpc
-import pytest
 
-from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
+from herder.clients.embedded_etcd import free_port
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 _LIVE: set[Coordinator] = set()
@@ -257,20 +256,4 @@ def _kill_leftovers() -> None:
         coordinator.kill()
 
 
-@pytest.fixture
-def coordinator(etcd: EmbeddedEtcd, namespace: str) -> Iterator[Coordinator]:
-    """A started coordinator, leader of the test's namespace; killed at teardown (its log is shown
-    with a failed test's report)."""
-    node = Coordinator(etcd.endpoint, namespace)
-    try:
-        node.start()
-        yield node
-    finally:
-        node.kill()
-        # pytest shows captured teardown output only for failed tests.
-        sys.stderr.write(f"--- coordinator {node.address} log ---\n{node.log_tail()}\n")
-        with contextlib.suppress(OSError):
-            node.log_path.unlink()
-
-
-__all__ = ["Coordinator", "CoordinatorStartError", "coordinator"]
+__all__ = ["Coordinator", "CoordinatorStartError"]

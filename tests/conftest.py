@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from types import FrameType
 
 import pytest
-from _cluster import coordinator  # noqa: F401  (shared: a started coordinator per test)
+from _cluster import Coordinator
+from _scheduling import Api, connect
 
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.server._etcd import Etcd
@@ -41,3 +44,26 @@ async def kv(etcd: EmbeddedEtcd) -> AsyncIterator[Etcd]:
 @pytest.fixture
 def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def coordinator(etcd: EmbeddedEtcd, namespace: str) -> Iterator[Coordinator]:
+    """A started coordinator, leader of the test's namespace; killed at teardown (its log is shown
+    with a failed test's report)."""
+    node = Coordinator(etcd.endpoint, namespace)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.kill()
+        # pytest shows captured teardown output only for failed tests.
+        sys.stderr.write(f"--- coordinator {node.address} log ---\n{node.log_tail()}\n")
+        with contextlib.suppress(OSError):
+            node.log_path.unlink()
+
+
+@pytest.fixture
+async def api(coordinator: Coordinator) -> AsyncIterator[Api]:
+    """Stubs to the test's coordinator with the example types registered (the scheduler's tests)."""
+    async with connect(coordinator) as value:
+        yield value
