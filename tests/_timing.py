@@ -40,6 +40,19 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+def wait_until(check: Callable[[], T], *, timeout: float = 15.0, what: str = "condition", interval: float = 0.05) -> T:
+    """The synchronous `eventually`: the first truthy value `check()` returns, for tests driving
+    subprocesses with blocking calls; AssertionError naming `what` and the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}; last seen: {value!r}")
+        time.sleep(interval)
+
+
 def retry_unavailable(call: Callable[[], T], *, timeout: float = 30.0) -> T:
     """call()'s value once it stops failing with UNAVAILABLE (a leader stepping down and back), as any
     client would retry; other errors, or UNAVAILABLE after `timeout` seconds, are raised."""
@@ -89,4 +102,15 @@ def assert_between(value: float, low: float, high: float, what: str) -> None:
     assert low <= value < high, f"{what}: measured {value:.3f}s, expected within [{low:.3f}s, {high:.3f}s)"
 
 
-__all__ = ["SLACK", "assert_between", "duration", "eventually", "now", "quiet", "retry_unavailable", "seconds", "until"]
+__all__ = [
+    "SLACK",
+    "assert_between",
+    "duration",
+    "eventually",
+    "now",
+    "quiet",
+    "retry_unavailable",
+    "seconds",
+    "until",
+    "wait_until",
+]
