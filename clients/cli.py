@@ -686,10 +686,24 @@ async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
         "tasks", f"{status.tasks_pending} pending, {status.tasks_queued} queued, {status.tasks_running} running"
     )
     out.console.print(summary)
-    replicas = _table("ID", "ADDRESS", "ROLE", title="replicas")
+    replicas = _table("ID", "ADDRESS", "ROLE", "STARTED", "VERSION", title="replicas")
     for replica in status.replicas:
-        replicas.add_row(replica.id, replica.address, "leader" if replica.leader else "follower")
+        role = "leader" if replica.leader else "follower"
+        replicas.add_row(
+            escape(replica.id), escape(replica.address), role, _time(replica.started), escape(replica.version)
+        )
     out.console.print(replicas)
+    members = _table("ETCD MEMBER", "ID", "CLIENT URLS", "VERSION", "HEALTH", title="etcd members")
+    for member in status.etcd_members:
+        health = "[green]healthy[/]" if member.healthy else f"[red]unhealthy[/]: {escape(member.error)}"
+        members.add_row(
+            escape(member.name) + (" (leader)" if member.leader else ""),
+            f"{member.id:x}",
+            escape(", ".join(member.client_urls)),
+            escape(member.version),
+            health,
+        )
+    out.console.print(members)
     table = _table(
         "WORKER", "TYPES", "SLOTS", "RUNNING", "ADDRESS", "CONNECTED", "LAST HEARTBEAT", "QUARANTINED", title="nodes"
     )

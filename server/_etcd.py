@@ -40,6 +40,18 @@ class EtcdStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class EtcdMember:
+    """One etcd cluster member and what its own Status said: `error` is empty when it answered."""
+
+    id: int
+    name: str
+    client_urls: tuple[str, ...]
+    version: str = ""
+    is_leader: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class WatchEvent:
     """A put (value set) or a delete (deleted=True) at a revision."""
 
@@ -74,7 +86,8 @@ def create_revision_is(key: bytes, revision: int) -> Any:
     return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=revision)
 
 
-def _kv(kv: Any) -> KeyValue:
+def key_value(kv: Any) -> KeyValue:
+    """A KeyValue from etcd's mvccpb.KeyValue."""
     return KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease)
 
 
@@ -95,6 +108,7 @@ class Etcd:
         self._kv: Any = None
         self._lease: Any = None
         self._maintenance: Any = None
+        self._cluster: Any = None
         self._watch: Any = None
 
     async def connect(self, timeout: float | None = None) -> None:
@@ -132,6 +146,7 @@ class Etcd:
         self._kv = client.kvstub
         self._lease = client.leasestub
         self._maintenance = client.maintenancestub
+        self._cluster = client.clusterstub
         self._watch = rpc.WatchStub(client.channel)
         try:
             await asyncio.wait_for(self.status(), timeout)
@@ -159,10 +174,15 @@ class Etcd:
         reply = await self._call(self._maintenance.Status, rpc.StatusRequest())
         return EtcdStatus(reply.version, reply.dbSize, reply.header.revision, reply.leader)
 
+    async def members(self, timeout: float = 1.0) -> list[EtcdMember]:
+        """The cluster's members (MemberList), each asked for its Status at its own client URL within `timeout`."""
+        reply = await self._call(self._cluster.MemberList, rpc.MemberListRequest())
+        return list(await asyncio.gather(*(_member_status(m, timeout) for m in reply.members)))
+
     async def get(self, key: bytes) -> tuple[KeyValue | None, int]:
         """The key's value (or None) and the store revision it was read at."""
         reply = await self._call(self._kv.Range, rpc.RangeRequest(key=key))
-        return (_kv(reply.kvs[0]) if reply.kvs else None), reply.header.revision
+        return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
     async def range(
         self, start: bytes, end: bytes, *, limit: int = 0, revision: int = 0, keys_only: bool = False
@@ -170,7 +190,7 @@ class Etcd:
         """Keys in [start, end) in key order: (kvs, more, revision)."""
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only)
         reply = await self._call(self._kv.Range, request, timeout=max(self.timeout, 30.0))
-        return [_kv(kv) for kv in reply.kvs], reply.more, reply.header.revision
+        return [key_value(kv) for kv in reply.kvs], reply.more, reply.header.revision
 
     async def last_created_before(self, prefix: bytes, revision: int) -> tuple[KeyValue | None, int]:
         """The newest key under prefix created before `revision` (or None), and the store revision read at."""
@@ -183,7 +203,7 @@ class Etcd:
             limit=1,
         )
         reply = await self._call(self._kv.Range, request)
-        return (_kv(reply.kvs[0]) if reply.kvs else None), reply.header.revision
+        return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
     async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncIterator[KeyValue]:
         """Every key under prefix, read page by page at one revision (a consistent snapshot)."""
@@ -234,12 +254,26 @@ class Etcd:
                 if reply.canceled:
                     raise EtcdError(f"watch canceled: {reply.cancel_reason}")
                 for event in reply.events:
-                    yield WatchEvent(_kv(event.kv), event.type == rpc.Event.DELETE)
+                    yield WatchEvent(key_value(event.kv), event.type == rpc.Event.DELETE)
         except grpc.aio.AioRpcError as exc:
             raise EtcdError(f"watch failed: {exc.code().name}") from exc
         finally:
             stop.set()
             call.cancel()
+
+
+async def _member_status(member: Any, timeout: float) -> EtcdMember:
+    urls = tuple(member.clientURLs)
+    name = member.name or f"{member.ID:x}"
+    if not urls:
+        return EtcdMember(member.ID, name, urls, error="not started (no client URL)")
+    target = urls[0].split("://", 1)[-1]
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            reply = await rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return EtcdMember(member.ID, name, urls, error=f"{exc.code().name}: {exc.details()}")
+    return EtcdMember(member.ID, name, urls, reply.version, reply.leader == member.ID, "; ".join(reply.errors))
 
 
 class LeaseKeeper:
@@ -251,7 +285,7 @@ class LeaseKeeper:
 
     def __init__(self, etcd: Etcd, lease: int) -> None:
         self._etcd = etcd
-        self._lease = lease
+        self.lease = lease
         self._call: Any = None
 
     async def refresh(self, timeout: float) -> int:
@@ -275,7 +309,7 @@ class LeaseKeeper:
             if self._etcd._lease is None or self._etcd._client is None:
                 raise EtcdError("not connected to etcd")
             self._call = self._etcd._lease.LeaseKeepAlive()
-        await self._call.write(rpc.LeaseKeepAliveRequest(ID=self._lease))
+        await self._call.write(rpc.LeaseKeepAliveRequest(ID=self.lease))
         reply = await self._call.read()
         if reply is grpc.aio.EOF:
             self.close()

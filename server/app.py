@@ -1,7 +1,9 @@
 """The coordinator process: etcd connection, election loop and the gRPC server.
 
 It serves CoordinatorService, LockService (on every replica, leader or not: etcd
-arbitrates locks), grpc.health.v1.Health and server reflection.
+arbitrates locks), grpc.health.v1.Health and server reflection. Each replica is registered
+under members/ on its own lease (membership.py) and, while it does not lead, follows who
+does by watching the leader key, so the address it redirects clients to is never stale.
 While it leads, a NamespaceLeader holds all leader state; when leadership
 is lost (lease gone, fence failed, etcd unreachable) that object is torn down
 at once and the replica campaigns again.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import signal
 import time
@@ -21,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, lock_pb2, lock_pb2_grpc, task_pb2
-from herder.server import election, keys, validation
+from herder.server import election, keys, membership, validation
 from herder.server._etcd import Etcd, EtcdError
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.decoding import DecodingInterceptor
@@ -74,6 +77,7 @@ class Coordinator:
         self._stop = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._leader_address = ""
+        self._membership: membership.Membership | None = None
         self.started = time.time()
 
     @property
@@ -113,16 +117,25 @@ class Coordinator:
             raise ListenError(f"cannot listen on {self.config.listen}: the address is in use or invalid")
         await server.start()
         self._server = server
-        await self._set_health(False)
+        await self._set_health()
+        me = membership.Member(self.replica_id, self.address, self.started, _version())
+        self._membership = membership.Membership(
+            self.etcd, self.prefix, me, self.config.lease.ttl, lambda _: self._set_health()
+        )
         self._loop_task = asyncio.create_task(self._lead_loop(), name="herder-election")
 
-    async def _set_health(self, leading: bool) -> None:
+    async def _set_health(self) -> None:
+        """Health: the process ("") is SERVING while up (liveness); the coordinator service while this replica
+        leads or, as a follower, reaches etcd (is registered), so it can answer or redirect (readiness)."""
         serving = health_pb2.HealthCheckResponse.SERVING
-        status = serving if leading else health_pb2.HealthCheckResponse.NOT_SERVING
-        # The process is up either way; the coordinator service serves only while leading.
+        ready = self.leader is not None or (self._membership is not None and self._membership.registered)
+        status = serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         await _maybe_await(self._health.set("", serving))
         await _maybe_await(self._health.set(LOCK_SERVICE_NAME, serving))
         await _maybe_await(self._health.set(SERVICE_NAME, status))
+
+    def _observe(self, holder: election.LeaderInfo | None) -> None:
+        self._leader_address = holder.address if holder else ""
 
     async def _lead_loop(self) -> None:
         """Campaign, lead until leadership ends, step down, campaign again: until stop.
@@ -139,16 +152,19 @@ class Coordinator:
             except Exception:
                 log.exception("coordinator %s: leading failed; campaigning again", self.replica_id)
                 self.leader = None
-                await self._set_health(False)
+                await self._set_health()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 0.5)
 
     async def _lead_once(self) -> None:
-        key = keys.leader(self.prefix)
-        holder = await election.current_leader(self.etcd, key)
-        self._leader_address = holder.address if holder else ""
         leadership = await election.campaign(
-            self.etcd, key, self.replica_id, self.address, self.config.lease, self._stop
+            self.etcd,
+            keys.leader(self.prefix),
+            self.replica_id,
+            self.address,
+            self.config.lease,
+            self._stop,
+            self._observe,
         )
         if leadership is None:
             return
@@ -171,7 +187,7 @@ class Coordinator:
                 self.reflection.add(task_type.descriptors)
             self.leader = leader
             self._leader_address = self.address
-            await self._set_health(True)
+            await self._set_health()
             log.info("coordinator %s leads namespace %s at %s", self.replica_id, self.config.namespace, self.address)
             waits = [
                 asyncio.create_task(leadership.lost.wait()),
@@ -188,7 +204,8 @@ class Coordinator:
                 log.error("coordinator %s lost leadership; stepping down", self.replica_id)
         finally:
             self.leader = None
-            await self._set_health(False)
+            self._leader_address = ""
+            await self._set_health()
             await leader.stop()
 
     async def _reconnect(self) -> None:
@@ -210,17 +227,28 @@ class Coordinator:
             status.leader_id = holder.replica_id
             status.leader_address = holder.address
             status.leader_revision = holder.revision
-        status.replicas.append(
-            coordinator_pb2.Replica(
-                id=self.replica_id,
-                address=self.address,
-                leader=holder is not None and holder.replica_id == self.replica_id,
+        for member in await membership.members(self.etcd, self.prefix):
+            replica = status.replicas.add(
+                id=member.id,
+                address=member.address,
+                leader=holder is not None and holder.replica_id == member.id,
+                version=member.version,
             )
-        )
+            replica.started.FromNanoseconds(int(member.started * 1e9))
         etcd_status = await self.etcd.status()
         status.etcd_version = etcd_status.version
         status.etcd_revision = etcd_status.revision
         status.etcd_db_size_bytes = etcd_status.db_size
+        for etcd_member in await self.etcd.members():
+            status.etcd_members.add(
+                id=etcd_member.id,
+                name=etcd_member.name,
+                client_urls=etcd_member.client_urls,
+                version=etcd_member.version,
+                leader=etcd_member.is_leader,
+                healthy=not etcd_member.error,
+                error=etcd_member.error,
+            )
         leader = self.leader
         if leader is not None:
             status.sessions = len(leader.workers.sessions)
@@ -239,6 +267,9 @@ class Coordinator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
+        if self._membership is not None:
+            await self._membership.close()
+            self._membership = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -256,6 +287,13 @@ class Coordinator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("herder")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def _maybe_await(value: object) -> None:

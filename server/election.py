@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from herder.server import _etcd
+from herder.server import _etcd, leases
 from herder.server._etcd import Etcd, EtcdError
 
 log = logging.getLogger(__name__)
@@ -54,35 +54,14 @@ class Leadership:
         return self.info.revision
 
     async def _keep_alive(self) -> None:
-        # The lease is trusted only until the last confirmed refresh plus its TTL,
-        # minus a margin: stop before etcd could hand the key to another replica.
-        interval = max(self._settings.ttl / 3, 0.2)
-        deadline = time.monotonic() + self._settings.ttl - interval
-        keeper = self._lease_keeper
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.error("leader lease %x could not be refreshed in time", self.lease)
-                    return
-                try:
-                    ttl = await keeper.refresh(min(remaining, interval * 2))
-                except EtcdError as exc:
-                    log.warning("leader lease keep-alive: %s", exc)
-                    await asyncio.sleep(min(interval / 2, max(deadline - time.monotonic(), 0.01)))
-                    continue
-                if ttl <= 0:
-                    log.error("leader lease %x expired", self.lease)
-                    return
-                deadline = time.monotonic() + ttl - interval
-                await asyncio.sleep(interval)
+            await leases.keep_alive(self._lease_keeper, self._settings.ttl, "leader")
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("leader lease keep-alive failed unexpectedly")
         finally:
             self.lost.set()
-            keeper.close()
 
     async def resign(self) -> None:
         """Give up leadership: stop refreshing and revoke the lease (deleting the key). Safe to call twice."""
@@ -94,10 +73,18 @@ class Leadership:
 
 
 async def campaign(
-    etcd: Etcd, key: bytes, replica_id: str, address: str, settings: LeaseSettings, stop: asyncio.Event
+    etcd: Etcd,
+    key: bytes,
+    replica_id: str,
+    address: str,
+    settings: LeaseSettings,
+    stop: asyncio.Event,
+    observe: Callable[[LeaderInfo | None], None],
 ) -> Leadership | None:
     """Wait until this replica leads; returns None when stop is set first.
 
+    Meanwhile `observe` is told every leader seen (None while there is none), from the
+    leader key's puts and deletes, as etcd's Election.Observe does.
     Raises EtcdError when etcd fails; the caller reconnects (perhaps to another member) and campaigns again.
     """
     value = json.dumps({"id": replica_id, "address": address}).encode()
@@ -113,18 +100,23 @@ async def campaign(
             log.info("leading with fence %d", info.revision)
             return Leadership(etcd, key, lease, info, settings)
         await etcd.revoke(lease)
-        holder = reply.responses[0].response_range.kvs[0]
-        await _wait_deleted(etcd, key, holder.mod_revision + 1, stop)
+        holder = _etcd.key_value(reply.responses[0].response_range.kvs[0])
+        observe(_leader_info(holder))
+        await _observe_until_deleted(etcd, key, holder.mod_revision + 1, stop, observe)
     return None
 
 
-async def _wait_deleted(etcd: Etcd, key: bytes, from_revision: int, stop: asyncio.Event) -> None:
-    async def deleted() -> None:
+async def _observe_until_deleted(
+    etcd: Etcd, key: bytes, from_revision: int, stop: asyncio.Event, observe: Callable[[LeaderInfo | None], None]
+) -> None:
+    async def watch() -> None:
         async for event in etcd.watch(key, start_revision=from_revision):
             if event.deleted:
+                observe(None)
                 return
+            observe(_leader_info(event.kv))
 
-    waiter = asyncio.create_task(deleted())
+    waiter = asyncio.create_task(watch())
     stopper = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -138,9 +130,11 @@ async def _wait_deleted(etcd: Etcd, key: bytes, from_revision: int, stop: asynci
         raise EtcdError(str(waiter.exception()))
 
 
-async def current_leader(etcd: Etcd, key: bytes) -> LeaderInfo | None:
-    kv, _ = await etcd.get(key)
-    if kv is None:
-        return None
+def _leader_info(kv: _etcd.KeyValue) -> LeaderInfo:
     data = json.loads(kv.value)
     return LeaderInfo(str(data.get("id", "")), str(data.get("address", "")), kv.create_revision)
+
+
+async def current_leader(etcd: Etcd, key: bytes) -> LeaderInfo | None:
+    kv, _ = await etcd.get(key)
+    return None if kv is None else _leader_info(kv)

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Self
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herder.clients.embedded_etcd import free_port
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -147,6 +148,14 @@ class Coordinator:
                 coordinator_pb2.GetClusterStatusRequest(), timeout=timeout
             )
             return response
+
+    def health(self, service: str, timeout: float = 1.0) -> str:
+        """grpc.health.v1 Check for `service` on this coordinator: "SERVING", "NOT_SERVING", ..."""
+        with grpc.insecure_channel(self.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def is_leader(self) -> bool:
         """True when this process leads: only the leader answers ListNodes (a follower says

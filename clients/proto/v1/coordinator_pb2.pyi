@@ -850,30 +850,82 @@ Global___GetClusterStatusRequest: _TypeAlias = GetClusterStatusRequest  # noqa: 
 
 @_typing.final
 class Replica(_message.Message):
-    """A coordinator replica."""
+    """A coordinator replica.
+    A coordinator replica registered under members/ (on its own lease: it goes when the replica does).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     LEADER_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     address: _builtins.str
     leader: _builtins.bool
+    version: _builtins.str
+    """The herder package version it runs."""
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         address: _builtins.str = ...,
         leader: _builtins.bool = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "leader", b"leader"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "leader", b"leader", "started", b"started", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Replica: _TypeAlias = Replica  # noqa: Y015
+
+@_typing.final
+class EtcdMember(_message.Message):
+    """An etcd cluster member (MemberList) and whether it answered Status at its client URL."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CLIENT_URLS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    name: _builtins.str
+    version: _builtins.str
+    leader: _builtins.bool
+    """It is the etcd cluster's raft leader."""
+    healthy: _builtins.bool
+    error: _builtins.str
+    """Why it is not healthy: the Status call's error, or the errors it reported."""
+    @_builtins.property
+    def client_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        client_urls: _abc.Iterable[_builtins.str] | None = ...,
+        version: _builtins.str = ...,
+        leader: _builtins.bool = ...,
+        healthy: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_urls", b"client_urls", "error", b"error", "healthy", b"healthy", "id", b"id", "leader", b"leader", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdMember: _TypeAlias = EtcdMember  # noqa: Y015
 
 @_typing.final
 class GetClusterStatusResponse(_message.Message):
@@ -892,6 +944,7 @@ class GetClusterStatusResponse(_message.Message):
     TASKS_PENDING_FIELD_NUMBER: _builtins.int
     TASKS_QUEUED_FIELD_NUMBER: _builtins.int
     TASKS_RUNNING_FIELD_NUMBER: _builtins.int
+    ETCD_MEMBERS_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     leader_id: _builtins.str
     leader_address: _builtins.str
@@ -908,6 +961,10 @@ class GetClusterStatusResponse(_message.Message):
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]: ...
     @_builtins.property
     def etcd_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def etcd_members(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdMember]:
+        """Every etcd member and its health, as seen from this replica."""
+
     def __init__(
         self,
         *,
@@ -924,10 +981,11 @@ class GetClusterStatusResponse(_message.Message):
         tasks_pending: _builtins.int = ...,
         tasks_queued: _builtins.int = ...,
         tasks_running: _builtins.int = ...,
+        etcd_members: _abc.Iterable[Global___EtcdMember] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etcd_db_size_bytes", b"etcd_db_size_bytes", "etcd_endpoints", b"etcd_endpoints", "etcd_revision", b"etcd_revision", "etcd_version", b"etcd_version", "leader_address", b"leader_address", "leader_id", b"leader_id", "leader_revision", b"leader_revision", "namespace", b"namespace", "replicas", b"replicas", "sessions", b"sessions", "tasks_pending", b"tasks_pending", "tasks_queued", b"tasks_queued", "tasks_running", b"tasks_running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etcd_db_size_bytes", b"etcd_db_size_bytes", "etcd_endpoints", b"etcd_endpoints", "etcd_members", b"etcd_members", "etcd_revision", b"etcd_revision", "etcd_version", b"etcd_version", "leader_address", b"leader_address", "leader_id", b"leader_id", "leader_revision", b"leader_revision", "namespace", b"namespace", "replicas", b"replicas", "sessions", b"sessions", "tasks_pending", b"tasks_pending", "tasks_queued", b"tasks_queued", "tasks_running", b"tasks_running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
