@@ -28,6 +28,7 @@ from herder.server import election, keys, membership, validation
 from herder.server._etcd import Etcd, EtcdError
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.decoding import DecodingInterceptor
+from herder.server.horizon import set_timestamp
 from herder.server.leader import LeaderSettings, NamespaceLeader
 from herder.server.lock_service import LockServicer
 from herder.server.reflection import ContractReflection
@@ -234,7 +235,8 @@ class Coordinator:
                 leader=holder is not None and holder.replica_id == member.id,
                 version=member.version,
             )
-            replica.started.FromNanoseconds(int(member.started * 1e9))
+            # Another replica wrote it: clamped like every time the coordinator sets.
+            set_timestamp(replica.started, member.started)
         etcd_status = await self.etcd.status()
         status.etcd_version = etcd_status.version
         status.etcd_revision = etcd_status.revision

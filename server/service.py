@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # The longest a request holds the event loop between yields while checking a batch.
 _TURN = 0.01
 # Acknowledgements or results in one Connect message: a worker has at most this many slots.
-MAX_ITEMS_PER_MESSAGE = 10_000
+MAX_ITEMS_PER_MESSAGE = validation.MAX_SLOTS
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
@@ -422,8 +422,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 violations.append(errors.FieldViolation("hello.worker_id", "must be 1 to 128 characters"))
             if not hello.task_types:
                 violations.append(errors.FieldViolation("hello.task_types", "must name at least one task type"))
-            if not 1 <= hello.slots <= 10_000:
-                violations.append(errors.FieldViolation("hello.slots", "must be between 1 and 10000"))
+            if not 1 <= hello.slots <= validation.MAX_SLOTS:
+                violations.append(errors.FieldViolation("hello.slots", f"must be between 1 and {validation.MAX_SLOTS}"))
             violations += validation.validate_hello_extras(hello, self._limits)
             validation.raise_if(violations, "invalid hello")
             session, welcome = leader.workers.open_session(hello, context.peer())

@@ -39,6 +39,8 @@ _MIN_TIMESTAMP_SECONDS = -62_135_596_800
 _MAX_TIMESTAMP_SECONDS = 253_402_300_799
 _MAX_DURATION_SECONDS = 315_576_000_000
 _MAX_NANOS = 999_999_999
+# The most slots a worker may declare, so also the most attempts it holds, re-claims or reports at once.
+MAX_SLOTS = 10_000
 # Long keys are cut short when they appear inside a field path.
 _MAX_KEY_IN_PATH = 64
 # What a task record holds besides payload, result, errors and progress: the rest of its spec
@@ -283,32 +285,17 @@ def validate_task_type(task_type: task_pb2.TaskType, limits: Limits, prefix: str
 def validate_hello_extras(hello: coordinator_pb2.WorkerHello, limits: Limits) -> list[FieldViolation]:
     """A hello's type names, labels, address and re-claims: bounded, since a session keeps them."""
     found: list[FieldViolation] = []
-    if len(hello.running) > 10_000:
-        return [FieldViolation("hello.running", "at most 10000 attempts (the most slots a worker can have)")]
+    if len(hello.running) > MAX_SLOTS:
+        return [FieldViolation("hello.running", f"at most {MAX_SLOTS} attempts (the most slots a worker can have)")]
     if len(hello.task_types) > limits.max_hello_task_types:
         found.append(FieldViolation("hello.task_types", f"at most {limits.max_hello_task_types} types"))
     else:
         for i, name in enumerate(hello.task_types):
             found += validate_name(name, f"hello.task_types[{i}]", limits)
-    if len(hello.labels) > limits.max_labels:
-        found.append(FieldViolation("hello.labels", f"at most {limits.max_labels} labels"))
-        return found
     if not hello.worker_id.isprintable() or not hello.address.isprintable():
         found.append(FieldViolation("hello", "worker_id and address must not contain control characters"))
-    for key, value in hello.labels.items():
-        if not (key + value).isprintable():
-            found.append(
-                FieldViolation(f"hello.labels[{key[:_MAX_KEY_IN_PATH]!r}]", "must not contain control characters")
-            )
-        elif len(key) > limits.max_metadata_key_length or len(value) > limits.max_metadata_value_length:
-            shown = key[:_MAX_KEY_IN_PATH]
-            found.append(
-                FieldViolation(
-                    f"hello.labels[{shown}]",
-                    f"keys are at most {limits.max_metadata_key_length} and values {limits.max_metadata_value_length}"
-                    " characters",
-                )
-            )
+    # Labels are shown and logged: metadata's bounds, and printable.
+    found += _metadata(hello.labels, limits, "hello.labels", max_entries=limits.max_labels, printable=True)
     if len(hello.address) > 256:
         found.append(FieldViolation("hello.address", "must be at most 256 characters"))
     return found
@@ -394,10 +381,15 @@ def _tags(tags: Sequence[str], limits: Limits, prefix: str) -> list[FieldViolati
     return found
 
 
-def _metadata(items: Mapping[str, str], limits: Limits, prefix: str) -> list[FieldViolation]:
+def _metadata(
+    items: Mapping[str, str], limits: Limits, prefix: str, *, max_entries: int = 0, printable: bool = False
+) -> list[FieldViolation]:
+    """Key/value pairs: at most max_entries (limits.max_metadata by default), keys non-empty, both bounded;
+    with `printable`, no control characters either."""
     found: list[FieldViolation] = []
-    if len(items) > limits.max_metadata:
-        return [FieldViolation(prefix, f"has {len(items)} entries, at most {limits.max_metadata} allowed")]
+    max_entries = max_entries or limits.max_metadata
+    if len(items) > max_entries:
+        return [FieldViolation(prefix, f"has {len(items)} entries, at most {max_entries} allowed")]
     for key in sorted(items):
         shown = key if len(key) <= _MAX_KEY_IN_PATH else key[:_MAX_KEY_IN_PATH] + "..."
         field = f"{prefix}[{shown}]"
@@ -408,6 +400,8 @@ def _metadata(items: Mapping[str, str], limits: Limits, prefix: str) -> list[Fie
                 FieldViolation(field, f"key is {len(key)} characters, at most {limits.max_metadata_key_length} allowed")
             )
         value = items[key]
+        if printable and not (key + value).isprintable():
+            found.append(FieldViolation(field, "must not contain control characters"))
         if len(value) > limits.max_metadata_value_length:
             found.append(
                 FieldViolation(

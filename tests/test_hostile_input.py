@@ -108,6 +108,28 @@ async def test_control_characters_in_a_worker_id_are_refused(coordinator: Coordi
     assert "FAKE LOG LINE" not in coordinator.log_tail(100_000)
 
 
+@pytest.mark.parametrize(
+    ("labels", "violation"),
+    [
+        ({"zone": "eu\x1b[31m"}, ("hello.labels[zone]", "must not contain control characters")),
+        ({f"k{i}": "v" for i in range(65)}, ("hello.labels", "has 65 entries, at most 64 allowed")),
+        ({"k": "v" * 1025}, ("hello.labels[k]", "value is 1025 characters, at most 1024 allowed")),
+    ],
+)
+async def test_hostile_worker_labels_are_refused(
+    coordinator: Coordinator, labels: dict[str, str], violation: tuple[str, str]
+) -> None:
+    worker = RawWorker(coordinator.address, "labelled", [ECHO])
+    worker.hello.labels.update(labels)
+    with pytest.raises(RuntimeError, match="no welcome"):
+        await worker.__aenter__()
+    await worker.close()
+    assert worker.error is not None
+    error = errors.from_rpc_error(worker.error)
+    assert isinstance(error, errors.InvalidArgumentError)
+    assert [(v.field, v.description) for v in error.violations] == [violation]
+
+
 async def test_a_worker_cannot_report_the_coordinators_own_error_types(coordinator: Coordinator) -> None:
     """A worker-made herder.ack_timeout was never counted: the task ran for ever despite max_attempts=1."""
     async with echo_stub(coordinator.address) as stub:
