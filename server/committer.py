@@ -102,8 +102,18 @@ class Committer:
     error inside the committer is logged with its traceback and fails it the same way.
     """
 
-    def __init__(self, etcd: Etcd, fence_key: bytes, fence_revision: int, limits: CommitLimits | None = None) -> None:
+    def __init__(
+        self,
+        etcd: Etcd,
+        fence_key: bytes,
+        fence_revision: int,
+        limits: CommitLimits | None = None,
+        expired: Callable[[], bool] | None = None,
+    ) -> None:
         self._etcd = etcd
+        # Whether the leader's lease may have run out: then nothing more is sent, even before the
+        # fence could fail (another replica may be elected the moment etcd expires the lease).
+        self._expired = expired
         self._fence = _etcd.create_revision_is(fence_key, fence_revision)
         self._limits = limits or CommitLimits()
         # Requests not yet sent, oldest first.
@@ -210,6 +220,9 @@ class Committer:
         return batch
 
     async def _send(self, batch: _Batch) -> None:
+        if self._expired is not None and self._expired():
+            batch.error = FencedError("leadership lost: the leader lease ran out before this write was sent")
+            return
         try:
             reply = await self._etcd.txn([self._fence], batch.ops)
         except EtcdError as exc:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,13 +40,16 @@ class LeaseSettings:
 class Leadership:
     """Held leadership. `lost` is set the moment the lease can no longer be trusted."""
 
-    def __init__(self, etcd: Etcd, key: bytes, lease: int, info: LeaderInfo, settings: LeaseSettings) -> None:
+    def __init__(
+        self, etcd: Etcd, key: bytes, lease: int, info: LeaderInfo, settings: LeaseSettings, granted_at: float
+    ) -> None:
         self.etcd = etcd
         self.key = key
         self.lease = lease
         self.info = info
         self.lost = asyncio.Event()
         self._settings = settings
+        self._trust = leases.Trust(granted_at, settings.ttl)
         self._lease_keeper = etcd.lease_keeper(lease)
         self._keeper = asyncio.create_task(self._keep_alive(), name="herder-leader-lease")
 
@@ -53,9 +57,14 @@ class Leadership:
     def fence(self) -> int:
         return self.info.revision
 
+    def expired(self) -> bool:
+        """Whether the lease may have ended (or ends within a refresh interval): checked where the
+        leader acts, so a leader whose loop was frozen past its lease stops before anything else runs."""
+        return self.lost.is_set() or self._trust.expired()
+
     async def _keep_alive(self) -> None:
         try:
-            await leases.keep_alive(self._lease_keeper, self._settings.ttl, "leader")
+            await leases.keep_alive(self._lease_keeper, self._settings.ttl, "leader", self._trust)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -89,6 +98,7 @@ async def campaign(
     """
     value = json.dumps({"id": replica_id, "address": address}).encode()
     while not stop.is_set():
+        granted_at = time.monotonic()
         lease = await etcd.grant(settings.ttl)
         reply = await etcd.txn(
             [_etcd.create_revision_is(key, 0)],
@@ -98,7 +108,7 @@ async def campaign(
         if reply.succeeded:
             info = LeaderInfo(replica_id, address, reply.header.revision)
             log.info("leading with fence %d", info.revision)
-            return Leadership(etcd, key, lease, info, settings)
+            return Leadership(etcd, key, lease, info, settings, granted_at)
         await etcd.revoke(lease)
         holder = _etcd.key_value(reply.responses[0].response_range.kvs[0])
         observe(_leader_info(holder))

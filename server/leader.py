@@ -104,7 +104,7 @@ class NamespaceLeader:
         self.settings = settings
         self.registry = registry
         self.input_limits = limits or Limits()
-        self.committer = Committer(etcd, keys.leader(self.prefix), leadership.fence)
+        self.committer = Committer(etcd, keys.leader(self.prefix), leadership.fence, expired=leadership.expired)
         self.hub = WatchHub()
         self.entries: dict[str, Entry] = {}
         self.idempotency: dict[str, str] = {}
@@ -181,10 +181,7 @@ class NamespaceLeader:
     @property
     def deposed(self) -> bool:
         return (
-            self.leadership.lost.is_set()
-            or self.committer.failed.is_set()
-            or self.failed.is_set()
-            or self.stopped.is_set()
+            self.leadership.expired() or self.committer.failed.is_set() or self.failed.is_set() or self.stopped.is_set()
         )
 
     def check(self) -> None:

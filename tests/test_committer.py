@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
+from _timing import eventually
 
 from herder.clients.embedded_etcd import EmbeddedEtcd
-from herder.server import _etcd
+from herder.server import _etcd, leases
 from herder.server._etcd import Etcd
-from herder.server.committer import Committer, RequestTooLargeError, Write
+from herder.server.committer import Committer, FencedError, RequestTooLargeError, Write
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,3 +115,48 @@ async def test_deletes_remove_keys(fenced: tuple[Etcd, Committer, bytes]) -> Non
     await committer.commit([Write(prefix + b"gone", None)])
     found, _ = await kv.get(prefix + b"gone")
     assert found is None
+
+
+async def test_nothing_is_sent_once_the_leader_lease_may_have_run_out(etcd: EmbeddedEtcd, namespace: str) -> None:
+    kv = Etcd([etcd.endpoint])
+    await kv.connect()
+    prefix = f"/herder/{namespace}/".encode()
+    leader = prefix + b"leader"
+    reply = await kv.txn([], [_etcd.put(leader, b"me")])
+    expired = False
+    committer = Committer(kv, leader, reply.header.revision, expired=lambda: expired)
+    try:
+        assert await committer.commit([Write(prefix + b"before", b"x")]) > 0
+        # The fence still matches in etcd: only the lease clock stops the write.
+        expired = True
+        with pytest.raises(FencedError, match="lease ran out"):
+            await committer.commit([Write(prefix + b"after", b"x")])
+        assert committer.failed.is_set()
+        found, _ = await kv.get(prefix + b"after")
+        assert found is None
+    finally:
+        await committer.close()
+        await kv.close()
+
+
+async def test_a_lease_is_trusted_until_a_refresh_interval_before_etcd_could_expire_it(etcd: EmbeddedEtcd) -> None:
+    kv = Etcd([etcd.endpoint])
+    await kv.connect()
+    try:
+        granted_at = time.monotonic()
+        lease = await kv.grant(3)
+        trust = leases.Trust(granted_at, 3)
+        assert not trust.expired()
+        assert trust.deadline == pytest.approx(granted_at + 2.0)
+        keeper = asyncio.create_task(leases.keep_alive(kv.lease_keeper(lease), 3, "test", trust))
+        first = trust.deadline
+        await eventually(lambda: _moved(trust, first), what="the trusted deadline to move with a refresh")
+        await kv.revoke(lease)
+        # etcd says the lease is gone at the next refresh: keep_alive returns.
+        await asyncio.wait_for(keeper, 5)
+    finally:
+        await kv.close()
+
+
+async def _moved(trust: leases.Trust, first: float) -> bool:
+    return trust.deadline > first
