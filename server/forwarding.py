@@ -28,6 +28,9 @@ DEFAULT_TIMEOUT = 5.0
 # How long calls still in flight on a former leader's channel may finish before it is closed.
 _CLOSE_GRACE = 1.0
 
+# A leader's answer is as large as it may send to any client (ListNodes with many labelled sessions).
+_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+
 M = TypeVar("M", bound=Message)
 
 
@@ -100,7 +103,7 @@ class Forwarder:
                 closing = asyncio.create_task(old.close(_CLOSE_GRACE))
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
-            self._channels = {address: grpc.aio.insecure_channel(address)}
+            self._channels = {address: grpc.aio.insecure_channel(address, options=_OPTIONS)}
             channel = self._channels[address]
         return channel
 

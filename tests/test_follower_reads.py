@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,8 @@ from herder.clients.errors import LEADER_METADATA_KEY
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
+from herder.server import keys
+from herder.server._etcd import Etcd, put
 from herder.server.forwarding import FORWARDED_METADATA_KEY
 
 pytestmark = pytest.mark.timeout(60)
@@ -250,6 +253,34 @@ async def test_forwarded_reads_fail_unavailable_while_the_leader_is_gone(etcd: E
                 assert leader.address in (failed.value.details() or "")
             # Stored records need no leader.
             assert (await _get(to_follower, task.id)).id == task.id
+
+
+async def test_with_no_known_leader_forwarded_reads_and_writes_are_unavailable(
+    etcd: EmbeddedEtcd, namespace: str, kv: Etcd
+) -> None:
+    # The test holds the leader key, naming no address: the replica can neither lead nor name a leader.
+    lease = await kv.grant(30)
+    held = json.dumps({"id": "elsewhere", "address": ""}).encode()
+    await kv.txn([], [put(keys.leader(keys.prefix(namespace)), held, lease)])
+    try:
+        follower = Coordinator(etcd.endpoint, namespace)
+        with await asyncio.to_thread(follower.start, wait_leader=False):
+            async with grpc.aio.insecure_channel(follower.address) as channel:
+                stub = Stub(channel)
+                for call in (
+                    stub.ListNodes(pb.ListNodesRequest()),
+                    stub.SubmitTask(pb.SubmitTaskRequest(spec=echo_spec())),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as failed:
+                        await call
+                    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert LEADER_METADATA_KEY not in dict(failed.value.trailing_metadata() or ())
+                # Stored reads need no leader.
+                with pytest.raises(grpc.aio.AioRpcError) as missing:
+                    await stub.GetTask(pb.GetTaskRequest(id="no-such-task"))
+                assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await kv.revoke(lease)
 
 
 async def test_a_follower_that_cannot_reach_etcd_answers_unavailable(tmp_path: Path, namespace: str) -> None:
