@@ -308,7 +308,7 @@ def _check_alive(children: Sequence[_Child]) -> None:
 
 
 def _list_nodes(address: str) -> coordinator_pb2.ListNodesResponse | None:
-    """ListNodes from the coordinator at `address`, None while it does not answer (only the leader does)."""
+    """ListNodes from the coordinator at `address`, None while it does not answer (no replica leads yet)."""
     host, _, port = address.rpartition(":")
     try:
         # A plain connect first: no gRPC channel (and its reconnect backoff) for a port not yet open.

@@ -3,7 +3,9 @@
 It serves CoordinatorService, LockService (on every replica, leader or not: etcd
 arbitrates locks), grpc.health.v1.Health and server reflection. Each replica is registered
 under members/ on its own lease (membership.py) and, while it does not lead, follows who
-does by watching the leader key, so the address it redirects clients to is never stale.
+does by watching the leader key, so the address it redirects (or forwards) to is never stale.
+A follower serves stored reads from etcd and forwards reads of the leader's memory to it
+(service.py says which).
 While it leads, a NamespaceLeader holds all leader state; when leadership
 is lost (lease gone, fence failed, etcd unreachable) that object is torn down
 at once and the replica campaigns again.
@@ -28,6 +30,7 @@ from herder.server import election, keys, membership, validation
 from herder.server._etcd import Etcd, EtcdError
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.decoding import DecodingInterceptor
+from herder.server.forwarding import Forwarder
 from herder.server.horizon import set_timestamp
 from herder.server.leader import LeaderSettings, NamespaceLeader
 from herder.server.lock_service import LockServicer
@@ -79,6 +82,8 @@ class Coordinator:
         self._loop_task: asyncio.Task[None] | None = None
         self._leader_address = ""
         self._membership: membership.Membership | None = None
+        # Followers pass ListQueues and ListNodes on to the leader through it.
+        self.forwarder = Forwarder()
         self.started = time.time()
 
     @property
@@ -118,6 +123,7 @@ class Coordinator:
             raise ListenError(f"cannot listen on {self.config.listen}: the address is in use or invalid")
         await server.start()
         self._server = server
+        self.forwarder.own_address = self.address
         await self._set_health()
         me = membership.Member(self.replica_id, self.address, self.started, _version())
         self._membership = membership.Membership(
@@ -275,6 +281,7 @@ class Coordinator:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        await self.forwarder.close()
         await self.etcd.close()
 
     async def wait_stopped(self) -> None:

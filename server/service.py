@@ -1,4 +1,8 @@
-"""CoordinatorService: the gRPC edge. It validates, converts and hands work to the namespace leader."""
+"""CoordinatorService: the gRPC edge. It validates, converts and hands work to the namespace leader.
+
+On a follower, reads of stored records are answered from etcd (reads.py), reads of the leader's
+live state are forwarded to it (forwarding.py), and writes and worker sessions are redirected.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,20 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.server import keys, validation
-from herder.server._etcd import prefix_end
 from herder.server.contracts import render_json, resolve_payload
 from herder.server.entries import TERMINAL
+from herder.server.forwarding import Forwarder
 from herder.server.horizon import set_timestamp
 from herder.server.leader import NamespaceLeader
+from herder.server.reads import StoredReads
 from herder.server.unary import unary as _unary
 from herder.server.watchers import Published, TaskFilter, WatchSettings
 
@@ -31,6 +37,8 @@ _TURN = 0.01
 MAX_ITEMS_PER_MESSAGE = validation.MAX_SLOTS
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
+
+M = TypeVar("M", bound=Message)
 
 
 def _trace_context(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
@@ -50,14 +58,27 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._watch_settings: WatchSettings = coordinator.config.watch
         # WatchTasks streams open on this replica, against WatchSettings.max_watchers.
         self._watchers = 0
+        self._stored = StoredReads(coordinator.etcd, coordinator.prefix)
+
+    def _leading(self) -> NamespaceLeader | None:
+        """The namespace leader while this replica leads, else None (a follower)."""
+        leader: NamespaceLeader | None = self._coordinator.leader
+        return None if leader is None or leader.deposed else leader
 
     def _leader(self) -> NamespaceLeader:
-        leader: NamespaceLeader | None = self._coordinator.leader
-        if leader is None or leader.deposed:
+        leader = self._leading()
+        if leader is None:
             raise errors.NotLeaderError(
                 "this coordinator is not the leader", leader_address=self._coordinator.leader_address()
             )
         return leader
+
+    async def _forward(
+        self, method: str, request: Message, response_type: type[M], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> M:
+        """A follower's answer for the leader's live state: the leader's own, asked over gRPC."""
+        forwarder: Forwarder = self._coordinator.forwarder
+        return await forwarder.forward(method, request, response_type, context, self._coordinator.leader_address())
 
     def _stepped_down(self) -> grpc.Status:
         """The status a stream ends with when this coordinator stops leading in the middle of it."""
@@ -132,7 +153,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.GetTaskResponse:
         validation.raise_if(validation.validate_id(request.id, "id", self._limits), "invalid task id")
-        task = await self._leader().get(request.id)
+        leader = self._leading()
+        if leader is None:
+            task = await self._stored.get(request.id, request.include_result_json)
+            return coordinator_pb2.GetTaskResponse(task=task)
+        task = await leader.get(request.id)
         return coordinator_pb2.GetTaskResponse(task=self._render(task, request.include_result_json))
 
     @_unary
@@ -154,45 +179,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             queue=request.queue, states=frozenset(request.states), type=request.type, tags=frozenset(request.tags)
         )
         validation.raise_if(violations, "invalid listing request")
-        leader = self._leader()
+        leader = self._leading()
         page_size = request.page_size or self._limits.default_page_size
         tasks_prefix = keys.tasks_prefix(self._coordinator.prefix)
-        if task_filter.states and not task_filter.states & TERMINAL:
-            # Only unfinished tasks asked for: the leader holds every one of them.
+        if leader is not None and task_filter.states and not task_filter.states & TERMINAL:
+            # Only unfinished tasks asked for: the leader holds every one of them (a follower reads etcd).
             after = start[len(tasks_prefix) :].decode() if start else ""
             found, more = await leader.list_unfinished(task_filter, after, page_size)
             last_key = keys.task(self._coordinator.prefix, found[-1].id) if found else b""
         else:
-            found, more, last_key = await self._scan(tasks_prefix, start, task_filter, page_size)
+            found, more, last_key = await self._stored.tasks(start, task_filter, page_size)
         token = base64.urlsafe_b64encode(last_key).decode() if more and last_key else ""
         return coordinator_pb2.ListTasksResponse(
             tasks=[self._render(task, False) for task in found], next_page_token=token
         )
-
-    async def _scan(
-        self, tasks_prefix: bytes, start: bytes, task_filter: TaskFilter, page_size: int
-    ) -> tuple[list[task_pb2.Task], bool, bytes]:
-        """A page of stored tasks after the key start: (tasks, more, last key read)."""
-        etcd = self._coordinator.etcd
-        found: list[task_pb2.Task] = []
-        cursor = start + b"\0" if start else tasks_prefix
-        end = prefix_end(tasks_prefix)
-        last_key = b""
-        more = True
-        while len(found) < page_size and more:
-            kvs, more, _ = await etcd.range(cursor, end, limit=max(page_size * 2, 100))
-            for kv in kvs:
-                last_key = kv.key
-                task = task_pb2.Task.FromString(kv.value)
-                if task_filter.matches(task):
-                    found.append(task)
-                    if len(found) == page_size:
-                        more = more or kv is not kvs[-1]
-                        break
-            if not kvs:
-                break
-            cursor = last_key + b"\0"
-        return found, more, last_key
 
     @_unary
     async def CancelTask(
@@ -224,7 +224,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def ListQueues(
         self, request: coordinator_pb2.ListQueuesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListQueuesResponse:
-        return coordinator_pb2.ListQueuesResponse(queues=self._leader().queue_stats())
+        leader = self._leading()
+        if leader is None:
+            return await self._forward("ListQueues", request, coordinator_pb2.ListQueuesResponse, context)
+        return coordinator_pb2.ListQueuesResponse(queues=leader.queue_stats())
 
     @_unary
     async def SetLimit(
@@ -239,7 +242,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def ListLimits(
         self, request: coordinator_pb2.ListLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListLimitsResponse:
-        leader = self._leader()
+        leader = self._leading()
+        if leader is None:
+            return coordinator_pb2.ListLimitsResponse(limits=await self._stored.limits())
         ordered = sorted(leader.limits.items(), key=lambda item: item[0])
         return coordinator_pb2.ListLimitsResponse(limits=[limit for _, limit in ordered])
 
@@ -260,17 +265,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def ListTaskTypes(
         self, request: coordinator_pb2.ListTaskTypesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListTaskTypesResponse:
-        types = [
-            task_pb2.TaskType.FromString(kv.value)
-            async for kv in self._coordinator.etcd.scan_prefix(keys.types_prefix(self._coordinator.prefix))
-        ]
-        return coordinator_pb2.ListTaskTypesResponse(task_types=types)
+        return coordinator_pb2.ListTaskTypesResponse(task_types=await self._stored.types())
 
     @_unary
     async def ListNodes(
         self, request: coordinator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListNodesResponse:
-        leader = self._leader()
+        leader = self._leading()
+        if leader is None:
+            return await self._forward("ListNodes", request, coordinator_pb2.ListNodesResponse, context)
         nodes = []
         for session in leader.workers.sessions.values():
             node = coordinator_pb2.Node(

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herder.clients.embedded_etcd import free_port
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc
+from herder.server.forwarding import FORWARDED_METADATA_KEY
 
 _LIVE: set[Coordinator] = set()
 
@@ -158,13 +159,13 @@ class Coordinator:
             return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def is_leader(self) -> bool:
-        """True when this process leads: only the leader answers ListNodes (a follower says
-        UNAVAILABLE), which, unlike the status's leader address, cannot be fooled by a killed
-        predecessor on the same port whose lease has not expired yet."""
+        """True when this process leads: only the leader answers a ListNodes marked as forwarded (a
+        follower says UNAVAILABLE rather than forward it again), which, unlike the status's leader
+        address, cannot be fooled by a killed predecessor on the same port whose lease has not expired yet."""
         try:
             with grpc.insecure_channel(self.address) as channel:
                 coordinator_pb2_grpc.CoordinatorServiceStub(channel).ListNodes(
-                    coordinator_pb2.ListNodesRequest(), timeout=1.0
+                    coordinator_pb2.ListNodesRequest(), timeout=1.0, metadata=[(FORWARDED_METADATA_KEY, "1")]
                 )
         except grpc.RpcError:
             return False

@@ -1,0 +1,123 @@
+"""Reads answered from etcd alone: what a follower serves without the leader.
+
+The one rule: a follower answers only from what is committed to etcd (task records, task
+types, limits), never from memory it does not own. What only the leader knows (a queued
+task's `waiting_reason`) is left empty here; its live state (queues, worker sessions) is
+forwarded to it instead (forwarding.py). The task scan is the leader's too, so a page token
+(the last etcd key read) works on every replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from herder.clients import errors
+from herder.clients.proto.v1 import coordinator_pb2, task_pb2
+from herder.server import keys
+from herder.server._etcd import Etcd, EtcdError, prefix_end
+from herder.server.contracts import TaskTypeRegistry, render_json
+from herder.server.watchers import TaskFilter
+
+
+async def _scan(
+    etcd: Etcd, tasks_prefix: bytes, start: bytes, task_filter: TaskFilter, page_size: int
+) -> tuple[list[task_pb2.Task], bool, bytes]:
+    """A page of stored tasks after the key `start`: (tasks, more, last key read). Raises EtcdError."""
+    found: list[task_pb2.Task] = []
+    cursor = start + b"\0" if start else tasks_prefix
+    end = prefix_end(tasks_prefix)
+    last_key = b""
+    more = True
+    while len(found) < page_size and more:
+        kvs, more, _ = await etcd.range(cursor, end, limit=max(page_size * 2, 100))
+        for kv in kvs:
+            last_key = kv.key
+            task = task_pb2.Task.FromString(kv.value)
+            if task_filter.matches(task):
+                found.append(task)
+                if len(found) == page_size:
+                    more = more or kv is not kvs[-1]
+                    break
+        if not kvs:
+            break
+        cursor = last_key + b"\0"
+    return found, more, last_key
+
+
+class StoredReads:
+    """GetTask, ListTasks, ListLimits and ListTaskTypes from etcd, as a follower serves them (the leader
+    scans finished tasks and lists types through it too).
+
+    Every method raises UnavailableError when etcd cannot be read (nothing is cached but
+    compiled task types, each checked against its stored revision before use).
+    """
+
+    def __init__(self, etcd: Etcd, prefix: bytes) -> None:
+        self._etcd = etcd
+        self._prefix = prefix
+        # Task types compiled for result_json, with the mod_revision they were compiled from.
+        self._registry = TaskTypeRegistry()
+        self._revisions: dict[str, int] = {}
+
+    async def get(self, task_id: str, include_json: bool) -> task_pb2.Task:
+        """The stored task; NotFoundError when there is none. `waiting_reason` stays empty (leader-only)."""
+        with _etcd_unavailable():
+            kv, _ = await self._etcd.get(keys.task(self._prefix, task_id))
+            if kv is None:
+                raise errors.NotFoundError(f"task {task_id} not found")
+            task = task_pb2.Task.FromString(kv.value)
+            if include_json and task.HasField("result"):
+                await self._load_type(task.spec.type)
+                task.result_json = render_json(task.result, self._registry, task.spec.type)
+        return task
+
+    async def tasks(
+        self, start: bytes, task_filter: TaskFilter, page_size: int
+    ) -> tuple[list[task_pb2.Task], bool, bytes]:
+        """A page of stored tasks after the key `start`: (tasks, more, last key read). The leader uses it too."""
+        with _etcd_unavailable():
+            return await _scan(self._etcd, keys.tasks_prefix(self._prefix), start, task_filter, page_size)
+
+    async def limits(self) -> list[coordinator_pb2.Limit]:
+        """Every stored limit, ordered by (scope, name) as the leader lists them."""
+        with _etcd_unavailable():
+            stored = [
+                coordinator_pb2.Limit.FromString(kv.value)
+                async for kv in self._etcd.scan_prefix(keys.limits_prefix(self._prefix))
+            ]
+        return sorted(stored, key=lambda limit: (limit.scope, limit.name))
+
+    async def types(self) -> list[task_pb2.TaskType]:
+        """Every stored task type, by name (the leader answers from etcd too: one snapshot, one order)."""
+        with _etcd_unavailable():
+            return [
+                task_pb2.TaskType.FromString(kv.value)
+                async for kv in self._etcd.scan_prefix(keys.types_prefix(self._prefix))
+            ]
+
+    async def _load_type(self, name: str) -> None:
+        """Bring the compiled type `name` up to its stored revision (a re-registration is picked up)."""
+        kv, _ = await self._etcd.get(keys.task_type(self._prefix, name))
+        if kv is None:
+            self._registry.discard(name)
+            self._revisions.pop(name, None)
+            return
+        if self._revisions.get(name) == kv.mod_revision:
+            return
+        self._registry.discard(name)
+        # A stored contract that does not compile only costs the JSON view, as on the leader.
+        with contextlib.suppress(errors.HerderError):
+            self._registry.put(task_pb2.TaskType.FromString(kv.value))
+        self._revisions[name] = kv.mod_revision
+
+
+@contextlib.contextmanager
+def _etcd_unavailable() -> Iterator[None]:
+    """EtcdError as UnavailableError that says what failed and what to do."""
+    try:
+        yield
+    except EtcdError as exc:
+        raise errors.UnavailableError(
+            f"this coordinator cannot read etcd to answer ({exc}); retry, or ask another replica"
+        ) from exc
