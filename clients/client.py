@@ -19,7 +19,6 @@ import json as jsonlib
 import math
 import threading
 import time
-import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -45,7 +44,7 @@ from opentelemetry import propagate
 from herder.clients import errors
 from herder.clients.backoff import Backoff
 from herder.clients.descriptors import MessageType, task_type_for
-from herder.clients.endpoints import DEFAULT_ADDRESS, Endpoints
+from herder.clients.endpoints import AUTO_KEY_PREFIX, DEFAULT_ADDRESS, Endpoints, new_idempotency_key
 from herder.clients.locks import Lock, default_owner
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 
@@ -67,8 +66,6 @@ TERMINAL_STATES: frozenset[State] = frozenset(
     }
 )
 _STATE_PREFIX = "TASK_STATE_"
-# Idempotency keys the SDK gives submissions without one, so its own retries never duplicate a task.
-AUTO_KEY_PREFIX = "herder-sdk-"
 
 
 def state_name(state: State) -> str:
@@ -628,7 +625,8 @@ class Client:
         The lock is refreshed about every ttl/3; if it is lost (released or revoked behind its
         back, or no refresh succeeds before the TTL runs out) the body is CANCELLED and the
         `async with` raises LockLostError. Exit releases it, shielded from cancellation.
-        Any coordinator replica serves locks, leader or not.
+        Any coordinator replica serves locks, leader or not: an Acquire that cannot connect, and
+        every failed refresh, moves on to the next address given.
         """
         return Lock(
             self.channel,
@@ -637,6 +635,8 @@ class Client:
             wait=wait,
             owner=owner or default_owner(),
             timeout=self._timeout,
+            next_replica=lambda error: self._endpoints.failed(self._endpoints.current, error),
+            replicas=self._endpoints.size,
         )
 
     # --- plumbing ---
@@ -763,7 +763,7 @@ def _give_key(spec: task_pb2.TaskSpec) -> bool:
     """Give a spec without an idempotency key a unique one; True when it did."""
     if spec.idempotency_key:
         return False
-    spec.idempotency_key = AUTO_KEY_PREFIX + uuid.uuid4().hex
+    spec.idempotency_key = new_idempotency_key()
     return True
 
 

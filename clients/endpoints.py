@@ -9,6 +9,8 @@ each time the list has been walked through, so one DNS name can list all replica
 
 `call` runs one unary call with that policy, retrying with backoff until the call's own
 timeout runs out; the Client uses it for every unary RPC and the Worker for its sessions.
+A retried submission is safe because it carries an idempotency key: the caller's, or one
+made by `new_idempotency_key` (the coordinator keeps such a key only as long as its task).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import ipaddress
 import os
 import socket
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -38,7 +41,16 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
+# Idempotency keys the SDK gives submissions without one. The coordinator knows the prefix: such a
+# key guards only the SDK's retries of one call, so it does not keep its task past the retention.
+AUTO_KEY_PREFIX = "herder-sdk-"
+
 T = TypeVar("T")
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for a submission the caller gave none, so the SDK's own retries never duplicate it."""
+    return AUTO_KEY_PREFIX + uuid.uuid4().hex
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
@@ -78,6 +90,15 @@ def _split(address: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"coordinator address {address!r} is not host:port (e.g. {DEFAULT_ADDRESS!r})")
     return host, int(port_text)
+
+
+def unreached(error: BaseException) -> bool:
+    """True when a call failed to connect at all: nothing was sent, so any call may go to another replica."""
+    return (
+        isinstance(error, errors.UnavailableError)
+        and not isinstance(error, errors.NotLeaderError)
+        and "failed to connect" in error.message.lower()
+    )
 
 
 def _is_ip(host: str) -> bool:
@@ -121,6 +142,11 @@ class Endpoints:
         self._leader = ""
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closed = False
+
+    @property
+    def size(self) -> int:
+        """How many addresses a walk through the list tries (host names expanded once they were)."""
+        return len(self._candidates) or len(self.configured)
 
     @property
     def current(self) -> str:
@@ -213,10 +239,13 @@ class Endpoints:
 
 __all__ = [
     "ADDRESS_ENV",
+    "AUTO_KEY_PREFIX",
     "CHANNEL_OPTIONS",
     "DEFAULT_ADDRESS",
     "Endpoints",
+    "new_idempotency_key",
     "open_channel",
     "parse_addresses",
     "resolve",
+    "unreached",
 ]

@@ -165,6 +165,9 @@ def test_cli_takes_a_comma_list_with_a_dead_address(
     out, err = capsys.readouterr()
     assert code == 0, err
     assert replicas[0].address in out
+    # Locks are served by any replica: the dead address is skipped.
+    code = main(["--coordinator", addresses, "lock", "failover-lock", "--wait", "0", "--", "true"])
+    assert code == 0, capsys.readouterr().err
 
 
 def test_cli_names_every_address_when_none_answers_and_rejects_bad_ones(
