@@ -1,9 +1,10 @@
 """The `herder` command line: run a coordinator or a worker, submit and inspect tasks, see queues
 and set limits.
 
-Every command talks to one coordinator (`--coordinator`, env HERDER_COORDINATOR) and
-prints rich tables, or JSON with `--output json` for scripts. A failure is one line on
-stderr and exit code 1 (2 for bad usage); never a traceback.
+Every command talks to a coordinator (`--coordinator`, env HERDER_COORDINATOR; a
+comma-separated list of replicas is tried in turn and the leader followed) and prints
+rich tables, or JSON with `--output json` for scripts. A failure is one line on stderr
+and exit code 1 (2 for bad usage); never a traceback.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from rich.table import Table
 
 from herder.clients import errors
 from herder.clients.client import (
-    DEFAULT_ADDRESS,
     Client,
     Retry,
     State,
@@ -45,11 +45,11 @@ from herder.clients.client import (
     timestamp_to_datetime,
 )
 from herder.clients.descriptors import add_files
+from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS
 from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 
 PROG = "herder"
-ADDRESS_ENV = "HERDER_COORDINATOR"
 # Commands whose arguments belong to another program, passed on untouched.
 _PASSTHROUGH = ("coordinator", "dev")
 _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output")
@@ -245,7 +245,8 @@ def _add_global_options(parser: argparse.ArgumentParser, address: str, output: s
         "--coordinator",
         metavar="ADDR",
         default=address,
-        help=f"coordinator address host:port (env {ADDRESS_ENV}, default {DEFAULT_ADDRESS})",
+        help=f"coordinator address host:port, or replicas as a comma-separated list (env {ADDRESS_ENV},"
+        f" default {DEFAULT_ADDRESS})",
     )
     parser.add_argument(
         "--output", choices=("table", "json"), default=output, help="table for people, json for scripts"
@@ -362,8 +363,10 @@ def _run_worker(args: argparse.Namespace) -> int:
     from herder.clients.worker import run_worker
 
     args.interrupt_ok = True
-    addresses = [a.strip() for a in args.coordinator.split(",") if a.strip()]
-    worker = build_example_worker(addresses, slots=args.slots)
+    try:
+        worker = build_example_worker(args.coordinator, slots=args.slots)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     print(
         f"herder example worker {worker.worker_id} serving {', '.join(worker.registrations)} "
         f"for the coordinator at {args.coordinator} (Ctrl-C stops it)",
@@ -385,11 +388,21 @@ def _async(
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         async def with_client() -> int:
-            async with Client(args.coordinator) as client:
+            try:
+                client = Client(args.coordinator)
+            except ValueError as exc:
+                raise UsageError(f"--coordinator: {exc}") from None
+            async with client:
                 try:
                     return await command(client, Output(args.output, client), args)
-                finally:
+                except errors.UnavailableError as exc:
+                    # Every replica was tried: name them all, unless one named the leader.
+                    if isinstance(exc, errors.NotLeaderError) and exc.leader_address:
+                        args.coordinator = client.address
+                    raise
+                except BaseException:
                     args.coordinator = client.address  # after following the leader, errors name the right one
+                    raise
 
         return asyncio.run(with_client())
 
@@ -981,12 +994,21 @@ def _read_json_argument(text: str) -> str:
 
 def describe_error(error: errors.HerderError, address: str) -> str:
     """One line saying what went wrong, for people."""
+    several = "," in address
+    if several:
+        address = ", ".join(a.strip() for a in address.split(",") if a.strip())
     if isinstance(error, errors.NotLeaderError):
+        if several and not error.leader_address:
+            return f"no coordinator at {address} is the leader (none elected yet)"
         leader = f" (the leader is at {error.leader_address})" if error.leader_address else " and no leader is known"
         return f"the coordinator at {address} is not the leader{leader}"
     if isinstance(error, errors.UnavailableError):
         if any(hint in error.message.lower() for hint in _UNREACHABLE_HINTS):
-            return f"cannot reach the coordinator at {address}"
+            return (
+                f"cannot reach any coordinator at {address}"
+                if several
+                else f"cannot reach the coordinator at {address}"
+            )
         return f"the coordinator at {address} is unavailable: {error.message}"
     if isinstance(error, errors.DeadlineExceededError):
         return f"the coordinator at {address} did not answer in time"

@@ -1,8 +1,8 @@
 """The Herder client SDK: submit, inspect, watch and cancel tasks on a coordinator.
 
 `Client` is asyncio-first and speaks the generated `herder.v1` messages; `SyncClient`
-wraps it for synchronous code. A follower coordinator answers writes with
-`NotLeaderError`; the client reconnects to the leader it names and retries once.
+wraps it for synchronous code. A client takes one or several coordinator replicas; which
+one it talks to, following the leader and retrying UNAVAILABLE, is `endpoints.Endpoints`.
 Every failed gRPC call surfaces as a `herder.clients.errors.HerderError`, converted
 in exactly one place (`_herder_errors`).
 
@@ -19,7 +19,17 @@ import json as jsonlib
 import math
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -34,13 +44,12 @@ from opentelemetry import propagate
 from herder.clients import errors
 from herder.clients.backoff import Backoff
 from herder.clients.descriptors import MessageType, task_type_for
+from herder.clients.endpoints import AUTO_KEY_PREFIX, DEFAULT_ADDRESS, Endpoints, new_idempotency_key
 from herder.clients.locks import Lock, default_owner
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 
 if TYPE_CHECKING:
     from herder.clients.proto.v1.coordinator_pb2_grpc import CoordinatorServiceAsyncStub
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -57,16 +66,6 @@ TERMINAL_STATES: frozenset[State] = frozenset(
     }
 )
 _STATE_PREFIX = "TASK_STATE_"
-
-# A restarted coordinator is found again within a fraction of a second instead of
-# gRPC's default reconnect backoff (1 s growing to 120 s).
-_CHANNEL_OPTIONS = (
-    # A SubmitTasks reply echoes its tasks, payloads included: as large as the request (16 MiB at most).
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
 
 
 def state_name(state: State) -> str:
@@ -273,34 +272,46 @@ def _herder_errors() -> Iterator[None]:
 
 
 class Client:
-    """An asyncio client of one Herder coordinator (following the leader when told to).
+    """An asyncio client of a Herder coordinator and its replicas, following the leader.
 
-    Use `async with Client(address) as client:` or call `close()`. Calls time out after
-    `timeout` seconds (DeadlineExceededError); streams (`watch`) have no deadline. A call
-    cancelled by its caller cancels the RPC. Channels open lazily on the first call and
-    belong to that event loop: use a client from one loop only (`SyncClient` for threads).
+    `address` is "host:port", a comma-separated list of replicas or a sequence of them (None:
+    env HERDER_COORDINATOR, else 127.0.0.1:50051); a host name stands for every address it
+    resolves to. ValueError when an entry is not host:port.
+
+    Every unary call retries UNAVAILABLE until `timeout` seconds have passed since it started:
+    a follower's redirect is followed at once, a replica that does not answer (or knows no
+    leader) is left for the next one after `retry_backoff`; then the last error is raised
+    (UnavailableError or NotLeaderError). DeadlineExceededError is not retried. Submissions
+    carry an idempotency key (one is generated when the caller gives none), so a retry whose
+    first try was committed returns that task instead of a second one.
+
+    Use `async with Client(address) as client:` or call `close()`. Streams (`watch`) have no
+    deadline. A call cancelled by its caller cancels the RPC. Channels open lazily on the first
+    call and belong to that event loop: use a client from one loop only (`SyncClient` for threads).
     """
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] | None = None,
         *,
         timeout: float = 10.0,
         watch_reconnect: WatchReconnect | None = None,
+        retry_backoff: Backoff | None = None,
     ) -> None:
-        self._address = address
-        # Where to start over when the leader it was sent to is gone (the configured address).
-        self._home = address
+        self._endpoints = Endpoints(address)
         self._timeout = timeout
         self.watch_reconnect = watch_reconnect or WatchReconnect()
-        # One channel per coordinator address seen, reused if leadership moves back.
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._closed = False
+        self.retry_backoff = retry_backoff or Backoff(initial=0.05, max=1.0)
 
     @property
     def address(self) -> str:
         """The coordinator this client talks to now (the leader's, once it was redirected)."""
-        return self._address
+        return self._endpoints.current
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The coordinator addresses it was given (host names not expanded)."""
+        return self._endpoints.configured
 
     async def __aenter__(self) -> Self:
         return self
@@ -312,10 +323,7 @@ class Client:
 
     async def close(self) -> None:
         """Close every channel; calls in flight are cancelled. Safe to call twice."""
-        self._closed = True
-        channels, self._channels = builtins.list(self._channels.values()), {}
-        for channel in channels:
-            await channel.close()
+        await self._endpoints.close()
 
     # --- tasks ---
 
@@ -341,7 +349,9 @@ class Client:
         """Submit one task; returns once it is committed. See `task_spec` for the arguments.
 
         With an idempotency key that matches an existing task, the handle is that task's
-        (`handle.created` is False). Invalid input raises InvalidArgumentError naming the fields.
+        (`handle.created` is False). Without one, a key "herder-sdk-<uuid>" is generated, so the
+        retries after a lost reply find the task the first try stored (`created` stays True).
+        Invalid input raises InvalidArgumentError naming the fields.
         """
         spec = task_spec(
             type,
@@ -360,24 +370,27 @@ class Client:
             metadata=metadata,
             resources=resources,
         )
+        auto_key = _give_key(spec)
         response = await self._unary(lambda s: s.SubmitTask, coordinator_pb2.SubmitTaskRequest(spec=spec))
-        return TaskHandle(self, response.task, created=response.created)
+        return TaskHandle(self, response.task, created=response.created or auto_key)
 
     async def submit_many(self, specs: Iterable[task_pb2.TaskSpec]) -> builtins.list[TaskHandle | errors.HerderError]:
         """Submit a batch (build specs with `task_spec`); one result per spec, in order.
 
         A rejected item is its error (InvalidArgumentError, ...) in the list, not raised; the
-        others are stored. A failure of the whole call (unreachable coordinator) raises.
+        others are stored. A failure of the whole call (unreachable coordinator) raises. Specs
+        without an idempotency key get one, as in `submit` (the caller's specs are not changed).
         """
         request = coordinator_pb2.SubmitTasksRequest(specs=builtins.list(specs))
+        auto_keys = [_give_key(spec) for spec in request.specs]
         response = await self._unary(lambda s: s.SubmitTasks, request)
         results: builtins.list[TaskHandle | errors.HerderError] = []
-        for item in response.results:
+        for item, auto_key in zip(response.results, auto_keys, strict=False):
             if item.code:
                 status = status_pb2.Status(code=item.code, message=item.message, details=item.details)
                 results.append(errors.from_status_proto(status))
             else:
-                results.append(TaskHandle(self, item.task, created=item.created))
+                results.append(TaskHandle(self, item.task, created=item.created or auto_key))
         return results
 
     async def get(self, id: str, *, include_result_json: bool = False) -> task_pb2.Task:
@@ -437,6 +450,8 @@ class Client:
 
         Returns the task (CANCELED, or still RUNNING with cancel_requested until its worker stops).
         FailedPreconditionError when it already finished, NotFoundError when there is no such task.
+        Retried on UNAVAILABLE like every call: cancelling twice is harmless, but a retry after a
+        reply was lost may find the task CANCELED by the first try and raise FailedPreconditionError.
         """
         request = coordinator_pb2.CancelTaskRequest(id=id, reason=reason)
         return (await self._unary(lambda s: s.CancelTask, request)).task
@@ -445,7 +460,8 @@ class Client:
         """Change the priority of a PENDING or QUEUED task, durably; the next dispatch uses it.
 
         Returns the updated task. FailedPreconditionError when the task has started or finished,
-        NotFoundError when there is no such task.
+        NotFoundError when there is no such task. Setting the same priority again changes nothing,
+        so a retry on UNAVAILABLE is safe.
         """
         request = coordinator_pb2.UpdateTaskPriorityRequest(id=id, priority=priority)
         return (await self._unary(lambda s: s.UpdateTaskPriority, request)).task
@@ -465,8 +481,9 @@ class Client:
         state of each first (`event.initial`), unless `skip_initial`, then every change.
 
         Runs until the caller stops iterating (close it with `contextlib.aclosing` or break and
-        let it be collected; the stream is cancelled then). A broken stream raises
-        UnavailableError; `TaskHandle.watch` is the variant that reconnects.
+        let it be collected; the stream is cancelled then). Opening the stream tries the replicas
+        as unary calls do, for up to `timeout` seconds; a stream that breaks after delivering
+        events raises UnavailableError; `TaskHandle.watch` is the variant that reconnects.
         """
         request = coordinator_pb2.WatchTasksRequest(
             ids=builtins.list(ids),
@@ -477,9 +494,13 @@ class Client:
             skip_initial=skip_initial,
             include_result_json=include_result_json,
         )
-        followed = False
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # `timeout` seconds after the first failure to open it
+        waits = 0
         while True:
-            call = self._stub().WatchTasks(request, metadata=_trace_metadata())
+            address = await self._endpoints.target()
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._endpoints.channel(address))
+            call = stub.WatchTasks(request, metadata=_trace_metadata())
             received = False
             try:
                 with _herder_errors():
@@ -487,10 +508,14 @@ class Client:
                         received = True
                         yield response.event
                 return
-            except errors.NotLeaderError as exc:
-                if received or followed or not self._follow(exc):
+            except errors.UnavailableError as exc:
+                redirected = self._endpoints.failed(address, exc)
+                deadline = deadline if deadline is not None else loop.time() + self._timeout
+                if received or loop.time() >= deadline:
                     raise
-                followed = True
+                if not redirected:
+                    waits += 1
+                    await asyncio.sleep(min(self.retry_backoff.delay(waits), max(deadline - loop.time(), 0)))
             finally:
                 call.cancel()
 
@@ -499,7 +524,8 @@ class Client:
     async def register_task_type(
         self, name: str, input_class: MessageType, output_class: MessageType, description: str = ""
     ) -> task_pb2.TaskType:
-        """Register (or update) a task type with its input and output messages and their descriptors."""
+        """Register (or update) a task type with its input and output messages and their descriptors;
+        registering the same type again changes nothing, so a retry on UNAVAILABLE is safe."""
         task_type = task_type_for(name, input_class, output_class, description=description)
         request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type)
         return (await self._unary(lambda s: s.RegisterTaskType, request)).task_type
@@ -537,7 +563,8 @@ class Client:
         merges: a field left None keeps its current value, read with ListLimits first (skipped when
         every field the scope uses is given). The read and the write are two calls, so two callers
         changing different fields of one limit at the same moment can lose one change; give every
-        field to write the limit in one call. Invalid values raise InvalidArgumentError naming the
+        field to write the limit in one call. SetLimit stores the same limit again when retried on
+        UNAVAILABLE. Invalid values raise InvalidArgumentError naming the
         field (`limit.max_running`, `limit.weight`, `limit.retention`, `limit.name`, `limit.scope`)
         and change nothing.
         """
@@ -598,7 +625,8 @@ class Client:
         The lock is refreshed about every ttl/3; if it is lost (released or revoked behind its
         back, or no refresh succeeds before the TTL runs out) the body is CANCELLED and the
         `async with` raises LockLostError. Exit releases it, shielded from cancellation.
-        Any coordinator replica serves locks, leader or not.
+        Any coordinator replica serves locks, leader or not: an Acquire that cannot connect, and
+        every failed refresh, moves on to the next address given.
         """
         return Lock(
             self.channel,
@@ -607,6 +635,8 @@ class Client:
             wait=wait,
             owner=owner or default_owner(),
             timeout=self._timeout,
+            next_replica=lambda error: self._endpoints.failed(self._endpoints.current, error),
+            replicas=self._endpoints.size,
         )
 
     # --- plumbing ---
@@ -616,45 +646,19 @@ class Client:
 
     def channel(self) -> grpc.aio.Channel:
         """The channel to the coordinator this client talks to now (opened on first use)."""
-        if self._closed:
-            raise errors.FailedPreconditionError("the client is closed")
-        channel = self._channels.get(self._address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(self._address, options=_CHANNEL_OPTIONS)
-            self._channels[self._address] = channel
-        return channel
-
-    def _follow(self, error: errors.NotLeaderError) -> bool:
-        """Switch to the leader a follower named; False when there is nowhere new to go."""
-        if not error.leader_address or error.leader_address == self._address:
-            return False
-        self._address = error.leader_address
-        return True
-
-    def _go_home(self) -> None:
-        """Return to the configured address after the leader it was redirected to went away;
-        that coordinator will name the new leader."""
-        self._address = self._home
+        return self._endpoints.channel()
 
     async def _unary(
         self,
         method: Callable[[CoordinatorServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]],
         request: Req,
     ) -> Resp:
-        try:
-            return await self._unary_once(method, request)
-        except errors.NotLeaderError as exc:
-            if not self._follow(exc):
-                raise
-        return await self._unary_once(method, request)
+        async def attempt(channel: grpc.aio.Channel, timeout: float) -> Resp:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            with _herder_errors():
+                return await method(stub)(request, timeout=timeout, metadata=_trace_metadata())
 
-    async def _unary_once(
-        self,
-        method: Callable[[CoordinatorServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]],
-        request: Req,
-    ) -> Resp:
-        with _herder_errors():
-            return await method(self._stub())(request, timeout=self._timeout, metadata=_trace_metadata())
+        return await self._endpoints.call(attempt, timeout=self._timeout, backoff=self.retry_backoff)
 
 
 class TaskHandle:
@@ -711,8 +715,6 @@ class TaskHandle:
             # (CANCELLED), a watcher the coordinator dropped for lagging (RESOURCE_EXHAUSTED).
             except (errors.UnavailableError, errors.CancelledError, errors.ResourceExhaustedError) as exc:
                 failure = exc
-                if not isinstance(exc, errors.NotLeaderError):
-                    self._client._go_home()
             now = time.monotonic()
             failing_since = failing_since if failing_since is not None else now
             if now - failing_since >= settings.give_up_after:
@@ -755,6 +757,14 @@ class TaskHandle:
         """Ask the coordinator to cancel the task; see `Client.cancel`."""
         self._task = await self._client.cancel(self.id, reason)
         return self._task
+
+
+def _give_key(spec: task_pb2.TaskSpec) -> bool:
+    """Give a spec without an idempotency key a unique one; True when it did."""
+    if spec.idempotency_key:
+        return False
+    spec.idempotency_key = new_idempotency_key()
+    return True
 
 
 def _task_failed(task: task_pb2.Task) -> errors.TaskFailedError:
@@ -808,20 +818,27 @@ class SyncClient:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] | None = None,
         *,
         timeout: float = 10.0,
         watch_reconnect: WatchReconnect | None = None,
+        retry_backoff: Backoff | None = None,
     ) -> None:
+        # Built first: a bad address raises before a thread is started.
+        client = Client(address, timeout=timeout, watch_reconnect=watch_reconnect, retry_backoff=retry_backoff)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="herder-sync-client", daemon=True)
         self._thread.start()
-        self._client = Client(address, timeout=timeout, watch_reconnect=watch_reconnect)
+        self._client = client
         self._closed = False
 
     @property
     def address(self) -> str:
         return self._client.address
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._client.addresses
 
     @property
     def client(self) -> Client:
@@ -1086,6 +1103,7 @@ class SyncTaskHandle:
 
 
 __all__ = [
+    "AUTO_KEY_PREFIX",
     "DEFAULT_ADDRESS",
     "TERMINAL_STATES",
     "Client",

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from herder.clients import errors
+from herder.clients.endpoints import unreached
 from herder.clients.proto.v1 import lock_pb2, lock_pb2_grpc
 
 if TYPE_CHECKING:
@@ -57,10 +58,15 @@ class Lock:
         wait: float | timedelta,
         owner: str,
         timeout: float,
+        next_replica: Callable[[errors.HerderError], object] | None = None,
+        replicas: int = 1,
     ) -> None:
         self.name = name
         self.owner = owner
         self._channel = channel
+        # Any replica serves locks: `next_replica` moves `channel` on after a failure, over `replicas` tries.
+        self._next_replica = next_replica
+        self._replicas = max(replicas, 1)
         self._ttl = _seconds(ttl)
         self._wait = _seconds(wait)
         self._timeout = timeout
@@ -96,11 +102,17 @@ class Lock:
         request = lock_pb2.AcquireRequest(
             name=self.name, owner=self.owner, ttl=_duration(self._ttl), wait_timeout=_duration(self._wait)
         )
-        sent = time.monotonic()
-        try:
-            reply = await self._stub().Acquire(request, timeout=self._wait + self._timeout)
-        except grpc.RpcError as exc:
-            raise errors.from_rpc_error(exc) from exc
+        for tries_left in range(self._replicas - 1, -1, -1):
+            sent = time.monotonic()
+            try:
+                reply = await self._stub().Acquire(request, timeout=self._wait + self._timeout)
+                break
+            except grpc.RpcError as exc:
+                error = errors.from_rpc_error(exc)
+                # Only an Acquire that never left is retried: one whose reply was lost may hold a lease.
+                if not (tries_left and self._next_replica is not None and unreached(error)):
+                    raise error from exc
+                self._next_replica(error)
         self.token = reply.fencing_token
         self.lease_id = reply.lease_id
         self._ttl = float(reply.ttl.seconds) or self._ttl
@@ -152,6 +164,8 @@ class Lock:
                 if isinstance(error, errors.NotFoundError):
                     self._lose(error.message)
                     return
+                if isinstance(error, errors.UnavailableError) and self._next_replica is not None:
+                    self._next_replica(error)  # refreshing is idempotent: the next try may go to any replica
                 pause = min(self._ttl / 3, _RETRY_AFTER)
                 continue
             deadline = sent + reply.ttl.seconds

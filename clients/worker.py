@@ -45,6 +45,7 @@ from opentelemetry import propagate, trace
 from herder.clients import errors, outcomes
 from herder.clients.backoff import Backoff
 from herder.clients.descriptors import task_type_for
+from herder.clients.endpoints import Endpoints, open_channel
 from herder.clients.outcomes import BAD_OUTPUT, BAD_PAYLOAD, RESULT_TOO_LARGE
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.clients.runner import run as run_loop
@@ -67,12 +68,6 @@ _FATAL_CODES = frozenset(
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.UNAUTHENTICATED,
     }
-)
-# Find a restarted coordinator within a fraction of a second, not gRPC's default 1 s..120 s.
-_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
 )
 _MAX_DETAILS = 8000
 
@@ -411,30 +406,32 @@ class _Session:
 class Worker:
     """Serves registered task types: one session with the coordinator, one asyncio task per attempt.
 
-    `address` is the coordinator ("host:port"), or several replicas tried in turn; a follower's
-    redirect to the leader is followed. `worker_id` defaults to host-pid-random, stable for the
-    life of this object. At most `slots` handlers run at once: the coordinator never sends more
-    than the free slots, and an assignment beyond them is not acknowledged, so the coordinator
-    re-queues it after its ack timeout.
+    `address` is the coordinator ("host:port"), or several replicas (a comma-separated string or
+    a sequence; None reads HERDER_COORDINATOR) tried in turn, a host name standing for every
+    address it resolves to; a follower's redirect to the leader is followed (see `endpoints`).
+    `worker_id` defaults to host-pid-random, stable for the life of this object. At most `slots`
+    handlers run at once: the coordinator never sends more than the free slots, and an assignment
+    beyond them is not acknowledged, so the coordinator re-queues it after its ack timeout.
     """
 
     def __init__(
         self,
-        address: str | Sequence[str],
+        address: str | Sequence[str] | None,
         *,
         worker_id: str | None = None,
         slots: int = 8,
         labels: Mapping[str, str] | None = None,
         settings: WorkerSettings | None = None,
     ) -> None:
-        addresses = [address] if isinstance(address, str) else list(address)
-        if not addresses or not all(isinstance(a, str) and a.strip() for a in addresses):
-            raise ValueError(f"Worker needs a coordinator address such as '127.0.0.1:50051', got {address!r}")
+        try:
+            endpoints = Endpoints(address)
+        except ValueError as exc:
+            raise ValueError(f"Worker: {exc}") from None
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"Worker slots must be an integer >= 1, got {slots!r}")
         if worker_id is not None and not worker_id.strip():
             raise ValueError("Worker worker_id must not be empty (leave it None for a generated one)")
-        self._addresses = addresses
+        self._endpoints = endpoints
         self._worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._slot_count = slots
         self._labels = dict(labels or {})
@@ -451,8 +448,6 @@ class Worker:
         self._max_result_bytes = outcomes.DEFAULT_MAX_RESULT_BYTES
         self._max_error_bytes = outcomes.DEFAULT_MAX_ERROR_BYTES
         self._max_progress_bytes = outcomes.DEFAULT_MAX_PROGRESS_BYTES
-        self._address_index = 0
-        self._leader_hint = ""
 
         self._started = False
         self._draining = False
@@ -617,7 +612,7 @@ class Worker:
         stop = asyncio.create_task(self._stop.wait())
         try:
             while not self._stop.is_set():
-                address = self._leader_hint or self._addresses[self._address_index % len(self._addresses)]
+                address = await self._endpoints.target()
                 session = asyncio.create_task(self._run_session(address), name=f"herder-session {address}")
                 try:
                     await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -653,16 +648,10 @@ class Worker:
             stop.cancel()
 
     def _next_address(self, address: str, failure: BaseException) -> None:
-        if isinstance(failure, errors.NotLeaderError) and failure.leader_address:
-            if failure.leader_address != address:
-                _log.info(
-                    "worker %s: %s is not the leader; following %s", self._worker_id, address, failure.leader_address
-                )
-            self._leader_hint = failure.leader_address
-        elif self._leader_hint:
-            self._leader_hint = ""  # the leader we were sent to failed: ask the configured replicas again
-        else:
-            self._address_index += 1
+        if self._endpoints.failed(address, failure):
+            _log.info(
+                "worker %s: %s is not the leader; following %s", self._worker_id, address, self._endpoints.current
+            )
 
     async def _close_session(self, session_task: asyncio.Task[None]) -> None:
         session = self._session
@@ -677,7 +666,8 @@ class Worker:
 
     async def _run_session(self, address: str) -> None:
         """One stream from hello to its end; always ends by raising why it ended."""
-        channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        # Its own channel per session (not the shared cache): closing it ends every call of the session.
+        channel = open_channel(address)
         try:
             stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub = coordinator_pb2_grpc.CoordinatorServiceStub(
                 channel

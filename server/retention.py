@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from herder.clients import errors
+from herder.clients.endpoints import AUTO_KEY_PREFIX
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server import keys
 from herder.server.committer import Write
@@ -42,9 +43,10 @@ class Retention:
 
     def marker(self, task: task_pb2.Task) -> Write:
         """The gc marker to write with a task's terminal state."""
-        # Deleted after the queue's retention, and not before its idempotency key stops answering.
+        # Deleted after the queue's retention, and not before its idempotency key stops answering
+        # (a key the SDK made guards only its retries of one call: it lives as long as the task).
         delete_at = time.time() + self.period(task.spec.queue)
-        if task.spec.idempotency_key:
+        if task.spec.idempotency_key and not task.spec.idempotency_key.startswith(AUTO_KEY_PREFIX):
             delete_at = max(delete_at, timestamp_seconds(task.create_time) + self._leader.settings.idempotency_window)
         marker = f"{task.state}\n{task.spec.queue}\n{task.spec.idempotency_key}".encode()
         return Write(keys.gc(self._leader.prefix, delete_at, task.id), marker)

@@ -260,10 +260,23 @@ class Coordinator:
             self.log_path.unlink()
 
 
+def start_replicas(
+    etcd_endpoint: str, namespace: str, count: int, stack: contextlib.ExitStack, *, lease_ttl: int = 2
+) -> list[Coordinator]:
+    """`count` replicas of one namespace, the first one leading; each is killed when `stack` closes."""
+    nodes = []
+    for i in range(count):
+        node = Coordinator(etcd_endpoint, namespace, lease_ttl=lease_ttl).start(wait_leader=i == 0)
+        nodes.append(stack.enter_context(node))
+    for node in nodes[1:]:
+        node.wait_has_leader()
+    return nodes
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     for coordinator in list(_LIVE):
         coordinator.kill()
 
 
-__all__ = ["Coordinator", "CoordinatorStartError"]
+__all__ = ["Coordinator", "CoordinatorStartError", "start_replicas"]

@@ -9,9 +9,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
 
 import pytest
-from _cluster import Coordinator
+from _cluster import Coordinator, start_replicas
 from google.protobuf import duration_pb2
 
 from herder.clients import errors
@@ -252,6 +253,34 @@ async def test_a_follower_sends_the_worker_to_the_leader(
             assert [n.worker_id for n in await client.nodes()] == [worker.worker_id]
             handle = await client.submit("examples.echo", examples_pb2.EchoRequest(text="via follower"))
             assert (await handle.result(10, output_type=examples_pb2.EchoResponse)).text == "via follower"
+
+
+async def test_a_worker_given_every_replica_keeps_serving_across_a_leader_kill(
+    etcd: EmbeddedEtcd, namespace: str
+) -> None:
+    with ExitStack() as stack:
+        leader, *followers = start_replicas(etcd.endpoint, namespace, 3, stack)
+        addresses = [followers[0].address, leader.address, followers[1].address]
+        async with (
+            build_example_worker(addresses, settings=FAST) as worker,
+            Client(",".join(addresses), timeout=20) as client,
+        ):
+            await worker.wait_connected(10)
+            before = await client.submit("examples.echo", examples_pb2.EchoRequest(text="before"))
+            assert (await before.result(10, output_type=examples_pb2.EchoResponse)).text == "before"
+
+            # Running across the kill: the worker re-claims it from the new leader, the watch follows.
+            running = await client.submit("examples.sleep", examples_pb2.SleepRequest(duration=_duration(2.0)))
+            await watch_until(running, lambda t: t.state == S.TASK_STATE_RUNNING)
+            waiting = asyncio.create_task(running.result(30, output_type=examples_pb2.SleepResponse))
+            await asyncio.sleep(0.2)  # let the watch open before the kill breaks it
+
+            await asyncio.to_thread(leader.kill)
+            after = await client.submit("examples.echo", examples_pb2.EchoRequest(text="after"))
+            assert (await after.result(20, output_type=examples_pb2.EchoResponse)).text == "after"
+            assert [n.worker_id for n in await client.nodes()] == [worker.worker_id]
+            await waiting
+            assert (await client.get(running.id)).attempt == 1
 
 
 async def test_a_rejected_task_type_stops_the_worker(coordinator: Coordinator) -> None:
