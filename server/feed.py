@@ -133,6 +133,8 @@ class Feed:
                 # Deletes are retention removing finished tasks: not a change of state.
                 if event.deleted:
                     continue
+                if not hub.may_want(event.kv.key[len(self._prefix) :].decode()):
+                    continue
                 data = event.kv.value
                 task = task_pb2.Task.FromString(data)
                 if not hub.wants(task.id, task.spec.queue, task.spec.type):

@@ -312,3 +312,11 @@ async def test_watch_streams_past_the_cap_are_refused_until_one_closes(etcd, nam
         await eventually(accepted, what="a watch accepted once one closed")
         for call in open_calls:
             call.cancel()
+
+
+def test_with_only_id_watchers_other_tasks_need_no_parsing() -> None:
+    hub = WatchHub()
+    hub.subscribe(TaskFilter(ids=frozenset({"a"})))
+    assert hub.may_want("a") and not hub.may_want("b")
+    hub.subscribe(TaskFilter(queue="q"))
+    assert hub.may_want("b")
