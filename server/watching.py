@@ -251,10 +251,12 @@ class Watching:
         """The given tasks in any state, else the unfinished ones matching the filter: (task, revision)."""
         leader = self._leading()
         if leader is not None:
-            # Commit callbacks already due run first; then memory holds every commit up to `start` when
-            # the leader has applied one at or past it (the feed may have heard of a commit first).
+            # The feed may hear of a commit before the leader has applied it. Memory holds every change
+            # up to `start` when the leader has applied one at or past it, or when no transaction is in
+            # flight, once the commit callbacks already due have run (the sleep lets them).
+            current = leader.applied_revision >= start or leader.committer.idle
             await asyncio.sleep(0)
-            if leader.applied_revision < start or leader.deposed:
+            if not current or leader.deposed:
                 leader = None
         etcd = self._coordinator.etcd
         ns = self._coordinator.prefix
