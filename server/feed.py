@@ -125,6 +125,11 @@ class Feed:
                 delay = self._settings.retry.delay(failures)
                 log.warning("task feed: %s; re-opening from revision %d in %.1fs", exc, self.revision + 1, delay)
                 await asyncio.sleep(delay)
+            except Exception:
+                # A bug or an undecodable record: watchers must not wait for changes that never come.
+                log.exception("task feed failed at revision %d; ending every watch", self.revision)
+                self._end_all(f"the task feed failed after revision {self.revision}")
+                return
 
     def _publish(self, batch: WatchBatch) -> None:
         hub = self.hub
