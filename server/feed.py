@@ -49,6 +49,7 @@ class Feed:
         self.hub = WatchHub()
         self.revision = 0
         self._task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
         self._idle: asyncio.TimerHandle | None = None
         self._starting = asyncio.Lock()
         self._closed = False
@@ -85,8 +86,11 @@ class Feed:
     def _stop_if_idle(self) -> None:
         self._idle = None
         if not len(self.hub) and self._task is not None:
-            self._task.cancel()
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            # Kept until it has unwound (its etcd watch cancelled), so close() can wait for it too.
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     async def close(self) -> None:
         """Stop the feed and end every subscription. Safe to call twice."""
@@ -94,11 +98,11 @@ class Feed:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        tasks = [*self._stopping, *([self._task] if self._task is not None else [])]
+        self._task = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._end_all("the coordinator is shutting down")
 
     def _end_all(self, reason: str) -> None:

@@ -1,6 +1,6 @@
 """WatchTasks on every replica, resumable by revision: followers serve it from etcd, a stream resumed on
 another replica gets exactly the changes it missed, a compacted resume point gets a flagged snapshot,
-and a follower's stream misses and repeats nothing across a leader change.
+a follower's stream misses and repeats nothing across a leader change, and the feed runs only while watched.
 
 Each stream is checked against etcd's own history of the tasks prefix, read with a separate watch.
 """
@@ -24,8 +24,10 @@ from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
 from herder.server import keys
-from herder.server._etcd import Etcd, prefix_end
+from herder.server._etcd import Etcd, prefix_end, put
 from herder.server.entries import TERMINAL
+from herder.server.feed import Feed, FeedSettings
+from herder.server.watchers import TaskFilter, WatchSettings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -236,3 +238,30 @@ async def test_a_followers_stream_misses_and_repeats_no_event_across_a_leader_ch
     assert {r.event.task.result_json for r in got if r.event.task.state == S.TASK_STATE_SUCCEEDED} == {'{"text":"hi"}'}
     # Nothing missed, nothing repeated: the stream is etcd's history of the queue, event for event.
     assert len(stream) == len(history) and stream == history
+
+
+async def test_the_feed_runs_only_while_watched_and_restarts_where_etcd_is(kv: Etcd, namespace: str) -> None:
+    ns = keys.prefix(namespace)
+    feed = Feed(kv, ns, FeedSettings(linger=0.1))
+    try:
+        sub, start = await feed.subscribe(TaskFilter(), WatchSettings())
+        task = task_pb2.Task(id="a", state=S.TASK_STATE_QUEUED)
+        reply = await kv.txn([], [put(keys.task(ns, "a"), task.SerializeToString())])
+        item = await asyncio.wait_for(sub.next(), 10)
+        assert item is not None and item.change.revision == reply.header.revision > start
+        assert item.change.previous_state == S.TASK_STATE_UNSPECIFIED
+        feed.unsubscribe(sub)
+        await eventually(lambda: _async(feed._task is None), what="the feed stopping once unwatched")
+        task.state = S.TASK_STATE_CANCELED
+        missed = await kv.txn([], [put(keys.task(ns, "a"), task.SerializeToString())])
+        sub, again = await feed.subscribe(TaskFilter(), WatchSettings())
+        # Restarted at etcd's current revision: what changed while nobody watched is not replayed.
+        assert again >= missed.header.revision
+        task.state = S.TASK_STATE_QUEUED
+        reply = await kv.txn([], [put(keys.task(ns, "a"), task.SerializeToString())])
+        item = await asyncio.wait_for(sub.next(), 10)
+        assert item is not None and item.change.revision == reply.header.revision
+        assert item.change.previous_state == S.TASK_STATE_CANCELED
+    finally:
+        await feed.close()
+    assert await sub.next() is None and "shutting down" in feed.ended_reason
