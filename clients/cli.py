@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("ids", nargs="*", metavar="ID", help="tasks to watch (default: every task matching the filters)")
     _add_filters(watch)
     watch.add_argument("--skip-initial", action="store_true", help="only changes, not the current states")
+    watch.add_argument(
+        "--after-revision",
+        type=int,
+        default=0,
+        metavar="REV",
+        help="resume: only changes after this revision (an event's), on any replica",
+    )
     watch.set_defaults(interrupt_ok=True)
     cancel = command("cancel", "cancel a task", _async(_tasks_cancel), task_commands)
     cancel.add_argument("id")
@@ -502,6 +509,7 @@ async def _tasks_watch(client: Client, out: Output, args: argparse.Namespace) ->
         tags=args.tags,
         skip_initial=args.skip_initial,
         include_result_json=True,
+        after_revision=args.after_revision,
     )
     async with contextlib.aclosing(events):
         async for event in events:

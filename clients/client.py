@@ -476,14 +476,19 @@ class Client:
         tags: Iterable[str] = (),
         skip_initial: bool = False,
         include_result_json: bool = False,
+        after_revision: int = 0,
     ) -> AsyncGenerator[task_pb2.TaskEvent, None]:
         """State changes of the given tasks (or of every task matching the filters): the current
         state of each first (`event.initial`), unless `skip_initial`, then every change.
 
+        `after_revision` resumes a stream on any replica: pass the last `event.revision` seen to
+        get every later change and no snapshot, with no gap and no duplicate. When etcd has
+        compacted that revision away, a fresh snapshot (`event.initial`) comes first instead.
+
         Runs until the caller stops iterating (close it with `contextlib.aclosing` or break and
         let it be collected; the stream is cancelled then). Opening the stream tries the replicas
         as unary calls do, for up to `timeout` seconds; a stream that breaks after delivering
-        events raises UnavailableError; `TaskHandle.watch` is the variant that reconnects.
+        events raises UnavailableError; `TaskHandle.watch` is the variant that reconnects and resumes.
         """
         request = coordinator_pb2.WatchTasksRequest(
             ids=builtins.list(ids),
@@ -493,6 +498,7 @@ class Client:
             tags=builtins.list(tags),
             skip_initial=skip_initial,
             include_result_json=include_result_json,
+            after_revision=after_revision,
         )
         loop = asyncio.get_running_loop()
         deadline: float | None = None  # `timeout` seconds after the first failure to open it
@@ -506,7 +512,9 @@ class Client:
                 with _herder_errors():
                     async for response in call:
                         received = True
-                        yield response.event
+                        # A response without an event only flags the snapshot that follows (compaction).
+                        if response.HasField("event"):
+                            yield response.event
                 return
             except errors.UnavailableError as exc:
                 redirected = self._endpoints.failed(address, exc)
@@ -690,7 +698,8 @@ class TaskHandle:
         """The task's events, from its current state until it reaches a terminal state.
 
         A stream broken by a coordinator restart or leader change is re-opened (see
-        `WatchReconnect`); events already seen are not repeated. Raises the last error when
+        `WatchReconnect`), on any replica, resuming after the last revision seen: no event is
+        missed or repeated (after a compaction the current state comes again, if newer). Raises the last error when
         the stream stays broken for `give_up_after` seconds; any other error is raised at once.
         Closing or cancelling the iteration cancels the stream.
         """
@@ -700,7 +709,7 @@ class TaskHandle:
         failing_since: float | None = None
         while True:
             try:
-                async with contextlib.aclosing(self._client.watch([self.id])) as events:
+                async with contextlib.aclosing(self._client.watch([self.id], after_revision=last_revision)) as events:
                     async for event in events:
                         failures, failing_since = 0, None
                         if event.revision and event.revision <= last_revision:
@@ -973,6 +982,7 @@ class SyncClient:
         tags: Iterable[str] = (),
         skip_initial: bool = False,
         include_result_json: bool = False,
+        after_revision: int = 0,
     ) -> Iterator[task_pb2.TaskEvent]:
         """See `Client.watch`; the stream is cancelled when the iterator is closed."""
         return self._iterate(
@@ -984,6 +994,7 @@ class SyncClient:
                 tags=tags,
                 skip_initial=skip_initial,
                 include_result_json=include_result_json,
+                after_revision=after_revision,
             )
         )
 

@@ -22,6 +22,14 @@ class EtcdError(Exception):
     """etcd failed or could not be reached."""
 
 
+class CompactedError(EtcdError):
+    """A watch asked for revisions etcd has compacted away; `compact_revision` is the oldest it still has."""
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
+
+
 @dataclass(frozen=True, slots=True)
 class KeyValue:
     key: bytes
@@ -53,10 +61,25 @@ class EtcdMember:
 
 @dataclass(frozen=True, slots=True)
 class WatchEvent:
-    """A put (value set) or a delete (deleted=True) at a revision."""
+    """A put (value set) or a delete (deleted=True) at a revision; `prev` when the watch asked for it
+    and the key existed before."""
 
     kv: KeyValue
     deleted: bool
+    prev: KeyValue | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """One watch response: its events (whole revisions, never split) and the revision it vouches for.
+
+    `revision` is the last event's revision, or for a progress notice (`progress`, no events) the
+    store revision up to which every event has already been sent.
+    """
+
+    events: tuple[WatchEvent, ...]
+    revision: int
+    progress: bool = False
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -237,26 +260,77 @@ class Etcd:
         """A keeper that refreshes `lease` on this connection, one refresh at a time."""
         return LeaseKeeper(self, lease)
 
+    async def compact(self, revision: int) -> None:
+        """Discard history before `revision` (physical: waits until it is done)."""
+        await self._call(self._kv.Compact, rpc.CompactionRequest(revision=revision, physical=True))
+
     async def watch(self, key: bytes, end: bytes = b"", *, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
-        """Every change of key (or [key, end)) from start_revision on, in order. Raises EtcdError when it breaks."""
-        create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=start_revision)
+        """Every change of key (or [key, end)) from start_revision on, in order. Raises EtcdError when it
+        breaks (CompactedError when start_revision is compacted)."""
+        async with contextlib.aclosing(self.watch_batches(key, end, start_revision=start_revision)) as batches:
+            async for batch in batches:
+                for event in batch.events:
+                    yield event
+
+    async def watch_batches(
+        self,
+        key: bytes,
+        end: bytes = b"",
+        *,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        progress_every: float = 0.0,
+    ) -> AsyncGenerator[WatchBatch, None]:
+        """The changes of key (or [key, end)) from start_revision on, one etcd response at a time.
+
+        With `progress_every`, etcd is asked that often for a progress notice (a batch with
+        `progress` set), which comes once every event up to the current revision has been sent:
+        how a catch-up watch knows it is done. Raises CompactedError when start_revision was
+        compacted, EtcdError when the watch breaks; closing the generator cancels the watch.
+        """
+        create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=start_revision, prev_kv=prev_kv)
         stop = asyncio.Event()
 
         async def requests() -> AsyncIterator[Any]:
             yield rpc.WatchRequest(create_request=create)
+            while progress_every:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), progress_every)
+                if stop.is_set():
+                    return
+                yield rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
             await stop.wait()
 
+        if self._client is None:
+            raise EtcdError("not connected to etcd")
         call = self._watch.Watch(requests())
         try:
             async for reply in call:
                 if reply.compact_revision:
-                    raise EtcdError(f"watch revision {start_revision} was compacted")
+                    raise CompactedError(
+                        f"watch revision {start_revision} was compacted (etcd keeps {reply.compact_revision} on)",
+                        reply.compact_revision,
+                    )
                 if reply.canceled:
                     raise EtcdError(f"watch canceled: {reply.cancel_reason}")
-                for event in reply.events:
-                    yield WatchEvent(key_value(event.kv), event.type == rpc.Event.DELETE)
+                if reply.created:
+                    continue
+                if not reply.events:
+                    yield WatchBatch((), reply.header.revision, progress=True)
+                    continue
+                events = tuple(
+                    WatchEvent(
+                        key_value(event.kv),
+                        event.type == rpc.Event.DELETE,
+                        key_value(event.prev_kv) if event.HasField("prev_kv") else None,
+                    )
+                    for event in reply.events
+                )
+                yield WatchBatch(events, events[-1].kv.mod_revision)
         except grpc.aio.AioRpcError as exc:
             raise EtcdError(f"watch failed: {exc.code().name}") from exc
+        except grpc.aio.UsageError as exc:
+            raise EtcdError(f"watch failed: the connection closed ({exc})") from exc
         finally:
             stop.set()
             call.cancel()

@@ -1,7 +1,8 @@
 """The coordinator process: etcd connection, election loop and the gRPC server.
 
 It serves CoordinatorService, LockService (on every replica, leader or not: etcd
-arbitrates locks), grpc.health.v1.Health and server reflection. Each replica is registered
+arbitrates locks; WatchTasks too, from each replica's etcd-fed feed.py),
+grpc.health.v1.Health and server reflection. Each replica is registered
 under members/ on its own lease (membership.py) and, while it does not lead, follows who
 does by watching the leader key, so the address it redirects (or forwards) to is never stale.
 A follower serves stored reads from etcd and forwards reads of the leader's memory to it
@@ -30,6 +31,7 @@ from herder.server import election, keys, membership, validation
 from herder.server._etcd import Etcd, EtcdError
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.decoding import DecodingInterceptor
+from herder.server.feed import Feed
 from herder.server.forwarding import Forwarder
 from herder.server.horizon import set_timestamp
 from herder.server.leader import LeaderSettings, NamespaceLeader
@@ -74,6 +76,8 @@ class Coordinator:
         self.limits = config.limits
         self.etcd = Etcd(config.etcd, timeout=config.etcd_timeout)
         self.leader: NamespaceLeader | None = None
+        # WatchTasks on this replica, leader or not, reads task changes from here.
+        self.feed = Feed(self.etcd, self.prefix)
         self.reflection = ContractReflection()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -278,6 +282,8 @@ class Coordinator:
         if self._membership is not None:
             await self._membership.close()
             self._membership = None
+        # Watch streams end UNAVAILABLE, naming the revision to resume from, before the server stops.
+        await self.feed.close()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

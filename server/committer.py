@@ -128,6 +128,11 @@ class Committer:
         self.operations = 0
         self._task = asyncio.create_task(self._run(), name="herder-committer")
 
+    @property
+    def idle(self) -> bool:
+        """No transaction is in flight: every write that landed has had its future settled."""
+        return not self._in_flight
+
     def submit(self, writes: list[Write]) -> asyncio.Future[int]:
         """Queue writes to land together; the future resolves with the revision they landed at.
 

@@ -1,13 +1,13 @@
 """The leader of one namespace: every piece of leader state lives here.
 
-It owns the fence (its Leadership), the committer, the task table, the ready
-queues and the watchers, and the parts that work on them: dispatch
+It owns the fence (its Leadership), the committer, the task table and the ready
+queues, and the parts that work on them: dispatch
 (dispatch.py), timers (timers.py), worker sessions (workers.py), what workers
 report (reports.py), retention (retention.py) and the rebuild from etcd
 (recovery.py). Changes, here and in every part, follow one rule: update
 memory synchronously, hand the record to the committer (which applies writes
-in order), and act outside (answer a caller, send an assignment, notify
-watchers) only once that write is committed. If a commit fails the leader is
+in order), and act outside (answer a caller, send an assignment) only once
+that write is committed; watchers hear of it from etcd (feed.py). If a commit fails the leader is
 deposed and this object is discarded; the next leader rebuilds from etcd, so
 memory never needs rolling back.
 """
@@ -50,7 +50,7 @@ from herder.server.sessions import Session, SessionSettings
 from herder.server.stats import QueueBook
 from herder.server.timers import Timers
 from herder.server.validation import Limits
-from herder.server.watchers import Change, TaskFilter, WatchHub
+from herder.server.watchers import TaskFilter
 from herder.server.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class NamespaceLeader:
         self.registry = registry
         self.input_limits = limits or Limits()
         self.committer = Committer(etcd, keys.leader(self.prefix), leadership.fence, expired=leadership.expired)
-        self.hub = WatchHub()
+        # The highest revision whose commit callbacks have run: memory holds every task change up to it.
+        self.applied_revision = 0
         self.entries: dict[str, Entry] = {}
         self.idempotency: dict[str, str] = {}
         self.scheduler = Scheduler()
@@ -175,7 +176,6 @@ class NamespaceLeader:
             if entry.ack_timer is not None:
                 entry.ack_timer.cancel()
         self.workers.end_all()
-        self.hub.close_all()
         await self.committer.close()
 
     @property
@@ -223,8 +223,7 @@ class NamespaceLeader:
             entry.committed, entry.revision = data, revision
             entry.first_write = None
             entry.rest()
-            if self.hub.wants(task.id, task.spec.queue, task.spec.type):
-                self.hub.publish(task_pb2.Task.FromString(data), Change(data, previous_state, revision))
+            self.applied_revision = max(self.applied_revision, revision)
             if state in TERMINAL and self.entries.get(task.id) is entry:
                 del self.entries[task.id]
 

@@ -10,6 +10,7 @@ forwarded to it instead (forwarding.py). The task scan is the leader's too, so a
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 from herder.clients import errors
@@ -59,6 +60,23 @@ class StoredReads:
         # Task types compiled for result_json, with the mod_revision they were compiled from.
         self._registry = TaskTypeRegistry()
         self._revisions: dict[str, int] = {}
+        # When each type's stored revision was last checked (time.monotonic).
+        self._checked: dict[str, float] = {}
+
+    @property
+    def registry(self) -> TaskTypeRegistry:
+        """The task types compiled so far (`registry_for` brings one up to date)."""
+        return self._registry
+
+    async def registry_for(self, name: str, max_age: float = 0.0) -> TaskTypeRegistry:
+        """The compiled types with `name` at its stored revision, unless that was checked less than
+        `max_age` seconds ago (a watch renders many changes: it checks once in a while, not each time).
+        Raises EtcdError."""
+        checked = self._checked.get(name)
+        if checked is None or time.monotonic() - checked >= max_age:
+            await self._load_type(name)
+            self._checked[name] = time.monotonic()
+        return self._registry
 
     async def get(self, task_id: str, include_json: bool) -> task_pb2.Task:
         """The stored task; NotFoundError when there is none. `waiting_reason` stays empty (leader-only)."""
@@ -68,7 +86,7 @@ class StoredReads:
                 raise errors.NotFoundError(f"task {task_id} not found")
             task = task_pb2.Task.FromString(kv.value)
             if include_json and task.HasField("result"):
-                await self._load_type(task.spec.type)
+                await self.registry_for(task.spec.type)
                 task.result_json = render_json(task.result, self._registry, task.spec.type)
         return task
 

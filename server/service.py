@@ -27,7 +27,8 @@ from herder.server.horizon import set_timestamp
 from herder.server.leader import NamespaceLeader
 from herder.server.reads import StoredReads
 from herder.server.unary import unary as _unary
-from herder.server.watchers import Published, TaskFilter, WatchSettings
+from herder.server.watchers import TaskFilter
+from herder.server.watching import Watching
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         # herder.server.app.Coordinator; typed loosely to keep the import one-way.
         self._coordinator = coordinator
         self._limits: validation.Limits = coordinator.limits
-        self._watch_settings: WatchSettings = coordinator.config.watch
-        # WatchTasks streams open on this replica, against WatchSettings.max_watchers.
-        self._watchers = 0
         self._stored = StoredReads(coordinator.etcd, coordinator.prefix)
+        self._watching = Watching(coordinator, coordinator.config.watch, self._limits, self._stored)
 
     def _leading(self) -> NamespaceLeader | None:
         """The namespace leader while this replica leads, else None (a follower)."""
@@ -301,109 +300,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         status: coordinator_pb2.GetClusterStatusResponse = await self._coordinator.cluster_status()
         return status
 
-    # A coroutine writing with context.write, not a generator: every await is in this method, so the
-    # `finally` that gives the stream's slot back runs on every exit (cancel, abort, step-down).
     async def WatchTasks(  # type: ignore[override]
         self, request: coordinator_pb2.WatchTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        settings = self._watch_settings
-        try:
-            violations = validation.validate_filter(request.ids, request.states, request.tags, self._limits)
-            validation.raise_if(violations, "invalid watch request")
-            leader = self._leader()
-            if self._watchers >= settings.max_watchers:
-                raise errors.ResourceExhaustedError(
-                    f"this coordinator already serves {self._watchers} WatchTasks streams, its limit "
-                    f"(--max-watchers / HERDER_MAX_WATCHERS = {settings.max_watchers}); close watches that are "
-                    "no longer read or narrow several into one, then retry"
-                )
-        except errors.HerderError as exc:
-            await context.abort_with_status(errors.to_status(exc))
-            return
-        self._watchers += 1
-        try:
-            await self._watch(leader, request, context)
-        finally:
-            self._watchers -= 1
-
-    async def _watch(
-        self,
-        leader: NamespaceLeader,
-        request: coordinator_pb2.WatchTasksRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        task_filter = TaskFilter(
-            ids=frozenset(request.ids),
-            queue=request.queue,
-            states=frozenset(request.states),
-            type=request.type,
-            tags=frozenset(request.tags),
-        )
-        sub = leader.hub.subscribe(task_filter, self._watch_settings, context.peer())
-        seen: dict[str, int] = {}
-        last_sent = 0
-        try:
-            # Skipping the current state needs no snapshot: the subscription already sees every later change.
-            initial: list[tuple[task_pb2.Task, int]] = []
-            if request.skip_initial:
-                pass
-            elif request.ids:
-                for task_id in dict.fromkeys(request.ids):
-                    try:
-                        initial.append(await leader.get_with_revision(task_id))
-                    except errors.NotFoundError:
-                        continue
-            else:
-                initial = [(t, rev) async for t, rev in leader.active_snapshots() if task_filter.matches(t)]
-            for task, revision in initial:
-                seen[task.id] = revision
-                if task_filter.matches(task):
-                    event = task_pb2.TaskEvent(
-                        task=self._render(task, request.include_result_json), initial=True, revision=revision
-                    )
-                    await context.write(coordinator_pb2.WatchTasksResponse(event=event))
-                    last_sent = max(last_sent, revision)
-            while (item := await sub.next()) is not None:
-                # Changes already in the snapshot were sent with it; later ones (several may share
-                # one revision when the committer merged them) all follow, in order.
-                if item.change.revision <= seen.get(item.task_id, 0):
-                    continue
-                await context.write(self._change_response(item, request.include_result_json))
-                last_sent = item.change.revision
-            # A dropped watcher learns it here, once gRPC took what it was sent before: the status could
-            # not overtake those messages anyway, so there is nothing to gain by interrupting the write.
-            if sub.dropped is not None:
-                await context.abort_with_status(self._fell_behind(sub.dropped, last_sent))
-            elif leader.deposed:
-                await context.abort_with_status(self._stepped_down())
-        finally:
-            leader.hub.unsubscribe(sub)
-
-    def _change_response(self, item: Published, include_json: bool) -> coordinator_pb2.WatchTasksResponse:
-        """The response for a published change, rendered by the first watcher that sends it and
-        shared by the others (the waiting reason is the one at that moment)."""
-        response = item.responses.get(include_json)
-        if response is None:
-            response = coordinator_pb2.WatchTasksResponse()
-            event = response.event
-            event.task.ParseFromString(item.change.record)
-            self._render(event.task, include_json)
-            event.previous_state = item.change.previous_state  # type: ignore[assignment]
-            event.revision = item.change.revision
-            item.responses[include_json] = response
-        return response
-
-    def _fell_behind(self, dropped: tuple[int, int], last_sent: int) -> grpc.Status:
-        changes, size = dropped
-        settings = self._watch_settings
-        sent = f"the last change sent was at revision {last_sent}" if last_sent else "nothing was sent yet"
-        error = errors.ResourceExhaustedError(
-            f"this watch fell {changes} changes ({size} bytes) behind, past the coordinator's backlog of "
-            f"{settings.max_backlog} changes (--watch-backlog) or {settings.max_backlog_bytes} bytes, and was "
-            f"ended; {sent}. Read faster or narrow the filter, and watch again to get a fresh snapshot "
-            "(with ids to follow given tasks, or skip_initial for only the changes from now on)"
-        )
-        return errors.to_status(error)
+        # Served on every replica from its etcd-fed task feed (watching.py), leader or not.
+        await self._watching.serve(request, context)
 
     # Connect uses the context's read/write API, not a generator, so its reader and writer run apart.
     async def Connect(  # type: ignore[override]

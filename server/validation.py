@@ -318,6 +318,15 @@ def validate_filter(
     return found
 
 
+def validate_after_revision(value: int, current: int, field: str = "after_revision") -> list[FieldViolation]:
+    """A WatchTasks resume point: a revision etcd has reached (`current`), or 0 for none."""
+    if value < 0:
+        return [FieldViolation(field, f"must be 0 (no resume) or a revision seen on a stream, got {value}")]
+    if value > current:
+        return [FieldViolation(field, f"is {value}, beyond etcd's current revision {current}")]
+    return []
+
+
 def _payload(spec: task_pb2.TaskSpec, limits: Limits, prefix: str) -> list[FieldViolation]:
     found: list[FieldViolation] = []
     has_any = spec.HasField("payload")

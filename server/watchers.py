@@ -1,14 +1,15 @@
 """Fan-out of committed task changes to WatchTasks streams.
 
-The leader publishes each change after its commit, with the etcd revision it
-landed at. A subscriber registers before it reads the current state, so no
-change falls between the snapshot and the stream; revisions drop duplicates.
+Each replica's task feed (feed.py) publishes every committed change it reads
+from etcd, with the revision it landed at. A subscriber registers before it
+reads the current state, so no change falls between the snapshot and the
+stream; revisions drop duplicates.
 
-Watchers cannot make the leader pay for them beyond what they ask for:
+Watchers cannot make a replica pay for them beyond what they ask for:
 - publishing a change tests only the subscriptions indexed under its task id,
   queue or type, and those that watch everything (no id, queue or type
-  filter); `wants` tells the leader in three dict lookups whether anyone could
-  want a change at all, so nobody parses one that nobody wants;
+  filter); `wants` tells the feed in three dict lookups whether anyone could
+  want a change at all, so nobody renders one that nobody wants;
 - a change is wrapped once and the same object is queued for every watcher it
   matches, so a record is parsed and rendered once per change, not per watcher;
 - a watcher whose backlog passes `WatchSettings.max_backlog` changes (or
@@ -90,6 +91,7 @@ class Published:
 
     change: Change
     task_id: str
+    task_type: str
     responses: dict[bool, coordinator_pb2.WatchTasksResponse] = field(default_factory=dict)
 
 
@@ -137,8 +139,8 @@ class Subscription:
             self._waiter.set_result(None)
 
     async def next(self) -> Published | None:
-        """The next change, waiting for one; None once the subscription is closed (the leader steps
-        down) and drained, or dropped. Cancelling the wait loses nothing."""
+        """The next change, waiting for one; None once the subscription is closed (the feed ended)
+        and drained, or dropped. Cancelling the wait loses nothing."""
         while not self._backlog:
             if self.closed:
                 return None
@@ -153,7 +155,7 @@ class Subscription:
 
 
 class WatchHub:
-    """The leader's subscriptions, each indexed under one key: its ids, else its queue, else its
+    """A replica's subscriptions, each indexed under one key: its ids, else its queue, else its
     type, else "everything" (only states or tags, or no filter). A change's candidates are the
     subscriptions under its id, its queue, its type and everything; each is in one index, so
     none is tested twice and no other is tested at all."""
@@ -199,6 +201,11 @@ class WatchHub:
         else:
             self._everything.discard(sub)
 
+    def may_want(self, task_id: str) -> bool:
+        """Whether any subscription could match a change of this task, known from its id alone (then
+        its record is worth parsing): with only id watchers, other tasks' records are never read."""
+        return bool(self._everything or self._by_queue or self._by_type) or task_id in self._by_id
+
     def wants(self, task_id: str, queue: str, task_type: str) -> bool:
         """Whether any subscription could match a change of this task (then it is worth parsing)."""
         return bool(self._everything) or task_id in self._by_id or queue in self._by_queue or task_type in self._by_type
@@ -219,7 +226,7 @@ class WatchHub:
             for sub in subs:
                 if sub.filter.matches(task):
                     if item is None:
-                        item = Published(change, task.id)
+                        item = Published(change, task.id, spec.type)
                     if not sub.offer(item):
                         dropped.append(sub)
         for sub in dropped:
@@ -234,7 +241,7 @@ class WatchHub:
             )
 
     def close_all(self) -> None:
-        """End every subscription (the leader steps down); each still gets what is queued for it."""
+        """End every subscription (the feed ended); each still gets what is queued for it."""
         for sub in self._all:
             sub.close()
         self._by_id.clear()

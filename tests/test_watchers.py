@@ -272,7 +272,7 @@ async def test_a_watcher_that_does_not_read_is_ended_past_its_backlog(etcd, name
                 received.append(await _next_event(stalled))
         assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         details = ended.value.details() or ""
-        assert "--watch-backlog" in details and "watch again to get a fresh snapshot" in details
+        assert "--watch-backlog" in details and "after_revision" in details
         last = re.search(r"revision (\d+)", details)
         assert last is not None and received and int(last.group(1)) == received[-1].revision
         assert len(received) < len(submitted)
@@ -312,3 +312,11 @@ async def test_watch_streams_past_the_cap_are_refused_until_one_closes(etcd, nam
         await eventually(accepted, what="a watch accepted once one closed")
         for call in open_calls:
             call.cancel()
+
+
+def test_with_only_id_watchers_other_tasks_need_no_parsing() -> None:
+    hub = WatchHub()
+    hub.subscribe(TaskFilter(ids=frozenset({"a"})))
+    assert hub.may_want("a") and not hub.may_want("b")
+    hub.subscribe(TaskFilter(queue="q"))
+    assert hub.may_want("b")

@@ -374,12 +374,20 @@ class WatchTasksRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     SKIP_INITIAL_FIELD_NUMBER: _builtins.int
     INCLUDE_RESULT_JSON_FIELD_NUMBER: _builtins.int
+    AFTER_REVISION_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     type: _builtins.str
     skip_initial: _builtins.bool
     """Skip the current state and send only later changes."""
     include_result_json: _builtins.bool
     """Render results as JSON in Task.result_json."""
+    after_revision: _builtins.int
+    """Resume: send every matching change with a higher etcd revision (TaskEvent.revision),
+    and no snapshot. Any replica resumes any other's stream without a gap or a duplicate.
+    When etcd has compacted that revision away, the stream starts with a response carrying
+    only compacted_revision, then a fresh snapshot (initial events). 0: not resuming.
+    Negative or above etcd's current revision: INVALID_ARGUMENT.
+    """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Watch these tasks; when empty, every task that matches the filters."""
@@ -398,10 +406,11 @@ class WatchTasksRequest(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         skip_initial: _builtins.bool = ...,
         include_result_json: _builtins.bool = ...,
+        after_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "include_result_json", b"include_result_json", "queue", b"queue", "skip_initial", b"skip_initial", "states", b"states", "tags", b"tags", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_revision", b"after_revision", "ids", b"ids", "include_result_json", b"include_result_json", "queue", b"queue", "skip_initial", b"skip_initial", "states", b"states", "tags", b"tags", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -409,19 +418,27 @@ Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
 
 @_typing.final
 class WatchTasksResponse(_message.Message):
+    """One event; or, first on a resumed stream whose after_revision was compacted, no event and
+    compacted_revision set (the oldest revision etcd still keeps): the events that follow are a
+    fresh snapshot (initial), then changes as usual.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    COMPACTED_REVISION_FIELD_NUMBER: _builtins.int
+    compacted_revision: _builtins.int
     @_builtins.property
     def event(self) -> _task_pb2.TaskEvent: ...
     def __init__(
         self,
         *,
         event: _task_pb2.TaskEvent | None = ...,
+        compacted_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted_revision", b"compacted_revision", "event", b"event"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
