@@ -133,6 +133,8 @@ class Etcd:
         self._maintenance: Any = None
         self._cluster: Any = None
         self._watch: Any = None
+        self._reconnecting = asyncio.Lock()
+        self._generation = 0
 
     async def connect(self, timeout: float | None = None) -> None:
         """Connect to the first endpoint that answers; raises EtcdError naming them when none does."""
@@ -148,10 +150,19 @@ class Etcd:
         raise EtcdError(f"etcd at {', '.join(self.endpoints)} does not answer")
 
     async def reconnect(self) -> None:
-        """Drop the connection and connect again, trying the next endpoint first."""
-        await self.close()
-        self.endpoint = self.endpoints[(self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)]
-        await self.connect()
+        """Drop the connection and connect again, trying the next endpoint first.
+
+        Callers that find the connection broken at the same moment share one reconnection: who
+        waited while another reconnected successfully keeps that connection.
+        """
+        generation = self._generation
+        async with self._reconnecting:
+            if generation != self._generation and self._client is not None:
+                return
+            await self.close()
+            self.endpoint = self.endpoints[(self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)]
+            await self.connect()
+            self._generation += 1
 
     async def _connect_to(self, endpoint: str, timeout: float) -> None:
         host, _, port = endpoint.rpartition(":")

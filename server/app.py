@@ -131,7 +131,7 @@ class Coordinator:
         await self._set_health()
         me = membership.Member(self.replica_id, self.address, self.started, _version())
         self._membership = membership.Membership(
-            self.etcd, self.prefix, me, self.config.lease.ttl, lambda _: self._set_health()
+            self.etcd, self.prefix, me, self.config.lease.ttl, lambda _: self._set_health(), self._reconnect
         )
         self._loop_task = asyncio.create_task(self._lead_loop(), name="herder-election")
 
@@ -168,12 +168,15 @@ class Coordinator:
                     await asyncio.wait_for(self._stop.wait(), 0.5)
 
     async def _lead_once(self) -> None:
+        hold = await self._membership.hold(self._stop) if self._membership is not None else None
+        if hold is None:
+            return
         leadership = await election.campaign(
             self.etcd,
             keys.leader(self.prefix),
             self.replica_id,
             self.address,
-            self.config.lease,
+            hold,
             self._stop,
             self._observe,
         )

@@ -1,9 +1,10 @@
 """Replica membership: each coordinator registers itself under members/<replica id> on its own lease.
 
-The lease belongs to the replica, not to any election: one process may later lead several
-partitions, each on its own leader key, while it is registered once. The key lives while the
-lease does; when the lease is lost (etcd unreachable for longer than its TTL) the replica
-registers again on a new lease, and a clean stop revokes it so the entry goes at once.
+The lease belongs to the replica, the election to the key: the replica's lease carries its
+member entry and every leader key it wins (today one namespace's; later one per partition it
+leads), so one keep-alive stream serves them all and losing the lease ends all of them together.
+When the lease is lost (etcd unreachable for longer than its TTL) the replica registers again
+on a new lease; a clean stop revokes it so the entry (and any leader key) goes at once.
 `registered` doubles as "this replica reaches etcd", which the health service reports.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -23,6 +25,16 @@ log = logging.getLogger(__name__)
 
 # Pause before registering again after a failure (etcd unreachable).
 RETRY_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """The replica's lease while it is held: its id, until when it can be trusted, and `lost`, set
+    the moment it no longer can (whatever was put on it must then be considered gone)."""
+
+    lease: int
+    trust: leases.Trust
+    lost: asyncio.Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,30 +61,78 @@ class Membership:
     """Keeps this replica registered until `close()`. `changed(registered)` is called on each change."""
 
     def __init__(
-        self, etcd: Etcd, prefix: bytes, member: Member, ttl: int, changed: Callable[[bool], Awaitable[None]]
+        self,
+        etcd: Etcd,
+        prefix: bytes,
+        member: Member,
+        ttl: int,
+        changed: Callable[[bool], Awaitable[None]],
+        reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._etcd = etcd
         self._key = keys.member(prefix, member.id)
         self._member = member
         self._ttl = ttl
         self._changed = changed
+        # Called after etcd failed, before registering again: the replica's lease is its link to etcd,
+        # so membership is where a broken connection is noticed first (and, while following, only).
+        self._reconnect = reconnect
         self._lease = 0
+        self._hold: Hold | None = None
+        self._held = asyncio.Event()
+        # The keep-alive of the current lease (None between leases).
+        self.keeper: _etcd.LeaseKeeper | None = None
         self.registered = False
         self._task = asyncio.create_task(self._run(), name="herder-membership")
 
+    async def hold(self, stop: asyncio.Event) -> Hold | None:
+        """The replica's current lease, waiting while it is not registered; None once `stop` is set."""
+        while self._hold is None or self._hold.lost.is_set():
+            if stop.is_set():
+                return None
+            held = asyncio.create_task(self._held.wait())
+            stopped = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait([held, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                held.cancel()
+                stopped.cancel()
+        return None if stop.is_set() else self._hold
+
     async def _run(self) -> None:
         while True:
+            hold: Hold | None = None
+            failed = False
             try:
+                granted_at = time.monotonic()
                 self._lease = await self._etcd.grant(self._ttl)
+                hold = Hold(self._lease, leases.Trust(granted_at, self._ttl), asyncio.Event())
                 await self._etcd.txn([], [_etcd.put(self._key, self._member.encode(), self._lease)])
+                self._hold = hold
+                self._held.set()
                 await self._set(True)
-                await leases.keep_alive(self._etcd.lease_keeper(self._lease), self._ttl, "membership")
+                self.keeper = self._etcd.lease_keeper(self._lease)
+                await leases.keep_alive(self.keeper, self._ttl, "replica", hold.trust)
             except EtcdError as exc:
                 log.warning("membership: %s; registering again", exc)
+                failed = True
             except Exception:
                 log.exception("membership failed unexpectedly; registering again")
+            self._held.clear()
+            self._hold = None
+            self.keeper = None
+            if hold is not None:
+                hold.lost.set()
             await self._set(False)
-            await asyncio.sleep(RETRY_SECONDS)
+            if self._lease:
+                # No longer trusted: revoking it hands its leader keys to other replicas now rather
+                # than when etcd expires it (if etcd can be reached at all).
+                lease, self._lease = self._lease, 0
+                await self._etcd.revoke(lease)
+            if failed and self._reconnect is not None:
+                await self._reconnect()
+            else:
+                await asyncio.sleep(RETRY_SECONDS)
 
     async def _set(self, registered: bool) -> None:
         if registered != self.registered:
@@ -84,6 +144,9 @@ class Membership:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        if self._hold is not None:
+            self._hold.lost.set()
+            self._hold = None
         if self._lease:
             await self._etcd.revoke(self._lease)
             self._lease = 0

@@ -36,34 +36,36 @@ async def _boom_async(*args: Any, **kwargs: Any) -> Any:
     raise Injected("injected failure")
 
 
-def _timers(leader: NamespaceLeader) -> None:
+def _timers(node: Coordinator, leader: NamespaceLeader) -> None:
     leader.timers.delayed.pop_due = _boom  # type: ignore[method-assign]
     leader.timers.delay(time.time() - 1, "due-now")
 
 
-def _liveness(leader: NamespaceLeader) -> None:
+def _liveness(node: Coordinator, leader: NamespaceLeader) -> None:
     leader.workers._release_quarantines = _boom  # type: ignore[method-assign]
 
 
-def _retention(leader: NamespaceLeader) -> None:
+def _retention(node: Coordinator, leader: NamespaceLeader) -> None:
     leader.retention.collect_garbage = _boom_async  # type: ignore[method-assign]
 
 
-def _committer(leader: NamespaceLeader) -> None:
+def _committer(node: Coordinator, leader: NamespaceLeader) -> None:
     leader.committer._take_batch = _boom  # type: ignore[method-assign]
     leader.committer.submit([Write(keys.prefix(leader.namespace) + b"probe", b"1")])
 
 
-def _keep_alive(leader: NamespaceLeader) -> None:
-    leader.leadership._lease_keeper.refresh = _boom_async  # type: ignore[method-assign]
+def _keep_alive(node: Coordinator, leader: NamespaceLeader) -> None:
+    # The leader key lives on the replica's lease: its keep-alive is the membership's.
+    assert node._membership is not None and node._membership.keeper is not None
+    node._membership.keeper.refresh = _boom_async  # type: ignore[method-assign]
 
 
-def _dispatch(leader: NamespaceLeader) -> None:
+def _dispatch(node: Coordinator, leader: NamespaceLeader) -> None:
     leader.dispatcher.dispatch = _boom  # type: ignore[method-assign]
     leader.dispatcher.schedule()
 
 
-INJECTIONS: dict[str, Callable[[NamespaceLeader], None]] = {
+INJECTIONS: dict[str, Callable[[Coordinator, NamespaceLeader], None]] = {
     "timers": _timers,
     "liveness": _liveness,
     "retention": _retention,
@@ -102,7 +104,7 @@ async def test_a_failing_loop_makes_the_replica_step_down_and_lead_again(
 ) -> None:
     caplog.set_level(logging.INFO)
     first = await eventually(lambda: _leading(replica), what="the replica leading")
-    INJECTIONS[loop](first)
+    INJECTIONS[loop](replica, first)
     second = await eventually(lambda: _leading(replica, first), what="the replica leading again")
     assert first.deposed and first.stopped.is_set()
     assert second.leadership.fence > first.leadership.fence
