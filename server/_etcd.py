@@ -229,9 +229,15 @@ class Etcd:
             raise EtcdError(f"lease grant failed: {reply.error}")
         return int(reply.ID)
 
-    async def revoke(self, lease: int) -> None:
-        with contextlib.suppress(EtcdError):
+    async def revoke(self, lease: int) -> bool:
+        """Revoke `lease` (deleting its keys); False, never an error, when etcd did not confirm it is gone."""
+        try:
             await self._call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease), timeout=2.0)
+        except EtcdError as exc:
+            # An expired lease is as gone as a revoked one.
+            cause = exc.__cause__
+            return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.NOT_FOUND
+        return True
 
     def lease_keeper(self, lease: int) -> LeaseKeeper:
         """A keeper that refreshes `lease` on this connection, one refresh at a time."""

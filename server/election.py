@@ -63,13 +63,16 @@ class Leadership:
         finally:
             self.lost.set()
 
-    async def resign(self) -> None:
-        """Give up leadership: stop refreshing and revoke the lease (deleting the key). Safe to call twice."""
+    async def resign(self) -> bool:
+        """Give up leadership: stop refreshing and revoke the lease (deleting the key). Safe to call twice.
+
+        False when etcd did not confirm the revoke (the key then lives until the lease expires).
+        """
         self.lost.set()
         self._keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._keeper
-        await self.etcd.revoke(self.lease)
+        return await self.etcd.revoke(self.lease)
 
 
 async def campaign(

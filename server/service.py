@@ -55,7 +55,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         leader: NamespaceLeader | None = self._coordinator.leader
         if leader is None or leader.deposed:
             raise errors.NotLeaderError(
-                "this coordinator is not the leader", leader_address=self._coordinator.leader_address()
+                self._coordinator.not_leader_message(), leader_address=self._coordinator.leader_address()
             )
         return leader
 
