@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 async def rebuild(leader: NamespaceLeader) -> None:
     """Load the namespace's stored state into `leader`, which must not have started yet."""
     etcd, prefix = leader.etcd, leader.prefix
+    started = time.monotonic()
     async for kv in etcd.scan_prefix(keys.limits_prefix(prefix)):
         leader.apply_limit(coordinator_pb2.Limit.FromString(kv.value))
     async for kv in etcd.scan_prefix(keys.types_prefix(prefix)):
@@ -64,4 +65,9 @@ async def rebuild(leader: NamespaceLeader) -> None:
             leader.workers.orphan(entry, grace)
         if task.attempt == 0 and task.spec.HasField("ttl"):
             leader.timers.expire(timestamp_seconds(task.create_time) + duration_seconds(task.spec.ttl), task.id)
-    log.info("namespace %s: rebuilt %d unfinished tasks from etcd", leader.namespace, loaded)
+    log.info(
+        "namespace %s: rebuilt %d unfinished tasks from etcd in %.3fs",
+        leader.namespace,
+        loaded,
+        time.monotonic() - started,
+    )

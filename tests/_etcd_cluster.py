@@ -53,7 +53,7 @@ class EtcdMemberProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self, initial_cluster: str, token: str) -> None:
+    def start(self, initial_cluster: str, token: str, *, fsync: bool = False) -> None:
         client_url = f"http://{self.endpoint}"
         args = [
             etcd_binary(),
@@ -70,10 +70,11 @@ class EtcdMemberProcess:
             "--auto-compaction-mode=revision",
             "--auto-compaction-retention=10000",
             "--quota-backend-bytes=4294967296",
-            # Three members share two loaded cores: no fsync, or raft heartbeats miss their turn.
-            "--unsafe-no-fsync",
             "--log-level=warn",
         ]
+        if not fsync:
+            # Tests: three members share two loaded cores, and durability across power loss is not tested.
+            args.append("--unsafe-no-fsync")
         with open(self.data_dir / "etcd.log", "ab") as out:
             self.process = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -100,9 +101,11 @@ class EtcdMemberProcess:
 
 
 class EtcdCluster:
-    """`size` etcd members on loopback, started together; `start()` waits until writes commit."""
+    """`size` etcd members on loopback, started together; `start()` waits until writes commit.
+    `fsync=False` (tests) trades durability for speed; the failover benchmark keeps it on."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, *, fsync: bool = False) -> None:
+        self.fsync = fsync
         self._root = Path(tempfile.mkdtemp(prefix="herder-etcd-cluster-"))
         self._token = f"herder-{uuid.uuid4().hex[:8]}"
         self.members = [EtcdMemberProcess(f"m{i}", self._root / f"m{i}", free_port(), free_port()) for i in range(size)]
@@ -121,7 +124,7 @@ class EtcdCluster:
         _LIVE.add(self)
         try:
             for member in self.members:
-                member.start(self.initial_cluster, self._token)
+                member.start(self.initial_cluster, self._token, fsync=self.fsync)
             for member in self.members:
                 wait_for_port("127.0.0.1", member.client_port, timeout, member.process)
             self.wait_writable(timeout)
@@ -148,7 +151,7 @@ class EtcdCluster:
         """Start a killed member again on its ports and data dir; waits until it listens."""
         member = self.members[index]
         member.kill()
-        member.start(self.initial_cluster, self._token)
+        member.start(self.initial_cluster, self._token, fsync=self.fsync)
         wait_for_port("127.0.0.1", member.client_port, timeout, member.process)
 
     def writable(self, endpoint: str | None = None, timeout: float = 1.0) -> bool:

@@ -1,7 +1,7 @@
 """A worker process that records every execution: `python tests/_recording_worker.py LOG ADDRESS[,ADDRESS...]`.
 
 It serves examples.echo on the SDK Worker with every coordinator address (so it follows the
-leader through failovers). Each time the handler runs it appends "task_id attempt pid" to LOG
+leader through failovers). Each time the handler runs it appends "task_id attempt pid unix_time" to LOG
 with O_APPEND (one write per line, so lines from several workers never interleave), then
 sleeps --work seconds and returns the input text.
 """
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 
 from herder.clients.backoff import Backoff
 from herder.clients.proto.examples.v1 import examples_pb2
@@ -36,7 +37,7 @@ def main() -> int:
 
     @worker.task("examples.echo")
     async def echo(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
-        os.write(log_fd, f"{ctx.task_id} {ctx.attempt} {os.getpid()}\n".encode())
+        os.write(log_fd, f"{ctx.task_id} {ctx.attempt} {os.getpid()} {time.time():.6f}\n".encode())
         await asyncio.sleep(args.work)
         return examples_pb2.EchoResponse(text=request.text)
 

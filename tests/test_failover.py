@@ -150,7 +150,7 @@ def _executions(log: Path) -> list[tuple[str, int, int]]:
         return []
     rows = []
     for line in log.read_text().splitlines():
-        task_id, attempt, pid = line.split()
+        task_id, attempt, pid, _ = line.split()
         rows.append((task_id, int(attempt), int(pid)))
     return rows
 
@@ -214,6 +214,18 @@ def test_leader_killed_twice_under_load_loses_and_doubles_nothing(
         runs = _executions(log)
     rerun = _check_exactly_once(tasks, runs, ids)
     print(f"{count} tasks, {len(runs)} executions, {rerun} tasks re-ran after the two leader kills")
+
+
+def test_a_killed_leader_is_replaced_before_its_lease_runs_out(cluster: EtcdCluster, namespace: str) -> None:
+    with ExitStack() as stack:
+        old, follower = _replicas(cluster, namespace, 2, stack, lease_ttl=10)
+        killed_at = time.monotonic()
+        old.kill()
+        # The follower finds nothing listening at the leader's address and ends its term.
+        assert _new_leader([old, follower], old, timeout=8) is follower
+        took = time.monotonic() - killed_at
+        assert "its process is gone; ended its term" in follower.log_tail()
+    print(f"new leader {took:.2f}s after the kill, with a 10 s lease")
 
 
 def test_frozen_leader_is_fenced_and_steps_down(cluster: EtcdCluster, namespace: str, tmp_path: Path) -> None:
