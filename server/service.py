@@ -449,6 +449,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             await context.abort_with_status(errors.to_status(refused))
         if leader.deposed:
             await context.abort_with_status(self._stepped_down())
+        if session.end_reason:
+            await context.abort_with_status(errors.to_status(errors.UnavailableError(session.end_reason)))
 
     async def _read(
         self, leader: NamespaceLeader, session: Any, context: grpc.aio.ServicerContext[Any, Any]

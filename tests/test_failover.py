@@ -228,6 +228,28 @@ def test_a_killed_leader_is_replaced_before_its_lease_runs_out(cluster: EtcdClus
     print(f"new leader {took:.2f}s after the kill, with a 10 s lease")
 
 
+def test_results_finished_during_a_failover_are_delivered_to_the_new_leader(
+    cluster: EtcdCluster, namespace: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "executions.log"
+    with ExitStack() as stack:
+        nodes = _replicas(cluster, namespace, 2, stack, heartbeat_timeout=3.0)
+        ids = _submit(nodes[0].address, 4, "carry")
+        # Each attempt ends while no leader is reachable: its result waits in the worker for the next session.
+        stack.enter_context(_worker(log, [n.address for n in nodes], "w1", slots=4, work=0.3))
+        _wait_executions(log, 4)
+        nodes[0].kill()
+        new = _new_leader(nodes, nodes[0])
+        eventually_sync(lambda: _all_finished(cluster.endpoints, namespace, 4), what="the results accepted")
+        tasks = _stored_tasks(cluster.endpoints, namespace)
+        runs = _executions(log)
+        worker_log = (tmp_path / "w1.log").read_text()
+    assert _check_exactly_once(tasks, runs, ids) == 0
+    assert len(runs) == 4, "a re-claimed attempt ran again"
+    assert all(t.attempt == 1 and t.worker_id == "w1" and not t.attempt_errors for t in tasks.values())
+    assert re.search(rf"connected to {new.address} \(session \w+, 4 reclaimed, 0 rejected\)", worker_log), worker_log
+
+
 def test_frozen_leader_is_fenced_and_steps_down(cluster: EtcdCluster, namespace: str, tmp_path: Path) -> None:
     log = tmp_path / "executions.log"
     count = 400
