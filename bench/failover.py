@@ -54,6 +54,7 @@ ECHO = "examples.echo"
 SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 RETRY = task_pb2.RetryPolicy(max_attempts=20)
 PY_SPY = "/tmp/py-spy"
+PROFILE_RATE = 200  # samples per second
 
 
 class Flow:
@@ -259,9 +260,22 @@ def rebuild(cluster: EtcdCluster, args: argparse.Namespace, work_dir: Path) -> d
         print(f"queued {args.rebuild_tasks} tasks in {time.monotonic() - started:.1f}s", flush=True)
         profiler = None
         if args.profile and os.path.exists(PY_SPY) and new.pid is not None:
-            out = work_dir / "rebuild.speedscope.txt"
+            out = work_dir / "rebuild.pyspy.txt"
             profiler = subprocess.Popen(
-                [PY_SPY, "record", "-p", str(new.pid), "-r", "200", "-f", "raw", "-o", str(out), "-d", "60"],
+                [
+                    PY_SPY,
+                    "record",
+                    "-p",
+                    str(new.pid),
+                    "-r",
+                    str(PROFILE_RATE),
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(out),
+                    "-d",
+                    "60",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -280,7 +294,7 @@ def rebuild(cluster: EtcdCluster, args: argparse.Namespace, work_dir: Path) -> d
             time.sleep(1.0)
             profiler.send_signal(signal.SIGINT)
             profiler.wait(30)
-            figures["rebuild_profile"] = _top_frames(work_dir / "rebuild.speedscope.txt")
+            figures["rebuild_profile"] = _top_frames(work_dir / "rebuild.pyspy.txt", PROFILE_RATE)
         print(f"rebuild: {figures}", flush=True)
         return figures
     finally:
@@ -288,23 +302,27 @@ def rebuild(cluster: EtcdCluster, args: argparse.Namespace, work_dir: Path) -> d
             node.close()
 
 
-def _top_frames(path: Path, top: int = 8) -> dict[str, float]:
-    """Share of samples (inside the rebuild) per function, from py-spy's raw (collapsed stacks) output."""
+def _top_frames(path: Path, rate: int, top: int = 10) -> dict[str, object]:
+    """Where the rebuild's CPU went, from py-spy's raw output (collapsed stacks, idle excluded): the CPU
+    seconds sampled inside recovery.rebuild and each function's inclusive share of them."""
     if not path.exists():
         return {}
     totals: Counter[str] = Counter()
     samples = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if "rebuild (herder/server/recovery.py" not in stack and "recovery.py" not in stack:
+        frames = stack.split(";")
+        start = next((i for i, f in enumerate(frames) if f.startswith("rebuild (") and "recovery.py" in f), None)
+        if start is None:
             continue
         n = int(count)
         samples += n
-        frames = stack.split(";")
-        inner = frames[frames.index(next(f for f in frames if "recovery.py" in f)) :]
-        for frame in set(inner):
-            totals[frame.split(" (")[0] + " (" + frame.split(" (")[-1].rsplit("/", 1)[-1]] += n
-    return {frame: round(n / samples, 3) for frame, n in totals.most_common(top)} if samples else {}
+        # "function (path/file.py:line)" -> "function (file.py)": one entry per function, not per line.
+        names = {f"{f.split(' (')[0]} ({f.rsplit('/', 1)[-1].split(':')[0]})" for f in frames[start + 1 :]}
+        for name in names:
+            totals[name] += n
+    shares = {name: round(n / samples, 3) for name, n in totals.most_common(top)} if samples else {}
+    return {"cpu_s": round(samples / rate, 3), "share": shares}
 
 
 def main() -> None:
@@ -317,12 +335,15 @@ def main() -> None:
     parser.add_argument("--lease-ttl", type=int, default=5, help="leader lease TTL (the coordinator's default: 5)")
     parser.add_argument("--rebuild-tasks", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true", help="profile the rebuild with py-spy (/tmp/py-spy)")
+    parser.add_argument("--phases", default="failover,rebuild", help="comma-separated: failover, rebuild")
     args = parser.parse_args()
     work_dir = Path(tempfile.mkdtemp(prefix="herder-bench-failover-"))
     try:
         with EtcdCluster(3, fsync=True) as cluster:
-            figures = failovers(cluster, args, work_dir)
-            if args.rebuild_tasks:
+            figures: dict[str, object] = {}
+            if "failover" in args.phases:
+                figures |= failovers(cluster, args, work_dir)
+            if "rebuild" in args.phases and args.rebuild_tasks:
                 figures |= rebuild(cluster, args, work_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -206,17 +206,32 @@ class Etcd:
         return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
     async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncIterator[KeyValue]:
-        """Every key under prefix, read page by page at one revision (a consistent snapshot)."""
+        """Every key under prefix, read page by page at one revision (a consistent snapshot).
+
+        The next page is read while the caller works through the current one (a rebuild would
+        otherwise wait out one etcd round trip per page). Closing the iterator early cancels it.
+        """
         end = prefix_end(prefix)
-        start, revision = prefix, 0
+        kvs, more, revision = await self.range(prefix, end, limit=page)
         while True:
-            kvs, more, rev = await self.range(start, end, limit=page, revision=revision)
-            revision = revision or rev
-            for kv in kvs:
-                yield kv
-            if not more or not kvs:
+            following: asyncio.Task[tuple[list[KeyValue], bool, int]] | None = None
+            if more and kvs:
+                start = kvs[-1].key + b"\0"
+                following = asyncio.create_task(
+                    self.range(start, end, limit=page, revision=revision), name="herder-etcd-read-ahead"
+                )
+            try:
+                for kv in kvs:
+                    yield kv
+            except BaseException:  # closed early (GeneratorExit) or the caller failed
+                if following is not None:
+                    following.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, EtcdError):
+                        await following
+                raise
+            if following is None:
                 return
-            start = kvs[-1].key + b"\0"
+            kvs, more, _ = await following
 
     async def txn(self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()) -> Any:
         """Run a transaction; returns etcd's TxnResponse (succeeded, responses, header)."""
