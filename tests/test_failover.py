@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -55,13 +56,13 @@ def cluster() -> Iterator[EtcdCluster]:
 
 
 def _replicas(
-    cluster: EtcdCluster, namespace: str, count: int, stack: ExitStack, *, lease_ttl: int = 2, **timings: float
+    cluster: EtcdCluster, namespace: str, count: int, stack: ExitStack, *, lease_ttl: int = 2, **options: Any
 ) -> list[Coordinator]:
     """`count` coordinators on every etcd member, the first one leading; killed when `stack` closes
     (their logs are written to stderr, which pytest shows for a failed test)."""
     nodes: list[Coordinator] = []
     for i in range(count):
-        node = Coordinator(cluster.endpoints, namespace, lease_ttl=lease_ttl, **timings)  # type: ignore[arg-type]
+        node = Coordinator(cluster.endpoints, namespace, lease_ttl=lease_ttl, **options)
         stack.callback(_dump, node)
         nodes.append(node.start(wait_leader=i == 0))
     return nodes
@@ -248,6 +249,20 @@ def test_results_finished_during_a_failover_are_delivered_to_the_new_leader(
     assert len(runs) == 4, "a re-claimed attempt ran again"
     assert all(t.attempt == 1 and t.worker_id == "w1" and not t.attempt_errors for t in tasks.values())
     assert re.search(rf"connected to {new.address} \(session \w+, 4 reclaimed, 0 rejected\)", worker_log), worker_log
+
+
+def test_with_probing_off_a_killed_leader_is_replaced_when_its_lease_expires(
+    cluster: EtcdCluster, namespace: str
+) -> None:
+    with ExitStack() as stack:
+        nodes = _replicas(cluster, namespace, 2, stack, lease_ttl=3, extra_args=("--leader-probe-interval", "0"))
+        killed_at = time.monotonic()
+        nodes[0].kill()
+        assert _new_leader(nodes, nodes[0]) is nodes[1]
+        took = time.monotonic() - killed_at
+        assert "ended its term" not in nodes[1].log_tail()
+    # Its last refresh came at most a third of the TTL before the kill.
+    assert took >= 3 * 2 / 3 - 0.1, took
 
 
 def test_frozen_leader_is_fenced_and_steps_down(cluster: EtcdCluster, namespace: str, tmp_path: Path) -> None:
