@@ -304,7 +304,8 @@ def rebuild(cluster: EtcdCluster, args: argparse.Namespace, work_dir: Path) -> d
 
 def _top_frames(path: Path, rate: int, top: int = 10) -> dict[str, object]:
     """Where the rebuild's CPU went, from py-spy's raw output (collapsed stacks, idle excluded): the CPU
-    seconds sampled inside recovery.rebuild and each function's inclusive share of them."""
+    seconds sampled inside recovery.rebuild or an etcd page read (the read-ahead runs as its own task),
+    and each function's inclusive share of them."""
     if not path.exists():
         return {}
     totals: Counter[str] = Counter()
@@ -312,13 +313,20 @@ def _top_frames(path: Path, rate: int, top: int = 10) -> dict[str, object]:
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        start = next((i for i, f in enumerate(frames) if f.startswith("rebuild (") and "recovery.py" in f), None)
+        start = next(
+            (
+                i
+                for i, f in enumerate(frames)
+                if (f.startswith("rebuild (") and "recovery.py" in f) or f.startswith("Etcd.range (")
+            ),
+            None,
+        )
         if start is None:
             continue
         n = int(count)
         samples += n
         # "function (path/file.py:line)" -> "function (file.py)": one entry per function, not per line.
-        names = {f"{f.split(' (')[0]} ({f.rsplit('/', 1)[-1].split(':')[0]})" for f in frames[start + 1 :]}
+        names = {f"{f.split(' (')[0]} ({f.rsplit('/', 1)[-1].split(':')[0]})" for f in frames[start:]}
         for name in names:
             totals[name] += n
     shares = {name: round(n / samples, 3) for name, n in totals.most_common(top)} if samples else {}
