@@ -133,7 +133,8 @@ def _executions(log: Path) -> list[tuple[str, int, float]]:
     if not log.exists():
         return []
     rows = []
-    for line in log.read_text().splitlines():
+    # A line being written as we read is left for the next read.
+    for line in log.read_text().split("\n")[:-1]:
         task_id, attempt, _, at = line.split()
         rows.append((task_id, int(attempt), float(at)))
     return rows
@@ -150,12 +151,15 @@ def _stored(endpoints: Sequence[str], namespace: str) -> dict[str, task_pb2.Task
 
 
 @contextlib.contextmanager
-def _workers(count: int, log: Path, addresses: Sequence[str], slots: int, work: float) -> Iterator[None]:
+def _workers(
+    count: int, log: Path, addresses: Sequence[str], slots: int, work: float, backoff_max: float
+) -> Iterator[None]:
     processes = []
     try:
         for i in range(count):
             args = [sys.executable, str(TESTS / "_recording_worker.py"), str(log), ",".join(addresses)]
             args += ["--worker-id", f"bench-{i}", "--slots", str(slots), "--work", str(work)]
+            args += ["--backoff-max", str(backoff_max)]
             with open(log.parent / f"worker-{i}.log", "ab") as out:
                 processes.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         yield
@@ -192,7 +196,8 @@ def failovers(cluster: EtcdCluster, args: argparse.Namespace, work_dir: Path) ->
         _register(nodes[0].address)
         addresses = [n.address for n in nodes]
         times: list[float] = []
-        with _workers(args.workers, log, addresses, args.slots, args.work), Flow(addresses, "flow") as flow:
+        workers = _workers(args.workers, log, addresses, args.slots, args.work, args.worker_backoff_max)
+        with workers, Flow(addresses, "flow") as flow:
             for kill in range(args.kills):
                 time.sleep(args.between)
                 leader = _leader(nodes)
@@ -339,6 +344,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--work", type=float, default=0.01, help="seconds each handler takes")
+    parser.add_argument(
+        "--worker-backoff-max", type=float, default=5.0, help="workers' longest reconnect wait (the SDK's: 5)"
+    )
     parser.add_argument("--between", type=float, default=3.0, help="seconds of flow before each kill")
     parser.add_argument("--lease-ttl", type=int, default=5, help="leader lease TTL (the coordinator's default: 5)")
     parser.add_argument("--rebuild-tasks", type=int, default=100_000)

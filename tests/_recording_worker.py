@@ -27,11 +27,12 @@ def main() -> int:
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--work", type=float, default=0.02, help="seconds each execution takes")
+    parser.add_argument("--backoff-max", type=float, default=0.5, help="longest wait between reconnect tries")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Reconnect tries capped at 0.5 s apart: a failover lasts a lease TTL, and the worker must be back
-    # within the new leader's heartbeat timeout to re-claim what it runs.
-    settings = WorkerSettings(backoff=Backoff(max=0.5))
+    # Tests cap reconnect tries at 0.5 s apart (the SDK's default is 5 s): the worker is back well within
+    # the new leader's short test heartbeat timeout to re-claim what it runs.
+    settings = WorkerSettings(backoff=Backoff(max=args.backoff_max))
     worker = Worker(args.addresses.split(","), worker_id=args.worker_id, slots=args.slots, settings=settings)
     log_fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 

@@ -150,7 +150,8 @@ def _executions(log: Path) -> list[tuple[str, int, int]]:
     if not log.exists():
         return []
     rows = []
-    for line in log.read_text().splitlines():
+    # A line being written as we read is left for the next read.
+    for line in log.read_text().split("\n")[:-1]:
         task_id, attempt, pid, _ = line.split()
         rows.append((task_id, int(attempt), int(pid)))
     return rows
