@@ -347,7 +347,9 @@ def main() -> None:
     parser.add_argument(
         "--worker-backoff-max", type=float, default=5.0, help="workers' longest reconnect wait (the SDK's: 5)"
     )
-    parser.add_argument("--between", type=float, default=3.0, help="seconds of flow before each kill")
+    # Longer than the SDK's backoff.max (5 s), after which a worker's reconnect backoff starts afresh:
+    # each failover is then measured on its own, not on top of the previous one's grown backoff.
+    parser.add_argument("--between", type=float, default=6.0, help="seconds of flow before each kill")
     parser.add_argument("--lease-ttl", type=int, default=5, help="leader lease TTL (the coordinator's default: 5)")
     parser.add_argument("--rebuild-tasks", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true", help="profile the rebuild with py-spy (/tmp/py-spy)")
