@@ -448,6 +448,7 @@ class Worker:
         self._max_result_bytes = outcomes.DEFAULT_MAX_RESULT_BYTES
         self._max_error_bytes = outcomes.DEFAULT_MAX_ERROR_BYTES
         self._max_progress_bytes = outcomes.DEFAULT_MAX_PROGRESS_BYTES
+        self._just_redirected = False
 
         self._started = False
         self._draining = False
@@ -626,10 +627,16 @@ class Worker:
                 failure = session.exception()
                 if failure is None:
                     failure = _StreamLost("the session ended")
-                self._next_address(address, failure)
+                redirected = self._next_address(address, failure)
                 if not isinstance(failure, errors.HerderError) or _is_fatal(failure):
                     _log.error("worker %s: %s rejected the session: %s", self._worker_id, address, failure)
                     raise failure
+                if redirected and not self._just_redirected:
+                    # A replica named the leader: go there now, not after a backoff grown while no one led
+                    # (a failover). Only once in a row, so replicas naming each other cannot spin.
+                    self._just_redirected = True
+                    continue
+                self._just_redirected = False
                 if self._welcomed_at is not None and loop.time() - self._welcomed_at >= self._settings.backoff.max:
                     self._tries = 0  # a session that lasted is a fresh start, not one more failed try
                 self._welcomed_at = None
@@ -647,11 +654,14 @@ class Worker:
         finally:
             stop.cancel()
 
-    def _next_address(self, address: str, failure: BaseException) -> None:
-        if self._endpoints.failed(address, failure):
+    def _next_address(self, address: str, failure: BaseException) -> bool:
+        """Where to connect next; True when `address` named another replica as the leader."""
+        redirected = self._endpoints.failed(address, failure)
+        if redirected:
             _log.info(
                 "worker %s: %s is not the leader; following %s", self._worker_id, address, self._endpoints.current
             )
+        return redirected
 
     async def _close_session(self, session_task: asyncio.Task[None]) -> None:
         session = self._session

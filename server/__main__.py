@@ -37,6 +37,14 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
     parser.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="etcd key namespace")
     parser.add_argument("--advertise", default=_env("ADVERTISE", ""), help="address clients are told to use")
     parser.add_argument("--lease-ttl", type=int, default=int(_env("LEASE_TTL", "5")), help="leader lease seconds")
+    parser.add_argument(
+        "--leader-probe-interval",
+        type=float,
+        default=float(_env("LEADER_PROBE_INTERVAL", str(election.LeaseSettings().probe_interval))),
+        help="seconds between a follower's probes of the leader's address; when nothing listens there twice"
+        " in a row its term is ended without waiting out the lease. 0 turns probing off (when the advertised"
+        " address can refuse connections while the leader lives, e.g. behind a load balancer)",
+    )
     parser.add_argument("--heartbeat-interval", type=float, default=float(_env("HEARTBEAT_INTERVAL", "1.0")))
     parser.add_argument("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "5.0")))
     parser.add_argument("--ack-timeout", type=float, default=float(_env("ACK_TIMEOUT", "5.0")))
@@ -110,6 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         problems.append(f"--namespace: {args.namespace!r} must be letters, digits and . _ : / -")
     if args.lease_ttl < 1:
         problems.append("--lease-ttl: must be at least 1 second")
+    if not 0 <= args.leader_probe_interval <= 60:
+        problems.append("--leader-probe-interval: must be between 0 (off) and 60 seconds")
     if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
         problems.append("--heartbeat-interval must be positive and below --heartbeat-timeout")
     if args.ack_timeout <= 0:
@@ -142,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         listen=args.listen,
         namespace=args.namespace,
         advertise=args.advertise,
-        lease=election.LeaseSettings(ttl=args.lease_ttl),
+        lease=election.LeaseSettings(ttl=args.lease_ttl, probe_interval=args.leader_probe_interval),
         leader=LeaderSettings(
             sessions=SessionSettings(
                 heartbeat_interval=args.heartbeat_interval,

@@ -82,6 +82,12 @@ class WatchBatch:
     progress: bool = False
 
 
+def lease_not_found(error: EtcdError) -> bool:
+    """Whether etcd refused a call because the lease it named no longer exists (expired or revoked)."""
+    cause = error.__cause__
+    return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.NOT_FOUND
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The range end that covers every key starting with prefix."""
     end = bytearray(prefix)
@@ -240,22 +246,39 @@ class Etcd:
         return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
     async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncIterator[KeyValue]:
-        """Every key under prefix, read page by page at one revision (a consistent snapshot)."""
-        end = prefix_end(prefix)
-        start, revision = prefix, 0
-        while True:
-            kvs, more, rev = await self.range(start, end, limit=page, revision=revision)
-            revision = revision or rev
-            for kv in kvs:
-                yield kv
-            if not more or not kvs:
-                return
-            start = kvs[-1].key + b"\0"
+        """Every key under prefix, read page by page at one revision (a consistent snapshot).
 
-    async def txn(self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()) -> Any:
+        The next page is read while the caller works through the current one (a rebuild would
+        otherwise wait out one etcd round trip per page). Closing the iterator early cancels it.
+        """
+        end = prefix_end(prefix)
+        kvs, more, revision = await self.range(prefix, end, limit=page)
+        while True:
+            following: asyncio.Task[tuple[list[KeyValue], bool, int]] | None = None
+            if more and kvs:
+                start = kvs[-1].key + b"\0"
+                following = asyncio.create_task(
+                    self.range(start, end, limit=page, revision=revision), name="herder-etcd-read-ahead"
+                )
+            try:
+                for kv in kvs:
+                    yield kv
+            except BaseException:  # closed early (GeneratorExit) or the caller failed
+                if following is not None:
+                    following.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, EtcdError):
+                        await following
+                raise
+            if following is None:
+                return
+            kvs, more, _ = await following
+
+    async def txn(
+        self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = (), timeout: float | None = None
+    ) -> Any:
         """Run a transaction; returns etcd's TxnResponse (succeeded, responses, header)."""
         request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
-        return await self._call(self._kv.Txn, request)
+        return await self._call(self._kv.Txn, request, timeout)
 
     async def grant(self, ttl: int) -> int:
         reply = await self._call(self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl, ID=0))
@@ -263,9 +286,14 @@ class Etcd:
             raise EtcdError(f"lease grant failed: {reply.error}")
         return int(reply.ID)
 
-    async def revoke(self, lease: int) -> None:
-        with contextlib.suppress(EtcdError):
+    async def revoke(self, lease: int) -> bool:
+        """Revoke `lease` (deleting its keys); False, never an error, when etcd did not confirm it is gone."""
+        try:
             await self._call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease), timeout=2.0)
+        except EtcdError as exc:
+            # An expired lease is as gone as a revoked one.
+            return lease_not_found(exc)
+        return True
 
     def lease_keeper(self, lease: int) -> LeaseKeeper:
         """A keeper that refreshes `lease` on this connection, one refresh at a time."""

@@ -100,6 +100,18 @@ class Coordinator:
             return self.address
         return self._leader_address
 
+    def not_leader_message(self) -> str:
+        """Why a leader-only call is refused here: the details of the UNAVAILABLE it gets."""
+        address = self.leader_address()
+        if address == self.address:
+            return "this coordinator is stepping down; retry on the new leader"
+        if self._membership is None or not self._membership.registered:
+            seen = f" (the last leader it saw: {address})" if address else ""
+            return f"this coordinator is not the leader and cannot reach an etcd quorum{seen}"
+        if address:
+            return f"this coordinator is not the leader; {address} is"
+        return "this coordinator is not the leader, and no replica leads right now (an election is under way)"
+
     async def start(self) -> None:
         """Connect to etcd, bind the server and start campaigning. Raises EtcdError or ListenError."""
         await self.etcd.connect()
@@ -177,6 +189,7 @@ class Coordinator:
             self.replica_id,
             self.address,
             hold,
+            self.config.lease,
             self._stop,
             self._observe,
         )
@@ -185,7 +198,22 @@ class Coordinator:
         try:
             await self._lead(leadership)
         finally:
-            await leadership.resign()
+            if not await leadership.resign():
+                await self._resign_elsewhere(leadership)
+
+    async def _resign_elsewhere(self, leadership: election.Leadership) -> None:
+        """Delete the leader key through another etcd member, retrying while an etcd election settles,
+        until the lease would have ended anyway: the member we talk to went away with our leadership, and
+        without this every replica waits out the lease (TTL seconds without a leader) for a key nobody holds."""
+        log.warning("could not delete the leader key; trying through another etcd member")
+        deadline = time.monotonic() + self.config.lease.ttl
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            await self._reconnect()
+            if await leadership.resign():
+                log.info("leader key deleted through etcd at %s", self.etcd.endpoint)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.2)
 
     async def _lead(self, leadership: election.Leadership) -> None:
         leader = NamespaceLeader(

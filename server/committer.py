@@ -71,6 +71,11 @@ class CommitLimits:
     max_request_bytes: int = ETCD_MAX_REQUEST_BYTES - TXN_OVERHEAD_BYTES
     # How many waiting requests one batch looks at (those behind a busy key are skipped).
     max_scan: int = 4096
+    # Seconds one transaction may take; past that its outcome is unknown and the leader steps down
+    # (the next one rebuilds from etcd). A healthy etcd commits in milliseconds, but a transaction
+    # caught in an etcd raft election waits out etcd's own request timeout (5 s and more), and every
+    # later commit is answered behind it: this bounds that stall.
+    timeout: float = 2.5
 
 
 @dataclass(eq=False, slots=True)
@@ -229,7 +234,7 @@ class Committer:
             batch.error = FencedError("leadership lost: the leader lease ran out before this write was sent")
             return
         try:
-            reply = await self._etcd.txn([self._fence], batch.ops)
+            reply = await self._etcd.txn([self._fence], batch.ops, timeout=self._limits.timeout)
         except EtcdError as exc:
             batch.error = FencedError(f"commit outcome unknown: {exc}")
             return

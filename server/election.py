@@ -23,6 +23,10 @@ from herder.server.membership import Hold
 log = logging.getLogger(__name__)
 
 
+# Seconds one try at deleting the leader key on resigning may take (a revoke's bound, too).
+RESIGN_TIMEOUT = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class LeaderInfo:
     """Who leads: replica id, its gRPC address and the fence (the leader key's create revision)."""
@@ -35,9 +39,19 @@ class LeaderInfo:
 @dataclass(frozen=True, slots=True)
 class LeaseSettings:
     """ttl: seconds the replica's lease (its member entry, its leader key) outlives its last keep-alive;
-    keep-alives are sent every ttl/3."""
+    keep-alives are sent every ttl/3.
+
+    A follower also probes the leader's address every `probe_interval` seconds; when nothing
+    listens there (connection refused, not a timeout) `probe_failures` times in a row, the leader
+    process is gone, and the follower deletes that leader's key (compared on its create revision)
+    rather than wait out the lease. Should the leader live on after all, it sees its key go (and
+    the fence refuses its next write) and steps down: leadership is decided by etcd, never by the
+    probe. 0 turns it off.
+    """
 
     ttl: int = 5
+    probe_interval: float = 0.5
+    probe_failures: int = 2
 
 
 class Leadership:
@@ -51,6 +65,7 @@ class Leadership:
         self.lost = asyncio.Event()
         self._hold = hold
         self._follower = asyncio.create_task(self._follow_lease(), name="herder-leader-lease")
+        self._watcher = asyncio.create_task(self._watch_key(), name="herder-leader-key")
 
     @property
     def fence(self) -> int:
@@ -65,18 +80,37 @@ class Leadership:
         await self._hold.lost.wait()
         self.lost.set()
 
-    async def resign(self) -> None:
+    async def _watch_key(self) -> None:
+        """Leadership ends when the key goes while the lease lives: a follower found our address refusing
+        connections (or an operator deleted it). A broken watch decides nothing: the lease does."""
+        with contextlib.suppress(EtcdError):
+            async for event in self.etcd.watch(self.key, start_revision=self.info.revision + 1):
+                if event.deleted or event.kv.create_revision != self.info.revision:
+                    log.error("the leader key is gone (deleted or its lease ended; fence %d)", self.info.revision)
+                    self.lost.set()
+                    return
+
+    async def resign(self) -> bool:
         """Give up leadership: delete the leader key if it is still ours (its create revision is our
-        fence), so another replica is elected at once. Safe to call twice; etcd failing is logged."""
+        fence), so another replica is elected at once. Safe to call twice.
+
+        False when etcd did not confirm it (the key then lives until the replica's lease ends, or
+        until the caller retries through another etcd member).
+        """
         self.lost.set()
-        self._follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._follower
+        for task in (self._follower, self._watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         try:
-            await self.etcd.txn([_etcd.create_revision_is(self.key, self.fence)], [_etcd.delete(self.key)])
+            # Short: while etcd elects a new raft leader the caller retries through another member.
+            await self.etcd.txn(
+                [_etcd.create_revision_is(self.key, self.fence)], [_etcd.delete(self.key)], timeout=RESIGN_TIMEOUT
+            )
         except EtcdError as exc:
-            # The key goes with the replica's lease in the end, or was already taken over.
             log.warning("could not delete the leader key on resigning: %s", exc)
+            return False
+        return True
 
 
 async def campaign(
@@ -85,6 +119,7 @@ async def campaign(
     replica_id: str,
     address: str,
     hold: Hold,
+    settings: LeaseSettings,
     stop: asyncio.Event,
     observe: Callable[[LeaderInfo | None], None],
 ) -> Leadership | None:
@@ -97,18 +132,34 @@ async def campaign(
     """
     value = json.dumps({"id": replica_id, "address": address}).encode()
     while not stop.is_set() and not hold.lost.is_set():
-        reply = await etcd.txn(
-            [_etcd.create_revision_is(key, 0)],
-            [_etcd.put(key, value, hold.lease)],
-            [_etcd.get(key)],
-        )
+        try:
+            reply = await etcd.txn(
+                [_etcd.create_revision_is(key, 0)],
+                [_etcd.put(key, value, hold.lease)],
+                [_etcd.get(key)],
+            )
+        except EtcdError as exc:
+            if not _etcd.lease_not_found(exc):
+                raise
+            # The lease ended (expired or revoked) before its keep-alive noticed: the replica
+            # registers again on a new one, and campaigns with that.
+            hold.lost.set()
+            return None
         if reply.succeeded:
             info = LeaderInfo(replica_id, address, reply.header.revision)
             log.info("leading with fence %d", info.revision)
             return Leadership(etcd, key, hold, info)
         holder = _etcd.key_value(reply.responses[0].response_range.kvs[0])
-        observe(_leader_info(holder))
-        await _observe_until_deleted(etcd, key, holder.mod_revision + 1, (stop, hold.lost), observe)
+        info = _leader_info(holder)
+        if info.replica_id == replica_id:
+            # A term of ours that could not be resigned (etcd failed then) and lives on, since the key
+            # is on the replica's lease: end it, compared on its create revision, and campaign afresh.
+            log.warning("ending an earlier term of this replica (fence %d) left in etcd", info.revision)
+            await etcd.txn([_etcd.create_revision_is(key, info.revision)], [_etcd.delete(key)])
+            continue
+        observe(info)
+        prober = None if info.address == address or not settings.probe_interval else info
+        await _observe_until_deleted(etcd, key, holder.mod_revision + 1, (stop, hold.lost), observe, prober, settings)
     return None
 
 
@@ -118,6 +169,8 @@ async def _observe_until_deleted(
     from_revision: int,
     stops: tuple[asyncio.Event, ...],
     observe: Callable[[LeaderInfo | None], None],
+    prober: LeaderInfo | None,
+    settings: LeaseSettings,
 ) -> None:
     async def watch() -> None:
         async for event in etcd.watch(key, start_revision=from_revision):
@@ -128,16 +181,53 @@ async def _observe_until_deleted(
 
     waiter = asyncio.create_task(watch())
     stoppers = [asyncio.create_task(stop.wait()) for stop in stops]
+    tasks = [waiter, *stoppers]
+    if prober is not None:
+        # Its end is not awaited: the watch sees the delete it makes.
+        tasks.append(asyncio.create_task(_depose_if_gone(etcd, key, prober, settings)))
     try:
         await asyncio.wait([waiter, *stoppers], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in (waiter, *stoppers):
+        for t in tasks:
             t.cancel()
-        for t in (waiter, *stoppers):
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, EtcdError):
                 await t
     if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
         raise EtcdError(str(waiter.exception()))
+
+
+async def _depose_if_gone(etcd: Etcd, key: bytes, holder: LeaderInfo, settings: LeaseSettings) -> None:
+    """Delete `holder`'s leader key once its address refused `probe_failures` connections in a row."""
+    refused = 0
+    while refused < settings.probe_failures:
+        await asyncio.sleep(settings.probe_interval)
+        refused = refused + 1 if await _refuses(holder.address, settings.probe_interval) else 0
+    # Compared on the create revision: only that leader's term ends, never a successor's.
+    reply = await etcd.txn([_etcd.create_revision_is(key, holder.revision)], [_etcd.delete(key)])
+    if reply.succeeded:
+        log.warning(
+            "leader %s at %s refused %d connections in a row: its process is gone; ended its term (fence %d)",
+            holder.replica_id,
+            holder.address,
+            refused,
+            holder.revision,
+        )
+
+
+async def _refuses(address: str, timeout: float) -> bool:
+    """True only when nothing listens at address (connection refused); a timeout proves nothing."""
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return False
 
 
 def _leader_info(kv: _etcd.KeyValue) -> LeaderInfo:

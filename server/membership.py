@@ -79,7 +79,8 @@ class Membership:
         self._reconnect = reconnect
         self._lease = 0
         self._hold: Hold | None = None
-        self._held = asyncio.Event()
+        # Set (and replaced by a fresh one) whenever the hold changes: `hold()` waits on it.
+        self._moved = asyncio.Event()
         # The keep-alive of the current lease (None between leases).
         self.keeper: _etcd.LeaseKeeper | None = None
         self.registered = False
@@ -90,14 +91,34 @@ class Membership:
         while self._hold is None or self._hold.lost.is_set():
             if stop.is_set():
                 return None
-            held = asyncio.create_task(self._held.wait())
+            moved = asyncio.create_task(self._moved.wait())
             stopped = asyncio.create_task(stop.wait())
             try:
-                await asyncio.wait([held, stopped], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([moved, stopped], return_when=asyncio.FIRST_COMPLETED)
             finally:
-                held.cancel()
+                moved.cancel()
                 stopped.cancel()
         return None if stop.is_set() else self._hold
+
+    def _set_hold(self, hold: Hold | None) -> None:
+        self._hold = hold
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    async def _keep(self, hold: Hold) -> None:
+        """Keep `hold` alive until it can no longer be trusted, or a user of it found it gone (`lost`)."""
+        self.keeper = self._etcd.lease_keeper(hold.lease)
+        alive = asyncio.create_task(leases.keep_alive(self.keeper, self._ttl, "replica", hold.trust))
+        gone = asyncio.create_task(hold.lost.wait())
+        try:
+            await asyncio.wait([alive, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (alive, gone):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
+            with contextlib.suppress(asyncio.CancelledError):
+                await alive  # raises what ended the keep-alive, if anything did
 
     async def _run(self) -> None:
         while True:
@@ -108,21 +129,18 @@ class Membership:
                 self._lease = await self._etcd.grant(self._ttl)
                 hold = Hold(self._lease, leases.Trust(granted_at, self._ttl), asyncio.Event())
                 await self._etcd.txn([], [_etcd.put(self._key, self._member.encode(), self._lease)])
-                self._hold = hold
-                self._held.set()
+                self._set_hold(hold)
                 await self._set(True)
-                self.keeper = self._etcd.lease_keeper(self._lease)
-                await leases.keep_alive(self.keeper, self._ttl, "replica", hold.trust)
+                await self._keep(hold)
             except EtcdError as exc:
                 log.warning("membership: %s; registering again", exc)
                 failed = True
             except Exception:
                 log.exception("membership failed unexpectedly; registering again")
-            self._held.clear()
-            self._hold = None
-            self.keeper = None
             if hold is not None:
                 hold.lost.set()
+            self._set_hold(None)
+            self.keeper = None
             await self._set(False)
             if self._lease:
                 # No longer trusted: revoking it hands its leader keys to other replicas now rather
@@ -146,7 +164,7 @@ class Membership:
             await self._task
         if self._hold is not None:
             self._hold.lost.set()
-            self._hold = None
+            self._set_hold(None)
         if self._lease:
             await self._etcd.revoke(self._lease)
             self._lease = 0

@@ -19,6 +19,7 @@ from herder.clients import errors
 from herder.clients.endpoints import AUTO_KEY_PREFIX
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server import keys
+from herder.server._etcd import EtcdError
 from herder.server.committer import Write
 from herder.server.horizon import duration_seconds, timestamp_seconds
 
@@ -59,6 +60,10 @@ class Retention:
                 await self.collect_garbage()
             except errors.HerderError as exc:
                 log.warning("retention: %s", exc)
+            except EtcdError as exc:
+                # A failed read (an etcd leader change, a member going away) changed nothing: try next round.
+                # A failed commit deposes the leader through the committer, not here.
+                log.warning("retention: reading due tasks failed: %s; retrying", exc)
 
     async def collect_garbage(self, page: int = 500) -> int:
         """Delete up to `page` finished tasks that are due; returns how many went."""

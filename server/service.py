@@ -68,7 +68,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         leader = self._leading()
         if leader is None:
             raise errors.NotLeaderError(
-                "this coordinator is not the leader", leader_address=self._coordinator.leader_address()
+                self._coordinator.not_leader_message(), leader_address=self._coordinator.leader_address()
             )
         return leader
 
@@ -353,6 +353,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             await context.abort_with_status(errors.to_status(refused))
         if leader.deposed:
             await context.abort_with_status(self._stepped_down())
+        if session.end_reason:
+            await context.abort_with_status(errors.to_status(errors.UnavailableError(session.end_reason)))
 
     async def _read(
         self, leader: NamespaceLeader, session: Any, context: grpc.aio.ServicerContext[Any, Any]

@@ -46,6 +46,8 @@ class Session:
     last_heartbeat_wall: float = field(default_factory=time.time)
     draining: bool = False
     closed: bool = False
+    # Why the coordinator ended the session, when it did (the status its stream ends with).
+    end_reason: str = ""
     # Monotonic time until which the worker gets no assignments (see Workers.quarantine in workers.py).
     quarantined_until: float = 0.0
     # Kinds of bad input already logged for this session: one line each, not one per message.
@@ -136,10 +138,11 @@ class Session:
             messages.append(coordinator_pb2.ConnectResponse(heartbeat_ack=coordinator_pb2.HeartbeatAck()))
         return messages
 
-    def end(self) -> None:
-        """Close the stream from the coordinator's side."""
+    def end(self, reason: str = "") -> None:
+        """Close the stream from the coordinator's side; a `reason` ends it with UNAVAILABLE saying so."""
         if not self.closed:
             self.closed = True
+            self.end_reason = reason
             self._ready.set()
 
     def beat(self) -> None:

@@ -141,6 +141,11 @@ class Workers:
             for session in list(self.sessions.values()):
                 if now - session.last_heartbeat > settings.heartbeat_timeout:
                     log.warning("session %s of worker %s missed its heartbeats", session.id, session.worker_id)
+                    # Said to a worker that was only frozen, when it reads again: connect as a new session.
+                    session.end(
+                        f"session {session.id} expired: no heartbeat for {settings.heartbeat_timeout:g}s;"
+                        " its attempts were re-queued"
+                    )
                     self.close_session(session)
                     # Its heartbeats already stopped a timeout ago: no further grace.
                     for entry in self._orphans.values():

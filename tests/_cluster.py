@@ -1,6 +1,7 @@
 """A real coordinator subprocess for tests: `python -m herder.server` in its own process group.
 
     with Coordinator(etcd.endpoint, namespace) as coordinator:   # started, leader of its namespace
+        # (or Coordinator(cluster.endpoints, namespace) on several etcd members)
         ... coordinator.address ...
         coordinator.kill()       # SIGKILL the whole group (a crash)
         coordinator.restart()    # same port, waits until it leads again
@@ -51,7 +52,7 @@ class Coordinator:
 
     def __init__(
         self,
-        etcd_endpoint: str,
+        etcd_endpoint: str | Sequence[str],
         namespace: str,
         *,
         port: int = 0,
@@ -63,7 +64,8 @@ class Coordinator:
         extra_args: Sequence[str] = (),
         launcher: Sequence[str] = (sys.executable, "-m", "herder.server"),
     ) -> None:
-        self.etcd_endpoint = etcd_endpoint
+        # One endpoint or several (an etcd cluster): `--etcd` takes them as a comma list.
+        self.etcd_endpoint = etcd_endpoint if isinstance(etcd_endpoint, str) else ",".join(etcd_endpoint)
         self.namespace = namespace
         self.port = port or free_port()
         self.heartbeat_interval = heartbeat_interval
@@ -207,11 +209,23 @@ class Coordinator:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the process group and wait for it (SIGKILL after `timeout`); its exit code."""
+        self.resume()  # a frozen process would handle SIGTERM only once continued
         return self._end(signal.SIGTERM, timeout)
 
     def kill(self) -> int | None:
         """SIGKILL the process group at once (a crash); its exit code."""
         return self._end(signal.SIGKILL, 10.0)
+
+    def freeze(self) -> None:
+        """SIGSTOP the process group: it keeps its sockets and state but runs nothing (a long GC pause)."""
+        if self.running and self._process is not None:
+            os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `freeze()`; harmless on a running process."""
+        if self.running and self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGCONT)
 
     def restart(self, *, wait_leader: bool = True, timeout: float = 20.0) -> Self:
         """Stop gracefully and start again on the same port."""

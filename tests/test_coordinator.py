@@ -201,9 +201,16 @@ async def test_silent_worker_loses_its_attempt(stub, coordinator) -> None:
         await mute.start_next()
         mute.stop_heartbeats()
         await asyncio.wait_for(mute.closed.wait(), 15)  # the coordinator ended the session
+        # ... saying so, so a worker that was only frozen knows to start a new session.
+        assert mute.error is not None and mute.error.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"session {mute.welcome.session_id} expired" in (mute.error.details() or "")
         async with RawWorker(coordinator.address, "next", [ECHO]) as other:
             again = await other.next_assignment(timeout=15)
             assert (again.id, again.attempt) == (task.id, 2)
+            # Back as a new session, its late result for the lost attempt is stale.
+            async with RawWorker(coordinator.address, "mute", [ECHO], running=[(task.id, 1)]) as back:
+                assert back.welcome is not None and [r.task_id for r in back.welcome.rejected] == [task.id]
+                assert not (await back.succeed(task.id, 1, examples_pb2.EchoResponse())).accepted
 
 
 async def test_reconnecting_worker_reclaims_its_running_attempt(stub, coordinator) -> None:

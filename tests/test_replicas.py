@@ -11,11 +11,14 @@ import pytest
 from _cluster import Coordinator
 from _timing import eventually, eventually_sync
 
+from herder.clients.backoff import Backoff
 from herder.clients.cli import main
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.errors import LEADER_METADATA_KEY
+from herder.clients.examples import echo
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
+from herder.clients.worker import Worker, WorkerSettings
 from herder.server import keys
 from herder.server._etcd import Etcd, KeyValue
 
@@ -91,6 +94,19 @@ def test_followers_redirect_writes_to_the_new_leader_after_the_leader_is_killed(
     # The killed replica's entry goes with its lease.
     eventually_sync(lambda: old.address not in _members(new), what="the killed replica leaving the members list")
     assert set(_members(other)) == {new.address, other.address}
+
+
+async def test_a_worker_sent_to_a_follower_goes_to_the_leader_without_a_backoff(replicas: list[Coordinator]) -> None:
+    leader, follower, _ = replicas
+    # A first backoff this long would show: the redirect must not wait for it.
+    settings = WorkerSettings(backoff=Backoff(initial=10.0, max=10.0, jitter=0.0))
+    worker = Worker([follower.address], worker_id="follows", settings=settings)
+    worker.add_task("examples.echo", echo)
+    async with worker:
+        await worker.wait_connected(5)
+        async with grpc.aio.insecure_channel(leader.address) as channel:
+            nodes = await coordinator_pb2_grpc.CoordinatorServiceStub(channel).ListNodes(pb.ListNodesRequest())
+        assert [n.worker_id for n in nodes.nodes] == ["follows"]
 
 
 def test_a_stopped_replica_leaves_the_members_list_at_once(etcd: EmbeddedEtcd, namespace: str) -> None:
