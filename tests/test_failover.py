@@ -355,7 +355,6 @@ def test_losing_one_etcd_member_under_load_is_a_short_stall(
         eventually_sync(lambda: _all_finished(cluster.endpoints, namespace, count), what="every task done", timeout=60)
         tasks = _stored_tasks(cluster.endpoints, namespace)
         runs = _executions(log)
-        leader_log = "".join(n.log_tail(50000) for n in nodes)
     rerun = _check_exactly_once(tasks, runs, ids)
     print(f"killed etcd member {index} ({victim}): 50 more executions after {stall:.2f}s; {rerun} re-ran")
     # Shorter than waiting out the leader's lease, or etcd's own request timeout for a transaction
