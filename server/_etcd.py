@@ -400,6 +400,7 @@ class LeaseKeeper:
         self._etcd = etcd
         self.lease = lease
         self._call: Any = None
+        self._generation = etcd._generation
 
     async def refresh(self, timeout: float) -> int:
         """The lease's remaining TTL after one refresh (0 or less: the lease is gone).
@@ -418,7 +419,10 @@ class LeaseKeeper:
             raise EtcdError(f"lease keep-alive failed: {detail}") from exc
 
     async def _exchange(self) -> int:
+        if self._call is not None and self._generation != self._etcd._generation:
+            self.close()  # opened on a connection since replaced: it can only fail
         if self._call is None:
+            self._generation = self._etcd._generation
             if self._etcd._lease is None or self._etcd._client is None:
                 raise EtcdError("not connected to etcd")
             self._call = self._etcd._lease.LeaseKeepAlive()

@@ -203,16 +203,16 @@ async def _depose_if_gone(etcd: Etcd, key: bytes, holder: LeaderInfo, settings: 
     while refused < settings.probe_failures:
         await asyncio.sleep(settings.probe_interval)
         refused = refused + 1 if await _refuses(holder.address, settings.probe_interval) else 0
+    # Logged first: the watch sees the delete at once and cancels this task, perhaps before it resumes.
+    log.warning(
+        "leader %s at %s refused %d connections in a row: its process is gone; ending its term (fence %d)",
+        holder.replica_id,
+        holder.address,
+        refused,
+        holder.revision,
+    )
     # Compared on the create revision: only that leader's term ends, never a successor's.
-    reply = await etcd.txn([_etcd.create_revision_is(key, holder.revision)], [_etcd.delete(key)])
-    if reply.succeeded:
-        log.warning(
-            "leader %s at %s refused %d connections in a row: its process is gone; ended its term (fence %d)",
-            holder.replica_id,
-            holder.address,
-            refused,
-            holder.revision,
-        )
+    await etcd.txn([_etcd.create_revision_is(key, holder.revision)], [_etcd.delete(key)])
 
 
 async def _refuses(address: str, timeout: float) -> bool:
