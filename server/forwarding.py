@@ -74,15 +74,8 @@ class Forwarder:
             raise errors.NotLeaderError(f"no leader to forward {method} to; retry shortly")
         remaining = context.time_remaining()
         timeout = DEFAULT_TIMEOUT if remaining is None else max(remaining, 0.0)
-        metadata = [(FORWARDED_METADATA_KEY, "1")]
-        metadata += [(k, v) for k, v in context.invocation_metadata() or () if k in _PASSED_ON and isinstance(v, str)]
-        call = self._channel(leader_address).unary_unary(
-            f"/{_SERVICE}/{method}",
-            request_serializer=_serialize,
-            response_deserializer=response_type.FromString,
-        )
         try:
-            response: M = await call(request, timeout=timeout, metadata=metadata)
+            return await self._call(method, request, response_type, context, leader_address, timeout)
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or ""
             trailing = tuple(exc.trailing_metadata() or ())
@@ -93,6 +86,42 @@ class Forwarder:
                 details = f"the leader at {leader_address} did not answer {method}: {details}"
             await context.abort(exc.code(), details, trailing)
             raise AssertionError("unreachable") from exc
+
+    async def ask(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        context: grpc.aio.ServicerContext[Any, Any],
+        leader_address: str,
+        timeout: float,
+    ) -> M | None:
+        """The leader's answer, or None when there is no other leader or it did not answer within
+        `timeout` (for what a follower adds to its own answer when it can)."""
+        if is_forwarded(context) or not leader_address or leader_address == self.own_address:
+            return None
+        try:
+            return await self._call(method, request, response_type, context, leader_address, timeout)
+        except grpc.aio.AioRpcError:
+            return None
+
+    async def _call(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        context: grpc.aio.ServicerContext[Any, Any],
+        leader_address: str,
+        timeout: float,
+    ) -> M:
+        metadata = [(FORWARDED_METADATA_KEY, "1")]
+        metadata += [(k, v) for k, v in context.invocation_metadata() or () if k in _PASSED_ON and isinstance(v, str)]
+        call = self._channel(leader_address).unary_unary(
+            f"/{_SERVICE}/{method}",
+            request_serializer=_serialize,
+            response_deserializer=response_type.FromString,
+        )
+        response: M = await call(request, timeout=timeout, metadata=metadata)
         return response
 
     def _channel(self, address: str) -> grpc.aio.Channel:

@@ -38,6 +38,8 @@ _TURN = 0.01
 MAX_ITEMS_PER_MESSAGE = validation.MAX_SLOTS
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
+# How long a follower's GetClusterStatus waits for the leader's session and task counts.
+_LEADER_COUNTS_TIMEOUT = 1.0
 
 M = TypeVar("M", bound=Message)
 
@@ -298,6 +300,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.GetClusterStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.GetClusterStatusResponse:
         status: coordinator_pb2.GetClusterStatusResponse = await self._coordinator.cluster_status()
+        if self._leading() is None:
+            # Sessions and task counts live in the leader's memory: asked for briefly, so that status
+            # still answers at once while the leader is unreachable (they stay 0 then).
+            forwarder: Forwarder = self._coordinator.forwarder
+            leader = await forwarder.ask(
+                "GetClusterStatus",
+                request,
+                coordinator_pb2.GetClusterStatusResponse,
+                context,
+                status.leader_address,
+                _LEADER_COUNTS_TIMEOUT,
+            )
+            if leader is not None:
+                status.sessions = leader.sessions
+                status.tasks_pending = leader.tasks_pending
+                status.tasks_queued = leader.tasks_queued
+                status.tasks_running = leader.tasks_running
         return status
 
     async def WatchTasks(  # type: ignore[override]

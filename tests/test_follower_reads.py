@@ -198,6 +198,24 @@ async def test_a_follower_forwards_list_nodes_and_list_queues_to_the_leader(
         await eventually(listed, what="the leader's worker in the follower's ListNodes")
 
 
+async def test_a_followers_cluster_status_carries_the_leaders_sessions_and_task_counts(
+    pair: tuple[Coordinator, Coordinator], stubs: tuple[Stub, Stub]
+) -> None:
+    leader, _ = pair
+    to_leader, to_follower = stubs
+    queue = _queue()
+    await _submit(to_leader, queue)
+    async with RawWorker(leader.address, f"w-{queue}", ["no.such.type"]):
+
+        async def same_counts() -> bool:
+            mine = await to_follower.GetClusterStatus(pb.GetClusterStatusRequest())
+            theirs = await to_leader.GetClusterStatus(pb.GetClusterStatusRequest())
+            counts = [(s.sessions, s.tasks_queued, s.tasks_pending, s.tasks_running) for s in (mine, theirs)]
+            return counts[0] == counts[1] and mine.sessions >= 1 and mine.tasks_queued >= 1
+
+        await eventually(same_counts, what="the follower's status showing the leader's counts")
+
+
 async def test_a_forwarded_call_is_not_forwarded_again(pair: tuple[Coordinator, Coordinator]) -> None:
     leader, follower = pair
     forwarded = [(FORWARDED_METADATA_KEY, "1")]
