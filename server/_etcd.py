@@ -59,14 +59,22 @@ class EtcdMember:
     error: str = ""
 
 
-@dataclass(frozen=True, slots=True)
 class WatchEvent:
     """A put (value set) or a delete (deleted=True) at a revision; `prev` when the watch asked for it
-    and the key existed before."""
+    and the key existed before. `prev` is read from etcd's message only when used: a feed looks at
+    most changes' previous value never."""
 
-    kv: KeyValue
-    deleted: bool
-    prev: KeyValue | None = None
+    __slots__ = ("_event", "deleted", "kv")
+
+    def __init__(self, kv: KeyValue, deleted: bool, event: Any = None) -> None:
+        self.kv = kv
+        self.deleted = deleted
+        self._event = event
+
+    @property
+    def prev(self) -> KeyValue | None:
+        event = self._event
+        return key_value(event.prev_kv) if event is not None and event.HasField("prev_kv") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,11 +366,7 @@ class Etcd:
                     yield WatchBatch((), reply.header.revision, progress=True)
                     continue
                 events = tuple(
-                    WatchEvent(
-                        key_value(event.kv),
-                        event.type == rpc.Event.DELETE,
-                        key_value(event.prev_kv) if event.HasField("prev_kv") else None,
-                    )
+                    WatchEvent(key_value(event.kv), event.type == rpc.Event.DELETE, event if prev_kv else None)
                     for event in reply.events
                 )
                 yield WatchBatch(events, events[-1].kv.mod_revision)
