@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
+from typing import IO, Any
 
 import grpc
 
@@ -42,3 +47,19 @@ async def get(stub: Stub, task_id: str) -> task_pb2.Task:
 async def fence(stub: Stub) -> int:
     """The leader key's revision: it changes whenever leadership changes hands or is re-won."""
     return (await stub.GetClusterStatus(pb.GetClusterStatusRequest())).leader_revision
+
+
+@contextlib.contextmanager
+def process_group(
+    args: Sequence[str], *, stdout: IO[Any] | int = subprocess.DEVNULL, **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`args` as its own process group (stderr with stdout), SIGKILLed at exit whatever happens."""
+    process = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True, **popen
+    )
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

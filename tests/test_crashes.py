@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from _cluster import Coordinator
+from _helpers import process_group
 from google.protobuf import duration_pb2
 
 from herder.clients import Client
@@ -27,20 +28,9 @@ S = task_pb2.TaskState
 def worker_process(address: str, worker_id: str) -> Iterator[subprocess.Popen[bytes]]:
     """The example worker as its own process (group), killed at exit whatever happens."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "herder.clients.examples", "--coordinator", address, "--worker-id", worker_id],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    args = [sys.executable, "-m", "herder.clients.examples", "--coordinator", address, "--worker-id", worker_id]
+    with process_group(args, env=env) as process:
         yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 async def _wait_for(client: Client, task_id: str, check: object, timeout: float = 30) -> task_pb2.Task:

@@ -28,6 +28,7 @@ import grpc
 import pytest
 from _cluster import Coordinator
 from _etcd_cluster import EtcdCluster
+from _helpers import process_group
 from _timing import eventually_sync, retry_unavailable
 from aetcd import rpc
 
@@ -85,16 +86,8 @@ def _worker(
     out = log.parent / f"{worker_id}.log"
     args = [sys.executable, str(WORKER), str(log), ",".join(addresses), "--worker-id", worker_id]
     args += ["--slots", str(slots), "--work", str(work)]
-    with open(out, "ab") as stream:
-        process = subprocess.Popen(
-            args, env=env, stdin=subprocess.DEVNULL, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
+    with open(out, "ab") as stream, process_group(args, stdout=stream, env=env) as process:
         yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def _leader(nodes: Sequence[Coordinator]) -> Coordinator | None:
