@@ -24,9 +24,11 @@ test: setup
 	$(BIN)/pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check clients server supervisor tests bench scripts
-	$(BIN)/ruff format --check clients server supervisor tests bench scripts
+	$(BIN)/ruff check clients server supervisor tests bench scripts examples
+	$(BIN)/ruff format --check clients server supervisor tests bench scripts examples
 	$(BIN)/mypy -p herder.clients -p herder.server -p herder.supervisor
+# The example imports its generated package `gen` from beside service.py, as it runs.
+	cd examples/invoice && MYPYPATH=. ../../$(BIN)/mypy --strict service.py
 	$(BIN)/buf lint
 	$(BIN)/python scripts/gen_protos.py --check
 
@@ -39,8 +41,8 @@ breaking: setup
 	$(BIN)/buf breaking --against '.git#branch=$(BASE)'
 
 fmt: setup
-	$(BIN)/ruff format clients server supervisor tests bench scripts
-	$(BIN)/ruff check --fix clients server supervisor tests bench scripts
+	$(BIN)/ruff format clients server supervisor tests bench scripts examples
+	$(BIN)/ruff check --fix clients server supervisor tests bench scripts examples
 
 bench: setup
 	$(BIN)/python bench/throughput.py
