@@ -302,7 +302,8 @@ class SessionEngine:
 
     `endpoints` are the coordinator replicas (the leader is followed). The coordinator never sends
     more than the free slots; an assignment beyond them, of a type not served, or arriving while
-    draining or paused is not acknowledged, so the coordinator re-queues it after its ack timeout.
+    draining is not acknowledged, so the coordinator re-queues it after its ack timeout (and
+    quarantines this worker for a while: declining is for shutdown, pause() for anything else).
     """
 
     def __init__(
@@ -343,6 +344,10 @@ class SessionEngine:
         self._started = False
         self._draining = False
         self._paused = ""
+        self._pause_set = asyncio.Event()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._beat_now = asyncio.Event()
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self._closed = asyncio.Event()
@@ -370,24 +375,31 @@ class SessionEngine:
 
     @property
     def paused(self) -> str:
-        """Why new assignments are declined (empty when they are not); see pause()."""
+        """Why no new tasks are taken (empty when they are); see pause()."""
         return self._paused
 
     def pause(self, reason: str) -> None:
-        """Decline new assignments (not acknowledged: the coordinator re-queues them) until resume().
+        """Take no new tasks until resume(), without shutting down (the supervisor's handler is down).
 
-        Unlike draining this is reversible, and the coordinator is not told: its draining flag is
-        one-way. Running attempts go on.
+        The session's heartbeats say draining at once, so the coordinator stops assigning; once
+        every held attempt's result is acknowledged the session is closed, and the next opens after
+        resume(). The coordinator's draining flag is one-way per session, hence the new session.
+        Running attempts go on; an assignment already on its way is still run.
         """
         if not self._paused:
             self._log.warning("worker %s: taking no new tasks: %s", self._worker_id, reason)
         self._paused = reason or "paused"
+        self._resumed.clear()
+        self._pause_set.set()
+        self._beat_now.set()
 
     def resume(self) -> None:
-        """Take new assignments again after pause()."""
+        """Take tasks again after pause() (reconnecting at once if the session was closed)."""
         if self._paused:
             self._log.info("worker %s: taking tasks again", self._worker_id)
         self._paused = ""
+        self._pause_set.clear()
+        self._resumed.set()
 
     @property
     def session_id(self) -> str | None:
@@ -464,17 +476,31 @@ class SessionEngine:
         stop = asyncio.create_task(self._stop.wait())
         try:
             while not self._stop.is_set():
+                if self._paused:
+                    resumed = asyncio.create_task(self._resumed.wait())
+                    try:
+                        await asyncio.wait({resumed, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        resumed.cancel()
+                    continue
                 address = await self._endpoints.target()
                 session = asyncio.create_task(self._run_session(address), name=f"herder-session {address}")
+                idle = asyncio.create_task(self._paused_and_idle())
                 try:
-                    await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({session, stop, idle}, return_when=asyncio.FIRST_COMPLETED)
                 except asyncio.CancelledError:
                     session.cancel()
                     await asyncio.wait({session})
                     raise
+                finally:
+                    idle.cancel()
                 if not session.done():
                     await self._close_session(session)
-                    return
+                    if self._stop.is_set():
+                        return
+                    self._log.info("worker %s: session closed until tasks are taken again", self._worker_id)
+                    self._tries = 0
+                    continue
                 failure = session.exception()
                 if failure is None:
                     failure = _StreamLost("the session ended")
@@ -504,6 +530,15 @@ class SessionEngine:
                 await asyncio.wait({stop}, timeout=delay)
         finally:
             stop.cancel()
+
+    async def _paused_and_idle(self) -> None:
+        """Return once paused with no attempt held (every result acknowledged)."""
+        while True:
+            await self._pause_set.wait()
+            await self._no_attempts.wait()
+            if self._paused:
+                return
+            await self._resumed.wait()  # resumed meanwhile: wait for the next pause, not spin
 
     def _next_address(self, address: str, failure: BaseException) -> bool:
         """Where to connect next; True when `address` named another replica as the leader."""
@@ -605,10 +640,12 @@ class SessionEngine:
 
     async def _heartbeat_loop(self, session: _Session) -> None:
         while True:
-            await session.send(
-                coordinator_pb2.ConnectRequest(heartbeat=coordinator_pb2.Heartbeat(draining=self._draining))
-            )
-            await asyncio.sleep(session.heartbeat_interval)
+            self._beat_now.clear()
+            draining = self._draining or bool(self._paused)
+            await session.send(coordinator_pb2.ConnectRequest(heartbeat=coordinator_pb2.Heartbeat(draining=draining)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(session.heartbeat_interval):
+                    await self._beat_now.wait()  # pause() wants its draining heartbeat out now
 
     async def _read_loop(self, session: _Session) -> None:
         while True:
@@ -644,9 +681,6 @@ class SessionEngine:
         # Not acknowledging is how a worker declines: the coordinator re-queues after ack_timeout.
         if self._draining:
             self._log.info("not acknowledging %s/%d: the worker is draining", *ref)
-            return
-        if self._paused:
-            self._log.info("not acknowledging %s/%d: %s", *ref, self._paused)
             return
         if task.spec.type not in self._task_types:
             self._log.warning("not acknowledging %s/%d: task type %r is not served here", *ref, task.spec.type)
