@@ -57,6 +57,7 @@ class Supervisor:
         )
         self.admin: AdminServer | None = None
         self._shutdown: asyncio.Task[None] | None = None
+        self._describing: asyncio.Task[None] | None = None
 
     def status(self) -> Status:
         engine = self.engine
@@ -75,6 +76,8 @@ class Supervisor:
     async def drain(self) -> int:
         """Start the staged shutdown (as SIGTERM does); returns the attempts running when it began."""
         running = self.engine.running
+        if self._describing is not None:
+            self._describing.cancel()  # still waiting for the handler: nothing to drain, just stop
         if self._shutdown is None:
             _log.info("supervisor %s: drain requested", self.engine.worker_id)
             self._shutdown = asyncio.create_task(self.engine.shutdown(), name="herder-supervisor-drain")
@@ -92,7 +95,7 @@ class Supervisor:
             _log.info("supervisor admin API on port %d", self.admin.port)
         loop = asyncio.get_running_loop()
         # Until the engine runs (Describe may wait for the handler), a signal simply stops the wait.
-        describing = asyncio.create_task(self.handler.describe())
+        describing = self._describing = asyncio.create_task(self.handler.describe())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, describing.cancel)
         watcher: asyncio.Task[None] | None = None
@@ -105,6 +108,7 @@ class Supervisor:
                     return
                 raise
             finally:
+                self._describing = None
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
             watcher = asyncio.create_task(self.handler.watch(), name="herder-supervisor-handler-watch")

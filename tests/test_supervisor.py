@@ -18,13 +18,17 @@ import pytest
 from _cluster import Coordinator
 from _helpers import process_group
 from _timing import SLACK, eventually, eventually_sync
+from google.protobuf import any_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from herder.clients import Client, Retry
+from herder.clients.context import TaskContext
 from herder.clients.embedded_etcd import free_port
 from herder.clients.outcomes import HANDLER_DEADLINE_EXCEEDED, HANDLER_NO_RESULT, HANDLER_UNAVAILABLE, TIMEOUT
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import supervisor_pb2, supervisor_pb2_grpc, task_pb2
+from herder.supervisor import HandlerRunner
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,6 +119,24 @@ async def test_timeout_cancels_execute(coordinator: Coordinator, markers: Path) 
             task = await _state(c, handle.id, S.TASK_STATE_FAILED)
     # Both sides count the same deadline from the assignment: whichever is first is recorded.
     assert task.error.type in (TIMEOUT, HANDLER_DEADLINE_EXCEEDED)
+
+
+async def test_supervisor_enforces_the_timeout_itself(markers: Path) -> None:
+    # No coordinator here: the runner alone must stop a handler that overruns the task's timeout.
+    port = free_port()
+    payload = any_pb2.Any()
+    payload.Pack(examples_pb2.EchoRequest(text="late"))
+    task = task_pb2.Task(id="t-deadline", attempt=1, spec=task_pb2.TaskSpec(type=ECHO, payload=payload))
+    task.spec.timeout.FromMilliseconds(500)
+    with handler(port, "sleep", 30, markers):
+        runner = HandlerRunner(f"127.0.0.1:{port}")
+        try:
+            await runner.describe()
+            result = await runner.run(TaskContext(task))
+        finally:
+            await runner.close()
+    assert result.error.type == HANDLER_DEADLINE_EXCEEDED and result.error.retryable
+    _marked(markers, task.id, "cancelled")
 
 
 async def test_cancel_from_coordinator_cancels_execute(coordinator: Coordinator, markers: Path) -> None:
@@ -227,6 +249,10 @@ async def test_admin_status_health_and_drain(coordinator: Coordinator) -> None:
             assert status.worker_id == "sidecar-1" and status.connected and not status.draining
             assert status.session_id and status.coordinator_address == coordinator.address
             assert status.slots == 2 and list(status.task_types) == [ECHO]
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            services = {s.name async for reply in replies for s in reply.list_services_response.service}
+            assert {"herder.v1.SupervisorService", "grpc.health.v1.Health"} <= services
             drained = await stub.Drain(supervisor_pb2.DrainRequest(), timeout=5)
             assert drained.running == 0
         eventually_sync(lambda: process.poll() is not None, "the supervisor to exit after Drain")
