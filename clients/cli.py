@@ -51,7 +51,7 @@ from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 
 PROG = "herder"
 # Commands whose arguments belong to another program, passed on untouched.
-_PASSTHROUGH = ("coordinator", "dev")
+_PASSTHROUGH = ("coordinator", "dev", "supervisor")
 _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output")
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
 _PIPE_WIDTH = 250
@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a coordinator (python -m herder.server; try `herder coordinator --help`)",
         add_help=False,
     ).set_defaults(run=_run_coordinator)
+    commands.add_parser(
+        "supervisor",
+        help="run a handler service's tasks (python -m herder.supervisor; try `herder supervisor --help`)",
+        add_help=False,
+    ).set_defaults(run=_run_supervisor)
 
     worker = command("worker", "run the example worker (examples.echo, examples.sleep, examples.flaky)", _run_worker)
     worker.add_argument("--slots", type=_positive_int, default=4, help="tasks run at once (default 4)")
@@ -350,6 +355,14 @@ def _state(text: str) -> State:
 def _run_coordinator(args: argparse.Namespace) -> int:
     """Replace this process with the coordinator (clients never import herder.server)."""
     os.execv(sys.executable, [sys.executable, "-m", "herder.server", *args.passthrough])
+
+
+def _run_supervisor(args: argparse.Namespace) -> int:
+    """Replace this process with the supervisor sidecar; --coordinator given before the command is passed on."""
+    argv = list(args.passthrough)
+    if not any(a == "--coordinator" or a.startswith("--coordinator=") for a in argv) and args.coordinator:
+        argv = ["--coordinator", args.coordinator, *argv]
+    os.execv(sys.executable, [sys.executable, "-m", "herder.supervisor", *argv])
 
 
 def _run_dev(args: argparse.Namespace) -> int:

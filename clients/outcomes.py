@@ -23,6 +23,15 @@ RESULT_TOO_LARGE = "herder.result_too_large"
 # The worker sent a result with no outcome set.
 INVALID_RESULT = "herder.invalid_result"
 
+# The supervisor's handler service ended Execute without an output or an error.
+HANDLER_NO_RESULT = "herder.handler_no_result"
+# The supervisor could not reach its handler service (UNAVAILABLE), or lost it mid-attempt.
+HANDLER_UNAVAILABLE = "herder.handler_unavailable"
+# The supervisor stopped Execute at the task's timeout (the coordinator may record herder.timeout first).
+HANDLER_DEADLINE_EXCEEDED = "herder.handler_deadline_exceeded"
+# Execute failed with another gRPC status (the handler raised, ...); the message names the status.
+HANDLER_FAILED = "herder.handler_failed"
+
 # Set by the coordinator only: they change how a failure counts (retried at once, not counted), so
 # a worker reporting one of them is refused as an invalid result.
 COORDINATOR_ERROR_TYPES = frozenset({CANCELED, TIMEOUT, EXPIRED, WORKER_LOST, ACK_TIMEOUT, INVALID_RESULT})

@@ -1,0 +1,137 @@
+"""The supervisor's local admin API: SupervisorService (GetStatus, Drain), grpc.health.v1 and reflection.
+
+Health is SERVING while a coordinator session is open and the handler answers, NOT_SERVING
+otherwise, for the whole server ("") and for herder.v1.SupervisorService. WatchResources and
+WatchAlerts are not implemented yet: they answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from herder.clients.proto.v1 import supervisor_pb2, supervisor_pb2_grpc
+
+SERVICE_NAME = supervisor_pb2.DESCRIPTOR.services_by_name["SupervisorService"].full_name
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What GetStatus reports, read from the engine and the handler runner."""
+
+    worker_id: str
+    session_id: str
+    coordinator_address: str
+    connected: bool
+    draining: bool
+    slots: int
+    running: int
+    task_types: tuple[str, ...]
+    handler_available: bool
+
+
+class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
+    def __init__(self, status: Callable[[], Status], drain: Callable[[], Awaitable[int]]) -> None:
+        self._status = status
+        self._drain = drain
+
+    async def GetStatus(
+        self, request: supervisor_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> supervisor_pb2.GetStatusResponse:
+        s = self._status()
+        return supervisor_pb2.GetStatusResponse(
+            worker_id=s.worker_id,
+            session_id=s.session_id,
+            coordinator_address=s.coordinator_address,
+            connected=s.connected,
+            draining=s.draining,
+            slots=s.slots,
+            running=s.running,
+            task_types=list(s.task_types),
+        )
+
+    async def Drain(
+        self, request: supervisor_pb2.DrainRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> supervisor_pb2.DrainResponse:
+        return supervisor_pb2.DrainResponse(running=await self._drain())
+
+    async def WatchResources(
+        self, request: supervisor_pb2.WatchResourcesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[supervisor_pb2.WatchResourcesResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "resource sampling is not implemented yet")
+        yield supervisor_pb2.WatchResourcesResponse()  # unreachable: abort raises
+
+    async def WatchAlerts(
+        self, request: supervisor_pb2.WatchAlertsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[supervisor_pb2.WatchAlertsResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "alerts are not implemented yet")
+        yield supervisor_pb2.WatchAlertsResponse()  # unreachable: abort raises
+
+
+class AdminServer:
+    """The admin gRPC server on `listen`; `port` is the bound port once started.
+
+    `status()` is read for GetStatus and for health (refreshed every `refresh` seconds);
+    `drain()` starts the supervisor's shutdown and returns how many attempts were running.
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        status: Callable[[], Status],
+        drain: Callable[[], Awaitable[int]],
+        refresh: float = 0.5,
+    ) -> None:
+        self._listen = listen
+        self._status = status
+        self._refresh = refresh
+        self._server = grpc.aio.server()
+        self._health = health.aio.HealthServicer()
+        supervisor_pb2_grpc.add_SupervisorServiceServicer_to_server(_Servicer(status, drain), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        self._updater: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        """Bind and serve; raises OSError when the address cannot be bound."""
+        try:
+            self.port = self._server.add_insecure_port(self._listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self._listen}: {exc}") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self._listen}: the address is in use or invalid")
+        await self._server.start()
+        await self._update()
+        self._updater = asyncio.create_task(self._update_loop(), name="herder-supervisor-health")
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._updater is not None:
+            self._updater.cancel()
+            await asyncio.wait({self._updater})
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+    async def _update_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh)
+            await self._update()
+
+    async def _update(self) -> None:
+        s = self._status()
+        serving = s.connected and s.handler_available and not s.draining
+        state = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, state)
+
+
+__all__ = ["SERVICE_NAME", "AdminServer", "Status"]

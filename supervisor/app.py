@@ -1,0 +1,141 @@
+"""The supervisor: a SessionEngine whose attempts run on a handler service, plus its admin API.
+
+Start: Describe the handler (until it answers), then register its task types and serve them
+over the same Connect protocol as the Python Worker (clients/engine.py). While the handler does
+not answer, new assignments are declined (the coordinator re-queues them after its ack timeout)
+and resumed once it answers again. SIGTERM, SIGINT or the admin Drain: stop taking tasks, let
+running ones finish within the grace period, cancel the rest, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from herder.clients.endpoints import Endpoints
+from herder.clients.engine import SessionEngine, WorkerSettings
+from herder.supervisor.admin import AdminServer, Status
+from herder.supervisor.handler import HandlerRunner, HandlerSettings
+
+_log = logging.getLogger("herder.supervisor")
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorConfig:
+    """The supervisor's flags (see `herder supervisor --help`)."""
+
+    coordinator: str
+    handler: str
+    slots: int
+    node_id: str | None = None
+    listen: str = ""
+    shutdown_grace: float = 30.0
+
+
+class Supervisor:
+    """One supervisor process: run() until drained. Create it inside the event loop that runs it."""
+
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        settings: WorkerSettings | None = None,
+        handler_settings: HandlerSettings | None = None,
+    ) -> None:
+        self.config = config
+        self._settings = settings or WorkerSettings(shutdown_grace=config.shutdown_grace)
+        self.handler = HandlerRunner(config.handler, handler_settings, on_change=self._on_handler_change)
+        self.engine = SessionEngine(
+            Endpoints(config.coordinator),
+            self.handler,
+            worker_id=config.node_id,
+            slots=config.slots,
+            settings=self._settings,
+            logger=_log,
+        )
+        self.admin: AdminServer | None = None
+        self._shutdown: asyncio.Task[None] | None = None
+        self._describing: asyncio.Task[None] | None = None
+
+    def status(self) -> Status:
+        engine = self.engine
+        return Status(
+            worker_id=engine.worker_id,
+            session_id=engine.session_id or "",
+            coordinator_address=engine.address or "",
+            connected=engine.session_id is not None,
+            draining=engine.draining,
+            slots=engine.slots,
+            running=engine.running,
+            task_types=tuple(self.handler.task_types()),
+            handler_available=self.handler.available,
+        )
+
+    async def drain(self) -> int:
+        """Start the staged shutdown (as SIGTERM does); returns the attempts running when it began."""
+        running = self.engine.running
+        if self._describing is not None:
+            self._describing.cancel()  # still waiting for the handler: nothing to drain, just stop
+        if self._shutdown is None:
+            _log.info("supervisor %s: drain requested", self.engine.worker_id)
+            self._shutdown = asyncio.create_task(self.engine.shutdown(), name="herder-supervisor-drain")
+        return running
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT or Drain has drained the supervisor.
+
+        Raises ValueError for a handler serving no task types, OSError for an admin address that
+        cannot be bound, and the HerderError of a coordinator rejection retrying cannot fix.
+        """
+        if self.config.listen:
+            self.admin = AdminServer(self.config.listen, self.status, self.drain)
+            await self.admin.start()
+            _log.info("supervisor admin API on port %d", self.admin.port)
+        loop = asyncio.get_running_loop()
+        # Until the engine runs (Describe may wait for the handler), a signal simply stops the wait.
+        describing = self._describing = asyncio.create_task(self.handler.describe())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, describing.cancel)
+        watcher: asyncio.Task[None] | None = None
+        try:
+            try:
+                await describing
+            except asyncio.CancelledError:
+                if describing.cancelled():
+                    _log.info("supervisor stopped before the handler answered")
+                    return
+                raise
+            finally:
+                self._describing = None
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            watcher = asyncio.create_task(self.handler.watch(), name="herder-supervisor-handler-watch")
+            _log.info(
+                "supervisor %s: %d slots for %s, coordinator %s",
+                self.engine.worker_id,
+                self.engine.slots,
+                ", ".join(self.handler.task_types()),
+                self.config.coordinator,
+            )
+            await self.engine.run(install_signal_handlers=True)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.wait({watcher})
+            if self._shutdown is not None:
+                with contextlib.suppress(Exception):
+                    await self._shutdown
+            if self.admin is not None:
+                await self.admin.stop()
+            await self.handler.close()
+
+    def _on_handler_change(self, available: bool, why: str) -> None:
+        if available:
+            self.engine.resume()
+        else:
+            self.engine.pause(f"the handler at {self.config.handler} does not answer ({why})")
+
+
+__all__ = ["Supervisor", "SupervisorConfig"]
