@@ -6,11 +6,15 @@ Starts its own etcd, coordinator and worker processes, then measures:
 - idle submit-to-start latency: one task at a time, from the SubmitTask call to the
   first line of the handler, p50 and p99;
 - fair: the first two again with tasks spread over --keys concurrency keys and global,
-  queue and key limits set (loose enough not to throttle), to show what fairness costs.
+  queue and key limits set (loose enough not to throttle), to show what fairness costs;
+- sidecar: idle latency, one RPC each and batches again for a task type served by a plain-grpc
+  handler process (bench/_sidecar_handler.py) behind `herder supervisor` with the same slots,
+  with the in-process worker's idle latency measured alongside (alternate submissions;
+  sidecar_added_p50_ms is the difference) and each process's CPU per 1,000 tasks for both paths.
 Prints a human summary and, on its last line, the figures as JSON. A measurement, not a test.
 
     python bench/throughput.py [--tasks 5000] [--submitters 64] [--batch 500] [--workers 1] [--slots 256]
-                               [--keys 100] [--phases idle,single,batches,fair]
+                               [--keys 100] [--phases idle,single,batches,fair,sidecar]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 
 from herder.clients.descriptors import task_type_for
 from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
@@ -41,6 +46,7 @@ from herder.clients.worker import TaskContext, Worker
 from herder.clients.worker import run_worker as serve_worker
 
 TASK_TYPE = "bench.noop"
+SIDECAR_TYPE = "bench.sidecar"  # served only by the supervisor, so its tasks never reach the in-process worker
 SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 
 
@@ -68,6 +74,7 @@ class Stack:
         self.etcd = EmbeddedEtcd(data_dir=Path(self.dir), fsync=True)
         self.address = f"127.0.0.1:{free_port()}"
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
         with open(Path(self.dir) / log, "ab") as out:
@@ -75,6 +82,7 @@ class Stack:
                 [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.processes.append(process)
+        self.named[log.removesuffix(".log")] = process
         return process
 
     async def start(self) -> None:
@@ -94,6 +102,22 @@ class Stack:
                 return len(nodes.nodes) == self.workers
 
             await _until(connected, 30, "workers")
+
+    async def start_sidecar(self) -> None:
+        """The handler process and `herder supervisor` in front of it, with the workers' slots."""
+        handler = f"127.0.0.1:{free_port()}"
+        script = str(Path(__file__).with_name("_sidecar_handler.py"))
+        self._spawn([script, "--port", handler.rsplit(":", 1)[1], "--type", SIDECAR_TYPE], "handler.log")
+        supervisor = ["-m", "herder.supervisor", "--coordinator", self.address, "--handler", handler]
+        self._spawn([*supervisor, "--slots", str(self.slots), "--log-level", "warning"], "supervisor.log")
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+
+            async def connected() -> bool:
+                nodes = await stub.ListNodes(pb.ListNodesRequest())
+                return len(nodes.nodes) == self.workers + 1
+
+            await _until(connected, 30, "supervisor")
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -125,8 +149,8 @@ async def _until(check: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-def _spec(queue: str, key: str = "") -> task_pb2.TaskSpec:
-    spec = task_pb2.TaskSpec(type=TASK_TYPE, queue=queue, concurrency_key=key)
+def _spec(queue: str, key: str = "", task_type: str = TASK_TYPE) -> task_pb2.TaskSpec:
+    spec = task_pb2.TaskSpec(type=task_type, queue=queue, concurrency_key=key)
     spec.payload.Pack(examples_pb2.EchoRequest())
     return spec
 
@@ -157,11 +181,16 @@ async def _track(stub: coordinator_pb2_grpc.CoordinatorServiceStub, queue: str, 
 
 
 async def one_rpc_each(
-    stub: coordinator_pb2_grpc.CoordinatorServiceStub, total: int, submitters: int, keys: int = 0, tag: str = ""
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    total: int,
+    submitters: int,
+    keys: int = 0,
+    tag: str = "",
+    task_type: str = TASK_TYPE,
 ) -> dict[str, float]:
     queue = f"one-rpc{tag}"
     tracker = await _track(stub, queue, total)
-    requests = [pb.SubmitTaskRequest(spec=_spec(queue, key)) for key in _keys(keys)]
+    requests = [pb.SubmitTaskRequest(spec=_spec(queue, key, task_type)) for key in _keys(keys)]
     remaining = total
     latencies: list[float] = []
 
@@ -193,11 +222,12 @@ async def batches(
     concurrency: int,
     keys: int = 0,
     tag: str = "",
+    task_type: str = TASK_TYPE,
 ) -> dict[str, float]:
     queue = f"batched{tag}"
     tracker = await _track(stub, queue, total)
     names = _keys(keys)
-    request = pb.SubmitTasksRequest(specs=[_spec(queue, names[i % len(names)]) for i in range(batch)])
+    request = pb.SubmitTasksRequest(specs=[_spec(queue, names[i % len(names)], task_type) for i in range(batch)])
     remaining = total // batch
 
     async def submitter() -> None:
@@ -220,9 +250,18 @@ async def batches(
     }
 
 
-async def idle_latency(stub: coordinator_pb2_grpc.CoordinatorServiceStub, samples: int) -> dict[str, float]:
-    """Submit one task at a time; submit-to-start runs from the SubmitTask call to the handler's first line."""
-    queue = "idle"
+async def idle_latency(
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    samples: int,
+    tag: str = "",
+    task_types: tuple[str, ...] = (TASK_TYPE,),
+) -> list[dict[str, float]]:
+    """Submit one task at a time; submit-to-start runs from the SubmitTask call to the handler's first line.
+
+    With several task types, their submissions alternate (`samples` each) so that noise and drift
+    fall on all alike; one result per type, in the given order.
+    """
+    queue = f"idle{tag}"
     call = stub.WatchTasks(pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True))
     finished: asyncio.Queue[task_pb2.Task] = asyncio.Queue()
 
@@ -232,31 +271,35 @@ async def idle_latency(stub: coordinator_pb2_grpc.CoordinatorServiceStub, sample
 
     consumer = asyncio.create_task(consume())
     await asyncio.sleep(0.2)
-    request = pb.SubmitTaskRequest(spec=_spec(queue))
-    to_start: list[float] = []
-    to_ack: list[float] = []
+    requests = [pb.SubmitTaskRequest(spec=_spec(queue, task_type=kind)) for kind in task_types]
+    to_start: list[list[float]] = [[] for _ in task_types]
+    to_ack: list[list[float]] = [[] for _ in task_types]
     for _ in range(samples):
-        t0 = time.time()
-        reply = await stub.SubmitTask(request)
-        to_ack.append(time.time() - t0)
-        while True:
-            task = await asyncio.wait_for(finished.get(), 10)
-            if task.id == reply.task.id:
-                break
-        output = examples_pb2.EchoResponse()
-        task.result.Unpack(output)
-        to_start.append(float(output.text) - t0)
-        await asyncio.sleep(0.01)  # idle: nothing else in flight
+        for i, request in enumerate(requests):
+            t0 = time.time()
+            reply = await stub.SubmitTask(request)
+            to_ack[i].append(time.time() - t0)
+            while True:
+                task = await asyncio.wait_for(finished.get(), 10)
+                if task.id == reply.task.id:
+                    break
+            output = examples_pb2.EchoResponse()
+            task.result.Unpack(output)
+            to_start[i].append(float(output.text) - t0)
+            await asyncio.sleep(0.01)  # idle: nothing else in flight
     call.cancel()
     consumer.cancel()
     with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
         await consumer
-    return {
-        "samples": samples,
-        "submit_to_start_p50_ms": round(_pct(to_start, 50) * 1000, 2),
-        "submit_to_start_p99_ms": round(_pct(to_start, 99) * 1000, 2),
-        "submit_ack_p50_ms": round(_pct(to_ack, 50) * 1000, 2),
-    }
+    return [
+        {
+            "samples": samples,
+            "submit_to_start_p50_ms": round(_pct(starts, 50) * 1000, 2),
+            "submit_to_start_p99_ms": round(_pct(starts, 99) * 1000, 2),
+            "submit_ack_p50_ms": round(_pct(acks, 50) * 1000, 2),
+        }
+        for starts, acks in zip(to_start, to_ack, strict=True)
+    ]
 
 
 def _pct(values: list[float], pct: int) -> float:
@@ -290,6 +333,57 @@ async def fairness_and_limits(
     return {"one_rpc_each": single, "batches": batched}
 
 
+class CpuMeter:
+    """CPU seconds (user + system) the named processes use between start() and per_1000(tasks)."""
+
+    def __init__(self, processes: dict[str, subprocess.Popen[bytes]]) -> None:
+        self.processes = {name: psutil.Process(p.pid) for name, p in processes.items()}
+        self.start()
+
+    def start(self) -> None:
+        self.cpu = {name: _cpu(p) for name, p in self.processes.items()}
+
+    def per_1000(self, tasks: int) -> dict[str, float]:
+        """Milliseconds of CPU per 1,000 tasks, per process."""
+        return {
+            f"{name}_cpu_ms": round((_cpu(p) - self.cpu[name]) * 1e6 / tasks, 1) for name, p in self.processes.items()
+        }
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def through_sidecar(
+    stack: Stack, stub: coordinator_pb2_grpc.CoordinatorServiceStub, args: argparse.Namespace
+) -> dict[str, object]:
+    """Idle latency, one RPC each and batches for a task type served through the supervisor.
+
+    The in-process worker's idle latency is measured again, its submissions alternating with the
+    sidecar's, so that the difference is not drift between two runs.
+    """
+    await stack.start_sidecar()
+    inprocess, sidecar = await idle_latency(stub, args.latency_samples, "-sidecar", (TASK_TYPE, SIDECAR_TYPE))
+    names = ("coordinator", "supervisor", "handler")
+    meter = CpuMeter({name: stack.named[name] for name in names})
+    single = await one_rpc_each(stub, args.tasks, args.submitters, tag="-sidecar", task_type=SIDECAR_TYPE)
+    single_cpu = meter.per_1000(int(single["tasks"]))
+    meter.start()
+    batched = await batches(
+        stub, args.tasks, args.batch, args.batch_concurrency, tag="-sidecar", task_type=SIDECAR_TYPE
+    )
+    batched_cpu = meter.per_1000(int(batched["tasks"]))
+    return {
+        "sidecar_added_p50_ms": round(sidecar["submit_to_start_p50_ms"] - inprocess["submit_to_start_p50_ms"], 2),
+        "sidecar_added_p99_ms": round(sidecar["submit_to_start_p99_ms"] - inprocess["submit_to_start_p99_ms"], 2),
+        "inprocess_idle": inprocess,
+        "idle": sidecar,
+        "one_rpc_each": {**single, "cpu_per_1000_tasks": single_cpu},
+        "batches": {**batched, "cpu_per_1000_tasks": batched_cpu},
+    }
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     stack = Stack(args.workers, args.slots)
     try:
@@ -298,17 +392,26 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             figures: dict[str, object] = {}
             if "idle" in args.phases:
-                figures["idle"] = await idle_latency(stub, args.latency_samples)
+                (figures["idle"],) = await idle_latency(stub, args.latency_samples)
                 print(f"idle latency: {figures['idle']}", flush=True)
+            # The in-process path's CPU, to set beside the sidecar's.
+            meter = CpuMeter(dict(stack.named))  # the coordinator and worker-<i>
             if "single" in args.phases:
-                figures["one_rpc_each"] = await one_rpc_each(stub, args.tasks, args.submitters)
+                meter.start()
+                single = await one_rpc_each(stub, args.tasks, args.submitters)
+                figures["one_rpc_each"] = {**single, "cpu_per_1000_tasks": meter.per_1000(int(single["tasks"]))}
                 print(f"one RPC each: {figures['one_rpc_each']}", flush=True)
             if "batches" in args.phases:
-                figures["batches"] = await batches(stub, args.tasks, args.batch, args.batch_concurrency)
+                meter.start()
+                batched = await batches(stub, args.tasks, args.batch, args.batch_concurrency)
+                figures["batches"] = {**batched, "cpu_per_1000_tasks": meter.per_1000(int(batched["tasks"]))}
                 print(f"batches:      {figures['batches']}", flush=True)
             if "fair" in args.phases:
                 figures["fair"] = await fairness_and_limits(stub, args)
                 print(f"with {args.keys} keys and limits: {figures['fair']}", flush=True)
+            if "sidecar" in args.phases:
+                figures["sidecar"] = await through_sidecar(stack, stub, args)
+                print(f"through the sidecar: {figures['sidecar']}", flush=True)
         return {**figures, "cpus": os.cpu_count()}
     finally:
         stack.stop()
@@ -325,8 +428,9 @@ if __name__ == "__main__":
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument(
         "--phases",
-        default="idle,single,batches,fair",
-        help="comma-separated: idle, single, batches, fair (the last two again over --keys keys with limits)",
+        default="idle,single,batches,fair,sidecar",
+        help="comma-separated: idle, single, batches, fair (the last two again over --keys keys with limits), "
+        "sidecar (idle, single and batches through herder supervisor and a plain-grpc handler)",
     )
     parser.add_argument("--keys", type=int, default=100, help="concurrency keys in the fair phase")
     parser.add_argument("--worker", metavar="ADDRESS", help=argparse.SUPPRESS)
