@@ -277,7 +277,7 @@ def run(config: DevConfig, console: Console) -> int:
     with _lock_data_dir(data_dir), _StopSignals() as signals:
         # Checked before anything starts, so a second `herder dev` leaves the first alone.
         ports = [(config.listen_host, config.listen_port), ("127.0.0.1", config.etcd_port)]
-        if config.invoice:
+        if config.invoice and INVOICE_SERVICE.is_file():
             ports += [("127.0.0.1", config.invoice_port), ("127.0.0.1", config.supervisor_port)]
         numbers = [port for _, port in ports]
         if len(set(numbers)) < len(numbers):
