@@ -13,11 +13,11 @@ front of it (admin API on 127.0.0.1:SUPERVISOR_PORT). It then prints their addre
 to try, and waits. Each child runs in a process group of its own, owned by this process. Without
 the example (herder installed from a wheel), the invoice service and supervisor are skipped.
 
-Ctrl-C, SIGTERM or SIGHUP stops everything in reverse order (the supervisor and the worker
-gracefully, then the invoice service, the coordinator and etcd) and exits 0; a second signal
-kills what is still running at once. A child
-that exits on its own is named, the others are stopped and the exit code is 1. A port in use or a
-data dir held by another `herder dev` is one line on stderr and exit code 1, with nothing started.
+Ctrl-C, SIGTERM or SIGHUP stops everything in reverse order (the supervisor gracefully, the invoice
+service, the worker gracefully, the coordinator, etcd) and exits 0; a second signal kills what is
+still running at once. A child that exits on its own is named, the others are stopped and the exit
+code is 1. A port in use (or given twice), or a data dir held by another `herder dev`, is one line
+on stderr and exit code 1, with nothing started.
 Logs of the current run are in DATA_DIR/logs/.
 """
 

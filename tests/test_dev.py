@@ -399,3 +399,16 @@ def test_a_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path, taken: str
             assert not processes_mentioning(str(data_dir), f"--listen {dev.address}", f"127.0.0.1:{dev.etcd_port}")
         finally:
             dev.kill_all()
+
+
+def test_the_same_port_twice_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    dev = Dev(tmp_path / "data", invoice_port=port, supervisor_port=port).start()
+    try:
+        assert dev.wait_exit() == 1
+        assert dev.err.strip() == (
+            f"herder dev: the ports must differ, got {dev.listen_port}, {dev.etcd_port}, {port}, {port}"
+        )
+        assert not processes_mentioning(f"--listen {dev.address}", f"127.0.0.1:{dev.etcd_port}")
+    finally:
+        dev.kill_all()
