@@ -1,17 +1,23 @@
-"""`herder dev`: etcd, a coordinator and the example worker on this machine, in one command.
+"""`herder dev`: etcd, a coordinator, the example worker and the invoice example behind a supervisor
+on this machine, in one command.
 
     herder dev [--data-dir ./.herder] [--listen 127.0.0.1:50051] [--etcd-port 2379]
                [--namespace default] [--worker-slots 8] [--no-worker]
+               [--invoice-port 50061] [--supervisor-port 50062] [--no-invoice]
 
 It starts an embedded etcd (data kept under DATA_DIR/etcd across runs, fsync on), one coordinator
-(`python -m herder.server`) once etcd listens, and the example worker (`python -m
-herder.clients.examples`) once the coordinator leads; then prints their addresses and commands
-to try, and waits. Each child runs in a process group of its own, owned by this process.
+(`python -m herder.server`) once etcd listens, and once the coordinator leads: the example worker
+(`python -m herder.clients.examples`), then the invoice example service (examples/invoice/service.py
+of the repository herder is installed from, on 127.0.0.1:INVOICE_PORT) and `herder supervisor` in
+front of it (admin API on 127.0.0.1:SUPERVISOR_PORT). It then prints their addresses and commands
+to try, and waits. Each child runs in a process group of its own, owned by this process. Without
+the example (herder installed from a wheel), the invoice service and supervisor are skipped.
 
-Ctrl-C, SIGTERM or SIGHUP stops everything in reverse order (the worker gracefully, then the
-coordinator, then etcd) and exits 0; a second signal kills what is still running at once. A child
-that exits on its own is named, the others are stopped and the exit code is 1. A port in use or a
-data dir held by another `herder dev` is one line on stderr and exit code 1, with nothing started.
+Ctrl-C, SIGTERM or SIGHUP stops everything in reverse order (the supervisor gracefully, the invoice
+service, the worker gracefully, the coordinator, etcd) and exits 0; a second signal kills what is
+still running at once. A child that exits on its own is named, the others are stopped and the exit
+code is 1. A port in use (or given twice), or a data dir held by another `herder dev`, is one line
+on stderr and exit code 1, with nothing started.
 Logs of the current run are in DATA_DIR/logs/.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -48,6 +55,18 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 PROG = "herder dev"
 EXAMPLE_TYPES = ("examples.echo", "examples.sleep", "examples.flaky")
+INVOICE_TYPE = "invoices.create"
+SUPERVISOR_SLOTS = 4
+# What the printed `herder submit` sends: a valid invoice whose total is easy to check (2500 + 20% tax).
+INVOICE_EXAMPLE = {
+    "customer": "acme",
+    "currency": "EUR",
+    "items": [{"description": "widget", "quantity": 2, "unit_price_minor": 1250}],
+    "tax_rate_bps": 2000,
+}
+# The repository root when herder is installed editable from it (dev.py is clients/dev.py there).
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+INVOICE_SERVICE = _REPO_ROOT / "examples" / "invoice" / "service.py"
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
@@ -66,8 +85,11 @@ class DevConfig:
     - `namespace`: the coordinator's etcd key namespace (`default`).
     - `worker_slots`: tasks the example worker runs at once (8).
     - `worker`: start the example worker at all (True).
+    - `invoice_port`: the invoice example service's port on 127.0.0.1 (50061).
+    - `supervisor_port`: the admin API port of its supervisor on 127.0.0.1 (50062).
+    - `invoice`: start the invoice example service and its supervisor at all (True).
     - `start_timeout`: seconds each child may take to become ready (30).
-    - `worker_grace`: seconds running tasks may finish when the worker stops (5).
+    - `worker_grace`: seconds running tasks may finish when the worker or the supervisor stops (5).
     - `stop_timeout`: seconds a child may take to exit after SIGTERM, beyond the worker's
       grace, before its process group is killed (10).
     """
@@ -78,6 +100,9 @@ class DevConfig:
     namespace: str = "default"
     worker_slots: int = 8
     worker: bool = True
+    invoice_port: int = 50061
+    supervisor_port: int = 50062
+    invoice: bool = True
     start_timeout: float = 30.0
     worker_grace: float = 5.0
     stop_timeout: float = 10.0
@@ -89,6 +114,14 @@ class DevConfig:
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def invoice_address(self) -> str:
+        return f"127.0.0.1:{self.invoice_port}"
+
+    @property
+    def supervisor_address(self) -> str:
+        return f"127.0.0.1:{self.supervisor_port}"
 
 
 class DevError(Exception):
@@ -125,7 +158,10 @@ def parse_args(argv: Sequence[str]) -> DevConfig:
     defaults = DevConfig()
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Run etcd, a coordinator and the example worker locally; Ctrl-C stops all of them.",
+        description=(
+            "Run etcd, a coordinator, the example worker and the invoice example behind a supervisor "
+            "locally; Ctrl-C stops all of them."
+        ),
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -163,6 +199,23 @@ def parse_args(argv: Sequence[str]) -> DevConfig:
         help=f"tasks the example worker runs at once (default {defaults.worker_slots})",
     )
     parser.add_argument("--no-worker", action="store_true", help="do not start the example worker")
+    parser.add_argument(
+        "--invoice-port",
+        type=_port,
+        default=defaults.invoice_port,
+        metavar="PORT",
+        help=f"invoice example service port on 127.0.0.1 (default {defaults.invoice_port})",
+    )
+    parser.add_argument(
+        "--supervisor-port",
+        type=_port,
+        default=defaults.supervisor_port,
+        metavar="PORT",
+        help=f"admin API port of the invoice service's supervisor on 127.0.0.1 (default {defaults.supervisor_port})",
+    )
+    parser.add_argument(
+        "--no-invoice", action="store_true", help="do not start the invoice example service and its supervisor"
+    )
     args = parser.parse_args(list(argv))
     return DevConfig(
         data_dir=args.data_dir,
@@ -171,6 +224,9 @@ def parse_args(argv: Sequence[str]) -> DevConfig:
         namespace=args.namespace,
         worker_slots=args.worker_slots,
         worker=not args.no_worker,
+        invoice_port=args.invoice_port,
+        supervisor_port=args.supervisor_port,
+        invoice=not args.no_invoice,
     )
 
 
@@ -220,10 +276,16 @@ def run(config: DevConfig, console: Console) -> int:
         raise DevError(f"cannot create the data dir {data_dir}: {exc.strerror}") from None
     with _lock_data_dir(data_dir), _StopSignals() as signals:
         # Checked before anything starts, so a second `herder dev` leaves the first alone.
-        for host, port in ((config.listen_host, config.listen_port), ("127.0.0.1", config.etcd_port)):
+        ports = [(config.listen_host, config.listen_port), ("127.0.0.1", config.etcd_port)]
+        if config.invoice and INVOICE_SERVICE.is_file():
+            ports += [("127.0.0.1", config.invoice_port), ("127.0.0.1", config.supervisor_port)]
+        numbers = [port for _, port in ports]
+        if len(set(numbers)) < len(numbers):
+            raise DevError(f"the ports must differ, got {', '.join(map(str, numbers))}")
+        for host, port in ports:
             if port_in_use(host, port):
                 raise DevError(f"port {host}:{port} is already in use (another herder dev?)")
-        for name in ("etcd", "coordinator", "worker"):
+        for name in ("etcd", "coordinator", "worker", "invoice-service", "supervisor"):
             with contextlib.suppress(FileNotFoundError):
                 (logs / f"{name}.log").unlink()  # each run's logs start empty
         children: list[_Child] = []
@@ -270,10 +332,71 @@ def _start_and_watch(
         if not _wait_until(lambda: _connected(config.listen, worker_id), "connect", worker, children, signals, config):
             return 0
 
-    _print_ready(console, config, etcd, data_dir, worker_id)
+    supervisor_id = ""
+    if config.invoice:
+        if not INVOICE_SERVICE.is_file():
+            console.print(f"[yellow]not starting the invoice example: {escape(str(INVOICE_SERVICE))} is missing[/]")
+        else:
+            supervisor_id = _start_invoice(config, logs, children, signals, console)
+            if not supervisor_id:
+                return 0
+
+    _print_ready(console, config, etcd, data_dir, worker_id, supervisor_id)
     while not signals.wait(_POLL_INTERVAL):
         _check_alive(children)
     return 0
+
+
+def _start_invoice(
+    config: DevConfig, logs: Path, children: list[_Child], signals: _StopSignals, console: Console
+) -> str:
+    """Start the invoice service, then its supervisor; the supervisor's worker id once its session is
+    open, "" when a stop signal came first."""
+    console.print(f"[dim]starting the invoice example service on {config.invoice_address}[/]")
+    grace = f"{config.worker_grace:g}"
+    service_command = [sys.executable, str(INVOICE_SERVICE), "--listen", config.invoice_address, "--grace", grace]
+    service = _Spawned.start("invoice-service", service_command, logs)
+    children.append(service)
+    if not _wait_until(
+        functools.partial(_accepts, "127.0.0.1", config.invoice_port), "listen", service, children, signals, config
+    ):
+        return ""
+
+    supervisor_id = f"herder-dev-supervisor-{socket.gethostname()}-{os.getpid()}"
+    console.print(f"[dim]starting the supervisor {supervisor_id} (admin API on {config.supervisor_address})[/]")
+    supervisor_command = [sys.executable, "-m", "herder.supervisor", *_supervisor_args(config, supervisor_id)]
+    supervisor = _Spawned.start("supervisor", supervisor_command, logs)
+    children.append(supervisor)
+    if not _wait_until(
+        functools.partial(_connected, config.listen, supervisor_id), "connect", supervisor, children, signals, config
+    ):
+        return ""
+    return supervisor_id
+
+
+def _supervisor_args(config: DevConfig, node_id: str) -> list[str]:
+    return [
+        "--coordinator",
+        config.listen,
+        "--handler",
+        config.invoice_address,
+        "--slots",
+        str(SUPERVISOR_SLOTS),
+        "--listen",
+        config.supervisor_address,
+        "--grace",
+        f"{config.worker_grace:g}",
+        "--node-id",
+        node_id,
+    ]
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
 
 
 def _wait_until(
@@ -346,7 +469,7 @@ def _stop_all(children: list[_Child], signals: _StopSignals, console: Console, c
     if running:
         _print_quietly(console, f"[dim]stopping {', '.join(child.name for child in running)}[/]")
     for child in reversed(children):
-        grace = config.worker_grace if child.name == "worker" else 0.0
+        grace = config.worker_grace if child.name in ("worker", "supervisor") else 0.0
         try:
             note = child.stop(grace + config.stop_timeout, signals.hurried)
         except Exception as exc:
@@ -400,7 +523,18 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _print_ready(console: Console, config: DevConfig, etcd: _Etcd, data_dir: Path, worker_id: str) -> None:
+def _print_ready(
+    console: Console, config: DevConfig, etcd: _Etcd, data_dir: Path, worker_id: str, supervisor_id: str
+) -> None:
+    if supervisor_id:
+        invoice = f"{config.invoice_address}  (examples/invoice/service.py, serving {INVOICE_TYPE})"
+        supervisor = (
+            f"{supervisor_id}  for {config.invoice_address} with {SUPERVISOR_SLOTS} slots, "
+            f"admin API on {config.supervisor_address}"
+        )
+    else:
+        why = "--no-invoice" if not config.invoice else f"{INVOICE_SERVICE} is missing"
+        invoice = supervisor = f"not started ({why})"
     rows = [
         ("etcd", f"{etcd.endpoint}  (pid {etcd.pid}, fsync on)"),
         ("coordinator", f"{config.listen}  (namespace {config.namespace}, leader)"),
@@ -410,6 +544,8 @@ def _print_ready(console: Console, config: DevConfig, etcd: _Etcd, data_dir: Pat
             if worker_id
             else "not started (--no-worker)",
         ),
+        ("invoices", invoice),
+        ("supervisor", supervisor),
         ("data dir", str(data_dir)),
         ("logs", str(data_dir / "logs")),
     ]
@@ -420,12 +556,12 @@ def _print_ready(console: Console, config: DevConfig, etcd: _Etcd, data_dir: Pat
         console.print(f"  [bold]{name:<12}[/]{escape(value)}")
     console.print()
     console.print("[bold]Try:[/]")
-    for line in _try_lines(config):
+    for line in _try_lines(config, invoice=bool(supervisor_id)):
         console.print(f"  {line}", markup=False)
     console.print()
 
 
-def _try_lines(config: DevConfig) -> list[str]:
+def _try_lines(config: DevConfig, *, invoice: bool) -> list[str]:
     """Commands to paste into a shell, with the programs' full paths when they are not on PATH."""
     grpcurl = _program("grpcurl")
     herder = _program("herder")
@@ -434,13 +570,18 @@ def _try_lines(config: DevConfig) -> list[str]:
     payload = json.dumps({"text": "hi"}, separators=(",", ":"))
     body = shlex.quote(json.dumps({"spec": {"type": "examples.echo", "payload_json": payload}}, separators=(",", ":")))
     address = shlex.quote(config.listen)
-    return [
+    lines = [
         f"{grpcurl} -plaintext {address} list",
         f"{grpcurl} -plaintext -d {body} {address} herder.v1.CoordinatorService/SubmitTask",
         f"{herder} submit examples.echo --json {shlex.quote(payload)} --wait",
-        f"{herder} status",
-        f"{herder} tasks watch",
     ]
+    if invoice:
+        invoice_json = shlex.quote(json.dumps(INVOICE_EXAMPLE, separators=(",", ":")))
+        lines += [
+            f"{herder} submit {INVOICE_TYPE} --json {invoice_json} --wait",
+            f"{grpcurl} -plaintext {config.supervisor_address} herder.v1.SupervisorService/GetStatus",
+        ]
+    return [*lines, f"{herder} status", f"{herder} tasks watch"]
 
 
 def _program(name: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -32,10 +33,24 @@ START_TIMEOUT = 60.0
 class Dev:
     """One `herder dev` subprocess in its own process group, on free ports, with `data_dir`."""
 
-    def __init__(self, data_dir: Path, *, listen_port: int = 0, etcd_port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        listen_port: int = 0,
+        etcd_port: int = 0,
+        invoice_port: int = 0,
+        supervisor_port: int = 0,
+        flags: tuple[str, ...] = (),
+        program: tuple[str, ...] = (str(BIN / "herder"), "dev"),
+    ) -> None:
         self.data_dir = data_dir
         self.listen_port = listen_port or free_port()
         self.etcd_port = etcd_port or free_port()
+        self.invoice_port = invoice_port or free_port()
+        self.supervisor_port = supervisor_port or free_port()
+        self.flags = flags
+        self.program = program
         self.out_path = data_dir.parent / f"{data_dir.name}-{self.listen_port}.out"
         self.err_path = data_dir.parent / f"{data_dir.name}-{self.listen_port}.err"
         self.process: subprocess.Popen[bytes] | None = None
@@ -48,8 +63,7 @@ class Dev:
     def start(self, stdout: int | None = None) -> Dev:
         """Start it; its output goes to files, or stdout to the file descriptor `stdout`."""
         command = [
-            str(BIN / "herder"),
-            "dev",
+            *self.program,
             "--data-dir",
             str(self.data_dir),
             "--listen",
@@ -58,6 +72,11 @@ class Dev:
             str(self.etcd_port),
             "--worker-slots",
             "2",
+            "--invoice-port",
+            str(self.invoice_port),
+            "--supervisor-port",
+            str(self.supervisor_port),
+            *self.flags,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
@@ -124,8 +143,8 @@ class Dev:
 
 
 @contextlib.contextmanager
-def running_dev(data_dir: Path, **ports: int) -> Iterator[Dev]:
-    dev = Dev(data_dir, **ports)
+def running_dev(data_dir: Path, **options: Any) -> Iterator[Dev]:
+    dev = Dev(data_dir, **options)
     try:
         dev.start().wait_ready()
         yield dev
@@ -172,8 +191,9 @@ def wait_finished(address: str, task_id: str, timeout: float = 30.0) -> dict[str
         time.sleep(0.1)
 
 
-def wait_worker_connected(dev: Dev, timeout: float = START_TIMEOUT) -> None:
-    """Wait until the coordinator lists the example worker (for a dev whose output cannot be read)."""
+def wait_connected(dev: Dev, timeout: float = START_TIMEOUT) -> None:
+    """Wait until the coordinator lists the example worker and the invoice supervisor (for a dev whose
+    output cannot be read)."""
     assert dev.process is not None
     deadline = time.monotonic() + timeout
     while True:
@@ -183,9 +203,10 @@ def wait_worker_connected(dev: Dev, timeout: float = START_TIMEOUT) -> None:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             with contextlib.suppress(grpc.RpcError):
                 nodes = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=1.0).nodes
-                if any("examples.echo" in node.task_types for node in nodes):
+                served = {task_type for node in nodes for task_type in node.task_types}
+                if {"examples.echo", "invoices.create"} <= served:
                     return
-        assert time.monotonic() < deadline, f"no worker connected within {timeout:g}s\n{dev.err}"
+        assert time.monotonic() < deadline, f"no worker and supervisor connected within {timeout:g}s\n{dev.err}"
         time.sleep(0.1)
 
 
@@ -207,6 +228,32 @@ def test_echo_submitted_with_grpcurl_succeeds_with_json_result(shared_dev: Dev) 
     assert task["worker_id"].startswith("herder-dev-")
 
 
+def _printed(dev: Dev, needle: str) -> list[str]:
+    """The banner's command to try that contains `needle`, split as a shell would."""
+    (line,) = [line.strip() for line in dev.out.splitlines() if needle in line]
+    return shlex.split(line)
+
+
+def test_printed_invoice_command_runs_the_invoice_through_the_supervisor(shared_dev: Dev) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
+    command = _printed(shared_dev, "submit invoices.create")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Rich wraps long values onto indented lines: joined again, the JSON result reads whole.
+    joined = "".join(line.strip() for line in done.stdout.splitlines())
+    assert "SUCCEEDED" in joined and "herder-dev-supervisor-" in joined, done.stdout
+    assert '"subtotal_minor":"2500","tax_minor":"500","total_minor":"3000"' in joined, done.stdout
+
+
+def test_printed_supervisor_status_command_shows_its_session(shared_dev: Dev) -> None:
+    command = _printed(shared_dev, "SupervisorService/GetStatus")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["connected"] and status["task_types"] == ["invoices.create"]
+    assert status["worker_id"].startswith("herder-dev-supervisor-")
+
+
 def test_grpcurl_lists_the_coordinator_health_and_reflection(shared_dev: Dev) -> None:
     services = grpcurl(shared_dev.address, "list").split()
     for name in ("herder.v1.CoordinatorService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"):
@@ -223,6 +270,38 @@ def test_banner_shows_addresses_and_commands_to_try(shared_dev: Dev) -> None:
     request = '{"spec":{"type":"examples.echo","payload_json":"{\\"text\\":\\"hi\\"}"}}'
     assert f"-d '{request}' {shared_dev.address} herder.v1.CoordinatorService/SubmitTask" in out
     assert 'submit examples.echo --json \'{"text":"hi"}\' --wait' in out
+    assert f"127.0.0.1:{shared_dev.invoice_port}  (examples/invoice/service.py, serving invoices.create)" in out
+    assert f"admin API on 127.0.0.1:{shared_dev.supervisor_port}" in out
+
+
+# `herder dev` where the example is not beside the package, as in a wheel install.
+WITHOUT_EXAMPLE = (
+    sys.executable,
+    "-c",
+    "import pathlib, sys; from herder.clients import dev; "
+    "dev.INVOICE_SERVICE = pathlib.Path('/nonexistent/service.py'); sys.exit(dev.main())",
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "started", "note"),
+    [
+        ({"flags": ("--no-invoice",)}, 3, "invoices    not started (--no-invoice)"),
+        ({"flags": ("--no-worker",)}, 4, "worker      not started (--no-worker)"),
+        ({"program": WITHOUT_EXAMPLE}, 3, "not starting the invoice example: /nonexistent/service.py is missing"),
+    ],
+    ids=["no-invoice", "no-worker", "example-missing"],
+)
+def test_optional_children(tmp_path: Path, options: dict[str, Any], started: int, note: str) -> None:
+    with running_dev(tmp_path / "data", **options) as dev:
+        commands = [" ".join(child.cmdline()) for child in dev.children()]
+        assert len(commands) == started, commands
+        assert note in dev.out
+        invoice_started = any("herder.supervisor" in c for c in commands)
+        assert invoice_started == ("submit invoices.create" in dev.out)
+        assert dev.process is not None
+        dev.process.send_signal(signal.SIGINT)
+        assert dev.wait_exit() == 0, dev.err
 
 
 def test_second_dev_on_the_same_data_dir_is_refused(shared_dev: Dev) -> None:
@@ -242,13 +321,17 @@ def test_sigterm_stops_every_child_and_exits_zero(tmp_path: Path) -> None:
     with running_dev(tmp_path / "data") as dev:
         children = dev.children()
         commands = [" ".join(child.cmdline()) for child in children]
-        assert len(children) == 3, commands
+        assert len(children) == 5, commands
         assert any("etcd" in c and f"127.0.0.1:{dev.etcd_port}" in c for c in commands), commands
         assert any("herder.server" in c for c in commands), commands
         assert any("herder.clients.examples" in c for c in commands), commands
+        assert any(f"invoice/service.py --listen 127.0.0.1:{dev.invoice_port}" in c for c in commands), commands
+        assert any("herder.supervisor" in c for c in commands), commands
         assert dev.process is not None
         dev.process.send_signal(signal.SIGTERM)
         assert dev.wait_exit() == 0, dev.err
+        # Last started first: the supervisor drains before the service behind it goes.
+        assert "stopping supervisor, invoice-service, worker, coordinator, etcd" in dev.out
         _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, [" ".join(p.cmdline()) for p in alive]
         assert "herder dev: stopped" in dev.out
@@ -287,9 +370,9 @@ def test_output_closed_by_its_reader_still_stops_every_child(tmp_path: Path) -> 
         dev.start(stdout=write_end)
         os.close(write_end)
         os.close(read_end)
-        wait_worker_connected(dev)
+        wait_connected(dev)
         children = dev.children()
-        assert len(children) == 3
+        assert len(children) == 5
         assert dev.process is not None
         dev.process.send_signal(signal.SIGINT)
         assert dev.wait_exit() == 0, dev.err
@@ -300,14 +383,15 @@ def test_output_closed_by_its_reader_still_stops_every_child(tmp_path: Path) -> 
         dev.kill_all()
 
 
-@pytest.mark.parametrize("taken", ["coordinator", "etcd"])
+@pytest.mark.parametrize("taken", ["coordinator", "etcd", "invoice"])
 def test_a_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path, taken: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
         data_dir = tmp_path / "data"
-        dev = Dev(data_dir, **{"listen_port" if taken == "coordinator" else "etcd_port": port}).start()
+        option = {"coordinator": "listen_port", "etcd": "etcd_port", "invoice": "invoice_port"}[taken]
+        dev = Dev(data_dir, **{option: port}).start()
         try:
             assert dev.wait_exit() == 1
             assert dev.err.strip() == f"herder dev: port 127.0.0.1:{port} is already in use (another herder dev?)"
@@ -315,3 +399,16 @@ def test_a_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path, taken: str
             assert not processes_mentioning(str(data_dir), f"--listen {dev.address}", f"127.0.0.1:{dev.etcd_port}")
         finally:
             dev.kill_all()
+
+
+def test_the_same_port_twice_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    dev = Dev(tmp_path / "data", invoice_port=port, supervisor_port=port).start()
+    try:
+        assert dev.wait_exit() == 1
+        assert dev.err.strip() == (
+            f"herder dev: the ports must differ, got {dev.listen_port}, {dev.etcd_port}, {port}, {port}"
+        )
+        assert not processes_mentioning(f"--listen {dev.address}", f"127.0.0.1:{dev.etcd_port}")
+    finally:
+        dev.kill_all()
