@@ -25,7 +25,9 @@ from herder.clients.client import Client
 from herder.clients.embedded_etcd import free_port
 from herder.clients.examples import build_example_worker
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, supervisor_pb2_grpc
+from herder.clients.resources import ResourceSampler, ResourceSettings
 from herder.clients.worker import WorkerSettings
+from herder.supervisor.admin import MAX_RESOURCE_WATCHERS, AdminServer, Status
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -138,3 +140,44 @@ async def test_status_json_shows_resources(coordinator: Coordinator) -> None:
             resources = nodes[0]["resources"]
             assert int(resources["memoryTotalBytes"]) == psutil.virtual_memory().total
             assert int(resources["diskTotalBytes"]) > 0 and resources["handlerPid"] == os.getpid()
+
+
+async def test_watch_resources_streams_are_capped() -> None:
+    # The admin server alone, on port 0, with a sampler taking samples: no coordinator needed.
+    sampler = ResourceSampler(ResourceSettings(interval=0.1))
+    status = Status("w", "", "", False, False, 1, 0, (), False)
+
+    async def drain() -> int:
+        return 0
+
+    admin = AdminServer("127.0.0.1:0", lambda: status, drain, sampler=sampler)
+    sampling = asyncio.create_task(sampler.run())
+    await admin.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{admin.port}") as channel:
+            stub = supervisor_pb2_grpc.SupervisorServiceStub(channel)
+            calls = [stub.WatchResources(supervisor_pb2.WatchResourcesRequest()) for _ in range(MAX_RESOURCE_WATCHERS)]
+            for call in calls:
+                await asyncio.wait_for(call.read(), 5)  # each stream is open and has its first sample
+            extra = stub.WatchResources(supervisor_pb2.WatchResourcesRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(extra.read(), 5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            calls[0].cancel()
+
+            async def admitted() -> bool:
+                call = stub.WatchResources(supervisor_pb2.WatchResourcesRequest())
+                try:
+                    return isinstance(await asyncio.wait_for(call.read(), 5), supervisor_pb2.WatchResourcesResponse)
+                except grpc.aio.AioRpcError:
+                    return False
+                finally:
+                    call.cancel()
+
+            await eventually(admitted, "a stream admitted once another closed", timeout=5)
+            for call in calls:
+                call.cancel()
+    finally:
+        await admin.stop(0)
+        sampling.cancel()
+        await asyncio.wait({sampling})
