@@ -108,6 +108,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
         problems.append(
             f"--resource-interval: must be {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds, got {args.resource_interval!r}"
         )
+    if not os.path.isdir(args.disk_path or "."):
+        problems.append(f"--disk-path: not a directory: {args.disk_path!r}")
     if args.node_id is not None and args.node_id != args.node_id.strip():
         problems.append("--node-id: must not start or end with spaces")
     if problems:

@@ -1226,7 +1226,8 @@ class Heartbeat(_message.Message):
     @_builtins.property
     def resources(self) -> _supervisor_pb2.ResourceSample:
         """The node's latest resource sample; unset when the worker samples nothing. A sample with
-        impossible numbers (negative, not finite, used above total) is dropped, the session goes on.
+        impossible numbers (negative, not finite, used above total, cpu_count 0, no sample_time or
+        one a day off) is dropped with one warning per session; the session goes on.
         """
 
     def __init__(
