@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--retention", type=_seconds, metavar="S", help="a queue keeps finished tasks S seconds (0: the default)"
     )
     command("status", "show the cluster (leader, replicas, etcd) and connected nodes", _async(_status))
+    command(
+        "nodes",
+        "list connected nodes (workers and supervisors): slots, running, CPU, memory, disk and handler use",
+        _async(_nodes),
+    )
 
     lock = command(
         "lock",
@@ -738,8 +743,34 @@ async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
             health,
         )
     out.console.print(members)
+    _print_nodes(out, nodes)
+    return 0
+
+
+async def _nodes(client: Client, out: Output, args: argparse.Namespace) -> int:
+    nodes = await client.nodes()
+    if out.json:
+        await out.print_json_list(nodes)
+        return 0
+    _print_nodes(out, nodes)
+    return 0
+
+
+def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
     table = _table(
-        "WORKER", "TYPES", "SLOTS", "RUNNING", "ADDRESS", "CONNECTED", "LAST HEARTBEAT", "QUARANTINED", title="nodes"
+        "WORKER",
+        "TYPES",
+        "SLOTS",
+        "RUNNING",
+        "CPU",
+        "MEMORY",
+        "DISK",
+        "HANDLER",
+        "ADDRESS",
+        "CONNECTED",
+        "LAST HEARTBEAT",
+        "QUARANTINED",
+        title="nodes",
     )
     for node in nodes:
         quarantined = ""
@@ -750,6 +781,7 @@ async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
             ", ".join(node.task_types),
             str(node.slots),
             str(node.running),
+            *_resource_cells(node),
             escape(node.address),
             _time(node.connect_time),
             _time(node.last_heartbeat_time),
@@ -758,7 +790,22 @@ async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
     out.console.print(table)
     if not nodes:
         out.console.print("no nodes connected", style="dim")
-    return 0
+
+
+def _resource_cells(node: coordinator_pb2.Node) -> tuple[str, str, str, str]:
+    """CPU, memory, disk and handler cells; empty until the node's heartbeats carry a sample."""
+    if not node.HasField("resources"):
+        return "", "", "", ""
+    r = node.resources
+    handler = ""
+    if r.handler_pid:
+        handler = f"pid {r.handler_pid}: {r.handler_cpu_percent:.0f}% CPU, {_size(r.handler_rss_bytes)} RSS"
+    return (
+        f"{r.cpu_percent:.0f}% of {r.cpu_count}" + (f", load {r.load_average_1m:.2f}" if r.load_average_1m else ""),
+        f"{_size(r.memory_used_bytes)} / {_size(r.memory_total_bytes)}",
+        f"{_size(r.disk_used_bytes)} / {_size(r.disk_total_bytes)}" if r.disk_total_bytes else "",
+        handler,
+    )
 
 
 # --- output ---

@@ -35,6 +35,7 @@ from herder.clients.context import TaskContext
 from herder.clients.endpoints import Endpoints, open_channel
 from herder.clients.outcomes import RESULT_TOO_LARGE
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
+from herder.clients.resources import ResourceSampler, ResourceSettings
 
 _log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class WorkerSettings:
     - `cancel_timeout`: seconds to wait for cancelled handlers to stop before giving up on them (5).
     - `result_ack_timeout`: seconds shutdown() waits for the last results to be acknowledged (5).
     - `heartbeat_interval`, `heartbeat_timeout`: used only when the welcome leaves them unset (1, 5).
+    - `resource_interval`: seconds between resource samples sent with heartbeats, 0.1 to 60 (1).
     """
 
     backoff: Backoff = field(default_factory=Backoff)
@@ -102,8 +104,10 @@ class WorkerSettings:
     result_ack_timeout: float = 5.0
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
+    resource_interval: float = 1.0
 
     def __post_init__(self) -> None:
+        ResourceSettings(interval=self.resource_interval)  # raises ValueError out of bounds
         for name in ("connect_timeout", "cancel_timeout", "result_ack_timeout", "heartbeat_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"WorkerSettings.{name} must be > 0, got {getattr(self, name)}")
@@ -316,6 +320,7 @@ class SessionEngine:
         labels: Mapping[str, str] | None = None,
         settings: WorkerSettings | None = None,
         logger: logging.Logger | None = None,
+        resources: ResourceSampler | None = None,
     ) -> None:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
@@ -328,6 +333,12 @@ class SessionEngine:
         self._labels = dict(labels or {})
         self._settings = settings or WorkerSettings()
         self._task_types: frozenset[str] = frozenset()
+        # A sampler given by the caller is the caller's to run (the supervisor samples before it connects);
+        # without one, this process is the handler: sample it while run() runs.
+        self._owns_resources = resources is None
+        self.resources = resources or ResourceSampler(
+            ResourceSettings(interval=self._settings.resource_interval, handler_pid=os.getpid())
+        )
 
         self._attempts: dict[_Ref, _Attempt] = {}
         self._slots = asyncio.Semaphore(slots)
@@ -440,9 +451,17 @@ class SessionEngine:
         self._started = True
         loop = asyncio.get_running_loop()
         installed = self._install_signal_handlers(loop) if install_signal_handlers else []
+        sampling = (
+            asyncio.create_task(self.resources.run(), name=f"herder-worker-resources {self._worker_id}")
+            if self._owns_resources
+            else None
+        )
         try:
             await self._serve()
         finally:
+            if sampling is not None:
+                sampling.cancel()
+                await asyncio.wait({sampling})
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self._abandon_all()
@@ -642,7 +661,10 @@ class SessionEngine:
         while True:
             self._beat_now.clear()
             draining = self._draining or bool(self._paused)
-            await session.send(coordinator_pb2.ConnectRequest(heartbeat=coordinator_pb2.Heartbeat(draining=draining)))
+            beat = coordinator_pb2.Heartbeat(draining=draining)
+            if (sample := self.resources.latest) is not None:
+                beat.resources.CopyFrom(sample)
+            await session.send(coordinator_pb2.ConnectRequest(heartbeat=beat))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(session.heartbeat_interval):
                     await self._beat_now.wait()  # pause() wants its draining heartbeat out now

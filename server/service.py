@@ -292,6 +292,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if quarantine is not None:
                 until, node.quarantine_reason = quarantine
                 set_timestamp(node.quarantined_until, time.time() + max(until - time.monotonic(), 0.0))
+            if session.resources is not None:
+                node.resources.CopyFrom(session.resources)
             nodes.append(node)
         return coordinator_pb2.ListNodesResponse(nodes=nodes)
 

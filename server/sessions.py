@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from herder.clients.proto.v1 import coordinator_pb2
+from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class Session:
     end_reason: str = ""
     # Monotonic time until which the worker gets no assignments (see Workers.quarantine in workers.py).
     quarantined_until: float = 0.0
+    # The last valid resource sample its heartbeats carried (ListNodes shows it).
+    resources: supervisor_pb2.ResourceSample | None = None
     # Kinds of bad input already logged for this session: one line each, not one per message.
     _warned: set[str] = field(default_factory=set)
     # task id -> attempt, for every attempt this session was sent and has not finished.

@@ -14,9 +14,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from herder.clients import errors
+from herder.clients import errors, resources
 from herder.clients.outcomes import WORKER_LOST
-from herder.clients.proto.v1 import coordinator_pb2, task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
 from herder.server.entries import ACTIVE, Entry, S
 from herder.server.horizon import stamp_now
 from herder.server.sessions import Session
@@ -104,6 +104,14 @@ class Workers:
 
     def heartbeat(self, session: Session, beat: coordinator_pb2.Heartbeat) -> None:
         session.beat()
+        if beat.HasField("resources"):
+            # A broken sampler must not cost the worker its session: keep the last good sample.
+            problem = resources.validate(beat.resources)
+            if problem:
+                session.warn("resources", f"resource sample dropped: {problem}")
+            else:
+                session.resources = supervisor_pb2.ResourceSample()
+                session.resources.CopyFrom(beat.resources)  # not a view keeping the request alive
         if beat.draining and not session.draining:
             session.draining = True
             log.info("session %s is draining", session.id)

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from herder.clients import errors
 from herder.clients.endpoints import DEFAULT_ADDRESS, Endpoints
+from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
 from herder.clients.runner import run as run_loop
 from herder.supervisor.app import Supervisor, SupervisorConfig
 
@@ -63,6 +64,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
         metavar="S",
         help="seconds running attempts may finish after SIGTERM or Drain (default 30)",
     )
+    parser.add_argument(
+        "--handler-pid",
+        default=_env("HANDLER_PID"),
+        metavar="PID",
+        help="the handler's process: its CPU and memory are sampled with the node's (default: not sampled)",
+    )
+    parser.add_argument(
+        "--resource-interval",
+        default=_env("RESOURCE_INTERVAL", "1"),
+        metavar="S",
+        help=f"seconds between resource samples, {MIN_INTERVAL:g} to {MAX_INTERVAL:g} (default 1)",
+    )
+    parser.add_argument(
+        "--disk-path",
+        default=_env("DISK_PATH", "."),
+        metavar="PATH",
+        help="report the disk use of the filesystem holding PATH (default: the working directory's)",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
 
@@ -79,11 +98,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
     grace = _float(args.grace)
     if grace is None or grace < 0:
         problems.append(f"--grace: must be a number of seconds >= 0, got {args.grace!r}")
+    handler_pid = None
+    if args.handler_pid.strip():
+        handler_pid = _int(args.handler_pid)
+        if handler_pid is None or handler_pid < 1:
+            problems.append(f"--handler-pid: must be a process id >= 1, got {args.handler_pid!r}")
+    interval = _float(args.resource_interval)
+    if interval is None or not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+        problems.append(
+            f"--resource-interval: must be {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds, got {args.resource_interval!r}"
+        )
+    if not os.path.isdir(args.disk_path or "."):
+        problems.append(f"--disk-path: not a directory: {args.disk_path!r}")
     if args.node_id is not None and args.node_id != args.node_id.strip():
         problems.append("--node-id: must not start or end with spaces")
     if problems:
         parser.error("; ".join(problems))
-    assert slots is not None and grace is not None
+    assert slots is not None and grace is not None and interval is not None
     config = SupervisorConfig(
         coordinator=args.coordinator,
         handler=args.handler.strip(),
@@ -91,6 +122,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
         node_id=args.node_id or None,
         listen=args.listen.strip(),
         shutdown_grace=grace,
+        handler_pid=handler_pid,
+        resource_interval=interval,
+        disk_path=args.disk_path or ".",
     )
     return config, args.log_level
 

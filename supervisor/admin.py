@@ -1,15 +1,16 @@
 """The supervisor's local admin API: SupervisorService (GetStatus, Drain), grpc.health.v1 and reflection.
 
 Health is SERVING while a coordinator session is open and the handler answers, NOT_SERVING
-otherwise, for the whole server ("") and for herder.v1.SupervisorService. WatchResources and
-WatchAlerts are not implemented yet: they answer UNIMPLEMENTED.
+otherwise, for the whole server ("") and for herder.v1.SupervisorService. WatchResources streams
+the sampler's samples, at most MAX_RESOURCE_WATCHERS streams at once, each holding only the newest
+sample (a slow reader skips samples). WatchAlerts is not implemented yet: it answers UNIMPLEMENTED.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -17,8 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from herder.clients.proto.v1 import supervisor_pb2, supervisor_pb2_grpc
+from herder.clients.resources import ResourceSampler
 
 SERVICE_NAME = supervisor_pb2.DESCRIPTOR.services_by_name["SupervisorService"].full_name
+
+# A local admin API has a handful of readers (a dashboard, an alerting agent); more is a leak.
+MAX_RESOURCE_WATCHERS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +39,17 @@ class Status:
     running: int
     task_types: tuple[str, ...]
     handler_available: bool
+    resources: supervisor_pb2.ResourceSample | None = field(default=None)
 
 
 class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
-    def __init__(self, status: Callable[[], Status], drain: Callable[[], Awaitable[int]]) -> None:
+    def __init__(
+        self, status: Callable[[], Status], drain: Callable[[], Awaitable[int]], sampler: ResourceSampler | None
+    ) -> None:
         self._status = status
         self._drain = drain
+        self._sampler = sampler
+        self._watchers = 0
 
     async def GetStatus(
         self, request: supervisor_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -54,6 +64,7 @@ class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
             slots=s.slots,
             running=s.running,
             task_types=list(s.task_types),
+            resources=s.resources,
         )
 
     async def Drain(
@@ -64,8 +75,21 @@ class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
     async def WatchResources(
         self, request: supervisor_pb2.WatchResourcesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[supervisor_pb2.WatchResourcesResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "resource sampling is not implemented yet")
-        yield supervisor_pb2.WatchResourcesResponse()  # unreachable: abort raises
+        if self._sampler is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this supervisor samples no resources")
+        if self._watchers >= MAX_RESOURCE_WATCHERS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"already {self._watchers} WatchResources streams, the limit ({MAX_RESOURCE_WATCHERS})",
+            )
+        assert self._sampler is not None
+        self._watchers += 1
+        try:
+            # The sampler hands each stream only its newest sample: nothing queues behind a slow reader.
+            async for sample in self._sampler.watch():
+                yield supervisor_pb2.WatchResourcesResponse(sample=sample)
+        finally:
+            self._watchers -= 1
 
     async def WatchAlerts(
         self, request: supervisor_pb2.WatchAlertsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -87,13 +111,14 @@ class AdminServer:
         status: Callable[[], Status],
         drain: Callable[[], Awaitable[int]],
         refresh: float = 0.5,
+        sampler: ResourceSampler | None = None,
     ) -> None:
         self._listen = listen
         self._status = status
         self._refresh = refresh
         self._server = grpc.aio.server()
         self._health = health.aio.HealthServicer()
-        supervisor_pb2_grpc.add_SupervisorServiceServicer_to_server(_Servicer(status, drain), self._server)
+        supervisor_pb2_grpc.add_SupervisorServiceServicer_to_server(_Servicer(status, drain, sampler), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -134,4 +159,4 @@ class AdminServer:
             await self._health.set(service, state)
 
 
-__all__ = ["SERVICE_NAME", "AdminServer", "Status"]
+__all__ = ["MAX_RESOURCE_WATCHERS", "SERVICE_NAME", "AdminServer", "Status"]

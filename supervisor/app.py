@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from herder.clients.endpoints import Endpoints
 from herder.clients.engine import SessionEngine, WorkerSettings
+from herder.clients.resources import ResourceSampler, ResourceSettings
 from herder.supervisor.admin import AdminServer, Status
 from herder.supervisor.handler import HandlerRunner, HandlerSettings
 
@@ -33,6 +34,10 @@ class SupervisorConfig:
     node_id: str | None = None
     listen: str = ""
     shutdown_grace: float = 30.0
+    # The handler's process, whose CPU and RSS are sampled beside the node's; None: the node's only.
+    handler_pid: int | None = None
+    resource_interval: float = 1.0
+    disk_path: str = "."
 
 
 class Supervisor:
@@ -47,6 +52,11 @@ class Supervisor:
         self.config = config
         self._settings = settings or WorkerSettings(shutdown_grace=config.shutdown_grace)
         self.handler = HandlerRunner(config.handler, handler_settings, on_change=self._on_handler_change)
+        self.resources = ResourceSampler(
+            ResourceSettings(
+                interval=config.resource_interval, disk_path=config.disk_path, handler_pid=config.handler_pid
+            )
+        )
         self.engine = SessionEngine(
             Endpoints(config.coordinator),
             self.handler,
@@ -54,6 +64,7 @@ class Supervisor:
             slots=config.slots,
             settings=self._settings,
             logger=_log,
+            resources=self.resources,
         )
         self.admin: AdminServer | None = None
         self._shutdown: asyncio.Task[None] | None = None
@@ -71,6 +82,7 @@ class Supervisor:
             running=engine.running,
             task_types=tuple(self.handler.task_types()),
             handler_available=self.handler.available,
+            resources=self.resources.latest,
         )
 
     async def drain(self) -> int:
@@ -89,8 +101,17 @@ class Supervisor:
         Raises ValueError for a handler serving no task types, OSError for an admin address that
         cannot be bound, and the HerderError of a coordinator rejection retrying cannot fix.
         """
+        # Sampled from the start, before the handler answers: the admin API shows the node meanwhile.
+        sampling = asyncio.create_task(self.resources.run(), name="herder-supervisor-resources")
+        try:
+            await self._run()
+        finally:
+            sampling.cancel()
+            await asyncio.wait({sampling})
+
+    async def _run(self) -> None:
         if self.config.listen:
-            self.admin = AdminServer(self.config.listen, self.status, self.drain)
+            self.admin = AdminServer(self.config.listen, self.status, self.drain, sampler=self.resources)
             await self.admin.start()
             _log.info("supervisor admin API on port %d", self.admin.port)
         loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from herder.clients.proto.v1 import supervisor_pb2 as _supervisor_pb2
 from herder.clients.proto.v1 import task_pb2 as _task_pb2
 import builtins as _builtins
 import sys
@@ -789,6 +790,7 @@ class Node(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     QUARANTINED_UNTIL_FIELD_NUMBER: _builtins.int
     QUARANTINE_REASON_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     slots: _builtins.int
@@ -807,6 +809,10 @@ class Node(_message.Message):
     def quarantined_until(self) -> _timestamp_pb2.Timestamp:
         """Set while the worker gets no assignments because it let one go unacknowledged."""
 
+    @_builtins.property
+    def resources(self) -> _supervisor_pb2.ResourceSample:
+        """The last resource sample its heartbeats carried; unset until one arrives (or when it was invalid)."""
+
     def __init__(
         self,
         *,
@@ -821,10 +827,11 @@ class Node(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         quarantined_until: _timestamp_pb2.Timestamp | None = ...,
         quarantine_reason: _builtins.str = ...,
+        resources: _supervisor_pb2.ResourceSample | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_heartbeat_time", b"last_heartbeat_time", "quarantined_until", b"quarantined_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_heartbeat_time", b"last_heartbeat_time", "quarantined_until", b"quarantined_until", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connect_time", b"connect_time", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "quarantine_reason", b"quarantine_reason", "quarantined_until", b"quarantined_until", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connect_time", b"connect_time", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "quarantine_reason", b"quarantine_reason", "quarantined_until", b"quarantined_until", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1213,16 +1220,25 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DRAINING_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     draining: _builtins.bool
     """The worker is shutting down: send it no more assignments."""
+    @_builtins.property
+    def resources(self) -> _supervisor_pb2.ResourceSample:
+        """The node's latest resource sample; unset when the worker samples nothing. A sample with
+        impossible numbers (negative, not finite, used above total, cpu_count 0, no sample_time or
+        one a day off) is dropped with one warning per session; the session goes on.
+        """
+
     def __init__(
         self,
         *,
         draining: _builtins.bool = ...,
+        resources: _supervisor_pb2.ResourceSample | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -101,7 +101,9 @@ Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
 @_typing.final
 class ResourceSample(_message.Message):
-    """One sample of the node's resources."""
+    """One sample of the node's resources (and of the handler process's, when its pid is known).
+    Taken every second by default by the Worker and the supervisor; sent with every heartbeat.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -112,12 +114,30 @@ class ResourceSample(_message.Message):
     DISK_USED_BYTES_FIELD_NUMBER: _builtins.int
     DISK_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     LOAD_AVERAGE_1M_FIELD_NUMBER: _builtins.int
+    CPU_COUNT_FIELD_NUMBER: _builtins.int
+    HANDLER_PID_FIELD_NUMBER: _builtins.int
+    HANDLER_CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    HANDLER_RSS_BYTES_FIELD_NUMBER: _builtins.int
     cpu_percent: _builtins.float
+    """The whole node's CPU use since the previous sample, 0 to 100 (100 = every core busy)."""
     memory_used_bytes: _builtins.int
+    """Memory in use (total minus available) and installed, in bytes."""
     memory_total_bytes: _builtins.int
     disk_used_bytes: _builtins.int
+    """Used and total bytes of the filesystem holding the sampled path (default: the working directory)."""
     disk_total_bytes: _builtins.int
     load_average_1m: _builtins.float
+    """Runnable processes averaged over one minute (0 where the platform has none)."""
+    cpu_count: _builtins.int
+    """Logical CPUs of the node."""
+    handler_pid: _builtins.int
+    """The handler process (the Worker itself, or the supervisor's --handler-pid); 0 when not known
+    or gone, and then the two fields below are unset (0).
+    """
+    handler_cpu_percent: _builtins.float
+    """The handler's CPU use since the previous sample, in percent of one core: up to 100 x cpu_count."""
+    handler_rss_bytes: _builtins.int
+    """The handler's resident set size, in bytes."""
     @_builtins.property
     def sample_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -130,10 +150,14 @@ class ResourceSample(_message.Message):
         disk_used_bytes: _builtins.int = ...,
         disk_total_bytes: _builtins.int = ...,
         load_average_1m: _builtins.float = ...,
+        cpu_count: _builtins.int = ...,
+        handler_pid: _builtins.int = ...,
+        handler_cpu_percent: _builtins.float = ...,
+        handler_rss_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sample_time", b"sample_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_percent", b"cpu_percent", "disk_total_bytes", b"disk_total_bytes", "disk_used_bytes", b"disk_used_bytes", "load_average_1m", b"load_average_1m", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "sample_time", b"sample_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cpu_percent", b"cpu_percent", "disk_total_bytes", b"disk_total_bytes", "disk_used_bytes", b"disk_used_bytes", "handler_cpu_percent", b"handler_cpu_percent", "handler_pid", b"handler_pid", "handler_rss_bytes", b"handler_rss_bytes", "load_average_1m", b"load_average_1m", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "sample_time", b"sample_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
