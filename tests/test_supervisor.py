@@ -3,6 +3,7 @@ each a real process (tests/_plain_handler.py is written only with the generated 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -86,6 +87,13 @@ async def _state(c: Client, task_id: str, *states: int) -> task_pb2.Task:
     return await eventually(check, f"task {task_id} in {states}", timeout=30)
 
 
+def _exists(path: Path) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await asyncio.to_thread(path.exists)
+
+    return check
+
+
 def _marked(markers: Path, task_id: str, event: str, timeout: float = 15.0) -> str:
     path = markers / f"{task_id}.{event}"
     eventually_sync(path.exists, f"the handler's {event} marker of {task_id}", timeout=timeout)
@@ -127,12 +135,17 @@ async def test_supervisor_enforces_the_timeout_itself(markers: Path) -> None:
     payload = any_pb2.Any()
     payload.Pack(examples_pb2.EchoRequest(text="late"))
     task = task_pb2.Task(id="t-deadline", attempt=1, spec=task_pb2.TaskSpec(type=ECHO, payload=payload))
-    task.spec.timeout.FromMilliseconds(500)
+    # Long enough that a loaded machine surely starts the call within it: the handler must see it
+    # begin, then see it cancelled at the deadline.
+    task.spec.timeout.FromSeconds(2)
     with handler(port, "sleep", 30, markers):
         runner = HandlerRunner(f"127.0.0.1:{port}")
         try:
             await runner.describe()
-            result = await runner.run(TaskContext(task))
+            running = asyncio.create_task(runner.run(TaskContext(task)))
+            started = markers / f"{task.id}.started"
+            await eventually(_exists(started), what="the handler starting the call")
+            result = await asyncio.wait_for(running, 20)
         finally:
             await runner.close()
     assert result.error.type == HANDLER_DEADLINE_EXCEEDED and result.error.retryable
