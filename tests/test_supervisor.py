@@ -148,8 +148,9 @@ async def test_supervisor_enforces_the_timeout_itself(markers: Path) -> None:
             result = await asyncio.wait_for(running, 20)
         finally:
             await runner.close()
-    assert result.error.type == HANDLER_DEADLINE_EXCEEDED and result.error.retryable
-    _marked(markers, task.id, "cancelled")
+        assert result.error.type == HANDLER_DEADLINE_EXCEEDED and result.error.retryable
+        # While the handler still runs: it sees the call end at the deadline.
+        await eventually(_exists(markers / f"{task.id}.cancelled"), what="the handler seeing the call cancelled")
 
 
 async def test_cancel_from_coordinator_cancels_execute(coordinator: Coordinator, markers: Path) -> None:
