@@ -231,17 +231,9 @@ class Worker:
         await self._engine.run(install_signal_handlers=install_signal_handlers)
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Stop in fixed steps and return once run() has returned.
-
-        1. Stop taking tasks: heartbeats say draining, new assignments are not acknowledged.
-        2. Let running handlers finish within `grace` seconds (settings.shutdown_grace when None).
-        3. Cancel the rest; they are reported with canceled="worker shutdown", so the coordinator
-           re-queues them as new attempts (not counted as failures).
-        4. Wait up to settings.result_ack_timeout for the last results to be acknowledged.
-        5. Close the stream.
-        Safe to call twice or concurrently: later calls wait for the first. Cancelling the caller
-        does not stop the shutdown, which goes on in the background.
-        """
+        """Stop and return once run() has returned: no new tasks, running handlers get `grace` seconds
+        (settings.shutdown_grace when None), the rest are cancelled and re-queued, the last results are
+        delivered (the steps are `SessionEngine.shutdown`'s). Safe to call twice or concurrently."""
         await self._engine.shutdown(grace)
 
     async def __aenter__(self) -> Worker:
