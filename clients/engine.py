@@ -33,7 +33,7 @@ from herder.clients import errors, outcomes
 from herder.clients.backoff import Backoff
 from herder.clients.context import TaskContext
 from herder.clients.endpoints import Endpoints, open_channel
-from herder.clients.outcomes import RESULT_TOO_LARGE
+from herder.clients.outcomes import RESULT_TOO_LARGE, task_error
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.clients.resources import ResourceSampler, ResourceSettings
 
@@ -778,7 +778,7 @@ class SessionEngine:
         what = "output" if kind == "output" else f"error ({result.error.type}: {result.error.message[:200]!r}...)"
         text = f"the handler's {what} is {size} bytes, more than the {limit} bytes the coordinator stores"
         self._log.warning("attempt %s/%d: %s", result.ref.task_id, result.ref.attempt, text)
-        return coordinator_pb2.AttemptResult(ref=result.ref, error=_error(RESULT_TOO_LARGE, text, retryable=False))
+        return coordinator_pb2.AttemptResult(ref=result.ref, error=task_error(RESULT_TOO_LARGE, text, retryable=False))
 
     async def _outcome(self, attempt: _Attempt) -> coordinator_pb2.AttemptResult:
         ctx = attempt.context
@@ -790,7 +790,7 @@ class SessionEngine:
                 result = await self._runner.run(ctx)
             except Exception as exc:  # the runner's own bug: report it rather than lose the attempt
                 self._log.exception("attempt %s/%d: the runner failed", *attempt.ref)
-                result = coordinator_pb2.AttemptResult(error=_error(type(exc).__name__, str(exc), retryable=True))
+                result = coordinator_pb2.AttemptResult(error=task_error(type(exc).__name__, str(exc), retryable=True))
         result.ref.CopyFrom(_ref_proto(attempt.ref))
         return result
 
@@ -922,10 +922,6 @@ class SessionEngine:
 
 def _is_fatal(error: errors.HerderError) -> bool:
     return not isinstance(error, errors.StaleAttemptError) and error.code in _FATAL_CODES
-
-
-def _error(kind: str, text: str, *, retryable: bool = False, details: str = "") -> task_pb2.TaskError:
-    return task_pb2.TaskError(type=kind, message=text, retryable=retryable, details=details)
 
 
 def _ref_proto(ref: _Ref) -> coordinator_pb2.AttemptRef:

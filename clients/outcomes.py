@@ -4,6 +4,8 @@ A handler's own failures carry the exception's name (or NonRetryableError.type);
 the ones the system sets, all under the `herder.` prefix.
 """
 
+from herder.clients.proto.v1 import task_pb2
+
 # The task was canceled (CancelTask, or a cancel that reached a running attempt).
 CANCELED = "herder.canceled"
 # The attempt ran longer than the task's timeout.
@@ -40,3 +42,8 @@ COORDINATOR_ERROR_TYPES = frozenset({CANCELED, TIMEOUT, EXPIRED, WORKER_LOST, AC
 DEFAULT_MAX_RESULT_BYTES = 512 * 1024
 DEFAULT_MAX_ERROR_BYTES = 16 * 1024
 DEFAULT_MAX_PROGRESS_BYTES = 16 * 1024
+
+
+def task_error(kind: str, text: str, *, retryable: bool = False, details: str = "") -> task_pb2.TaskError:
+    """A TaskError of type `kind`: how the Worker, the engine and the supervisor report a failed attempt."""
+    return task_pb2.TaskError(type=kind, message=text, retryable=retryable, details=details)

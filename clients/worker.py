@@ -35,7 +35,7 @@ from herder.clients.context import CancelSignal, ProgressSink, TaskContext
 from herder.clients.descriptors import task_type_for
 from herder.clients.endpoints import Endpoints
 from herder.clients.engine import SHUTDOWN_REASON, SessionEngine, WorkerSettings
-from herder.clients.outcomes import BAD_OUTPUT, BAD_PAYLOAD
+from herder.clients.outcomes import BAD_OUTPUT, BAD_PAYLOAD, task_error
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.clients.runner import run as run_loop
 
@@ -276,13 +276,15 @@ class _HandlerRunner:
         expected = registration.input_type.DESCRIPTOR.full_name
         if task.spec.payload.TypeName() != expected:
             got = task.spec.payload.TypeName() or "no payload"
-            result.error.CopyFrom(_error(BAD_PAYLOAD, f"task type {registration.name} expects {expected}, got {got}"))
+            result.error.CopyFrom(
+                task_error(BAD_PAYLOAD, f"task type {registration.name} expects {expected}, got {got}")
+            )
             return result
         request = registration.input_type()
         try:
             task.spec.payload.Unpack(request)
         except message.DecodeError as exc:
-            result.error.CopyFrom(_error(BAD_PAYLOAD, f"cannot decode the {expected} payload: {exc}"))
+            result.error.CopyFrom(task_error(BAD_PAYLOAD, f"cannot decode the {expected} payload: {exc}"))
             return result
 
         handler = asyncio.create_task(_invoke(registration, request, context))
@@ -337,7 +339,7 @@ def _result_of(
         if not isinstance(output, registration.output_type):
             expected = registration.output_type.DESCRIPTOR.full_name
             result.error.CopyFrom(
-                _error(BAD_OUTPUT, f"the handler returned {type(output).__name__}, not {expected}", retryable=False)
+                task_error(BAD_OUTPUT, f"the handler returned {type(output).__name__}, not {expected}", retryable=False)
             )
             return result
         packed = any_pb2.Any()
@@ -349,18 +351,18 @@ def _result_of(
         result.canceled = ctx.cancelled.reason
         return result
     if exc is None:  # cancelled from inside the handler, not by us
-        result.error.CopyFrom(_error("CancelledError", "the handler was cancelled", retryable=True))
+        result.error.CopyFrom(task_error("CancelledError", "the handler was cancelled", retryable=True))
     elif isinstance(exc, RetryAfter):
         _log.info("attempt %s/%d asks for a retry after %gs: %s", *ref, exc.seconds, exc.message)
-        result.error.CopyFrom(_error(type(exc).__name__, exc.message, retryable=True))
+        result.error.CopyFrom(task_error(type(exc).__name__, exc.message, retryable=True))
         result.retry_after.CopyFrom(_duration(exc.seconds))
     elif isinstance(exc, NonRetryableError):
         _log.info("attempt %s/%d failed for good: %s: %s", *ref, exc.type, exc.message)
-        result.error.CopyFrom(_error(exc.type, exc.message, retryable=False, details=exc.details))
+        result.error.CopyFrom(task_error(exc.type, exc.message, retryable=False, details=exc.details))
     else:
         _log.warning("attempt %s/%d failed: %s: %s", *ref, type(exc).__name__, exc, exc_info=exc)
         details = "".join(traceback.format_exception(exc))[-_MAX_DETAILS:]
-        result.error.CopyFrom(_error(type(exc).__name__, str(exc), retryable=True, details=details))
+        result.error.CopyFrom(task_error(type(exc).__name__, str(exc), retryable=True, details=details))
     return result
 
 
@@ -405,10 +407,6 @@ def _message_types(
 
 def _describe(handler: object) -> str:
     return getattr(handler, "__qualname__", None) or repr(handler)
-
-
-def _error(kind: str, text: str, *, retryable: bool = False, details: str = "") -> task_pb2.TaskError:
-    return task_pb2.TaskError(type=kind, message=text, retryable=retryable, details=details)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

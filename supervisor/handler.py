@@ -31,6 +31,7 @@ from herder.clients.outcomes import (
     HANDLER_FAILED,
     HANDLER_NO_RESULT,
     HANDLER_UNAVAILABLE,
+    task_error,
 )
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, handler_pb2, handler_pb2_grpc, task_pb2
 
@@ -219,15 +220,13 @@ class HandlerRunner:
         handled = self._types.get(context.task_type)
         if handled is not None and handled.output_type and output.TypeName() != handled.output_type:
             text = f"the handler returned {output.TypeName() or 'an empty Any'}, not {handled.output_type}"
-            return coordinator_pb2.AttemptResult(error=task_pb2.TaskError(type=BAD_OUTPUT, message=text))
+            return coordinator_pb2.AttemptResult(error=task_error(BAD_OUTPUT, text))
         return coordinator_pb2.AttemptResult(output=output)
 
     def _error(self, error: task_pb2.TaskError) -> coordinator_pb2.AttemptResult:
         if error.type in COORDINATOR_ERROR_TYPES:
             # Only the coordinator sets these; passed on as they are, the coordinator would refuse the result.
-            error = task_pb2.TaskError(
-                type=f"handler:{error.type}", message=error.message, retryable=error.retryable, details=error.details
-            )
+            error = task_error(f"handler:{error.type}", error.message, retryable=error.retryable, details=error.details)
         return coordinator_pb2.AttemptResult(error=error)
 
 
@@ -244,7 +243,7 @@ def _remaining(task: task_pb2.Task) -> float | None:
 
 
 def _failed(kind: str, text: str) -> coordinator_pb2.AttemptResult:
-    return coordinator_pb2.AttemptResult(error=task_pb2.TaskError(type=kind, message=text, retryable=True))
+    return coordinator_pb2.AttemptResult(error=task_error(kind, text, retryable=True))
 
 
 def _why(exc: grpc.aio.AioRpcError) -> str:
