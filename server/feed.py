@@ -68,14 +68,18 @@ class Feed:
                 raise EtcdError("the coordinator is shutting down")
             if self._task is None or self._task.done():
                 # Read the current revision, then watch from the next: nothing falls in between.
-                _, _, current = await self._etcd.range(self._prefix, prefix_end(self._prefix), limit=1, keys_only=True)
-                self.revision = current
+                self.revision = await self.etcd_revision()
                 self._task = asyncio.create_task(self._run(), name="herder-task-feed")
             if self._idle is not None:
                 self._idle.cancel()
                 self._idle = None
             # No await between these two: the revision is exactly where the subscription starts.
             return self.hub.subscribe(task_filter, settings, name), self.revision
+
+    async def etcd_revision(self) -> int:
+        """etcd's current revision, as a one-key read of the tasks prefix tells it. Raises EtcdError."""
+        _, _, revision = await self._etcd.range(self._prefix, prefix_end(self._prefix), limit=1, keys_only=True)
+        return int(revision)
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Forget the subscription; the last one to leave starts the linger timer."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
@@ -19,6 +20,9 @@ from herder.server import keys
 from herder.server._etcd import Etcd, EtcdError, prefix_end
 from herder.server.contracts import TaskTypeRegistry, render_json
 from herder.server.watchers import TaskFilter
+
+if TYPE_CHECKING:
+    from herder.server.leader import NamespaceLeader
 
 
 async def _scan(
@@ -68,6 +72,16 @@ class StoredReads:
         """The task types compiled so far (`registry_for` brings one up to date)."""
         return self._registry
 
+    def render(self, task: task_pb2.Task, include_json: bool, leader: NamespaceLeader | None) -> task_pb2.Task:
+        """What a reader sees of `task`: `result_json` when asked for (with the leader's types, else
+        those compiled here), and on the leader a queued task's `waiting_reason` (only it knows)."""
+        if include_json and task.HasField("result"):
+            registry = leader.registry if leader is not None else self._registry
+            task.result_json = render_json(task.result, registry, task.spec.type)
+        if leader is not None and task.state == task_pb2.TASK_STATE_QUEUED:
+            task.waiting_reason = leader.waiting_reason(task.id)
+        return task
+
     async def registry_for(self, name: str, max_age: float = 0.0) -> TaskTypeRegistry:
         """The compiled types with `name` at its stored revision, unless that was checked less than
         `max_age` seconds ago (a watch renders many changes: it checks once in a while, not each time).
@@ -87,8 +101,7 @@ class StoredReads:
             task = task_pb2.Task.FromString(kv.value)
             if include_json and task.HasField("result"):
                 await self.registry_for(task.spec.type)
-                task.result_json = render_json(task.result, self._registry, task.spec.type)
-        return task
+        return self.render(task, include_json, None)
 
     async def tasks(
         self, start: bytes, task_filter: TaskFilter, page_size: int

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.server import keys, validation
-from herder.server.contracts import render_json, resolve_payload
+from herder.server.contracts import resolve_payload
 from herder.server.entries import TERMINAL
 from herder.server.forwarding import Forwarder
 from herder.server.horizon import set_timestamp
@@ -140,14 +140,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.SubmitTasksResponse(results=results)
 
     def _render(self, task: task_pb2.Task, include_json: bool) -> task_pb2.Task:
-        leader = self._coordinator.leader
-        if leader is None:
-            return task
-        if include_json and task.HasField("result"):
-            task.result_json = render_json(task.result, leader.registry, task.spec.type)
-        if task.state == task_pb2.TASK_STATE_QUEUED:
-            task.waiting_reason = leader.waiting_reason(task.id)
-        return task
+        return self._stored.render(task, include_json, self._coordinator.leader)
 
     @_unary
     async def GetTask(

@@ -25,7 +25,6 @@ from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server import keys, validation
 from herder.server._etcd import CompactedError, EtcdError, prefix_end
-from herder.server.contracts import render_json
 from herder.server.entries import TERMINAL
 from herder.server.feed import Feed
 from herder.server.leader import NamespaceLeader
@@ -97,11 +96,9 @@ class Watching:
         if wanted <= self._feed.revision:
             return self._feed.revision
         try:
-            prefix = keys.tasks_prefix(self._coordinator.prefix)
-            _, _, revision = await self._coordinator.etcd.range(prefix, prefix_end(prefix), limit=1, keys_only=True)
+            return await self._feed.etcd_revision()
         except EtcdError as exc:
             raise errors.UnavailableError(f"cannot reach etcd to check after_revision: {exc}") from None
-        return int(revision)
 
     async def _watch(self, request: coordinator_pb2.WatchTasksRequest, context: Context) -> None:
         task_filter = TaskFilter(
@@ -270,14 +267,7 @@ class Watching:
                 log.info("task type %s not reloaded: %s", name, exc)
 
     def _render(self, task: task_pb2.Task, include_json: bool) -> task_pb2.Task:
-        leader = self._leading()
-        if include_json and task.HasField("result"):
-            registry = leader.registry if leader is not None else self._stored.registry
-            task.result_json = render_json(task.result, registry, task.spec.type)
-        # Only the leader knows why a queued task waits; a follower leaves it empty.
-        if leader is not None and task.state == task_pb2.TASK_STATE_QUEUED:
-            task.waiting_reason = leader.waiting_reason(task.id)
-        return task
+        return self._stored.render(task, include_json, self._leading())
 
     def _change_response(self, item: Published, include_json: bool) -> coordinator_pb2.WatchTasksResponse:
         """The response for a published change, rendered by the first watcher that sends it and
