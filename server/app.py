@@ -292,6 +292,11 @@ class Coordinator:
                 healthy=not etcd_member.error,
                 error=etcd_member.error,
             )
+        self.fill_counts(status)
+        return status
+
+    def fill_counts(self, status: coordinator_pb2.GetClusterStatusResponse) -> None:
+        """Sessions and task counts: the leader's memory (nothing on a follower)."""
         leader = self.leader
         if leader is not None:
             status.sessions = len(leader.workers.sessions)
@@ -301,7 +306,6 @@ class Coordinator:
             status.tasks_running = counts.get(task_pb2.TASK_STATE_RUNNING, 0) + counts.get(
                 task_pb2.TASK_STATE_ASSIGNED, 0
             )
-        return status
 
     async def stop(self, grace: float = 2.0) -> None:
         """Step down (releasing the leader key at once), end sessions and stop serving."""

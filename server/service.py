@@ -22,7 +22,7 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_
 from herder.server import keys, validation
 from herder.server.contracts import resolve_payload
 from herder.server.entries import TERMINAL
-from herder.server.forwarding import Forwarder
+from herder.server.forwarding import Forwarder, is_forwarded
 from herder.server.horizon import set_timestamp
 from herder.server.leader import NamespaceLeader
 from herder.server.reads import StoredReads
@@ -294,6 +294,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def GetClusterStatus(
         self, request: coordinator_pb2.GetClusterStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.GetClusterStatusResponse:
+        if is_forwarded(context) and self._leading() is not None:
+            # A follower asks only for the counts in the leader's memory: no etcd reads for it.
+            counts = coordinator_pb2.GetClusterStatusResponse()
+            self._coordinator.fill_counts(counts)
+            return counts
         status: coordinator_pb2.GetClusterStatusResponse = await self._coordinator.cluster_status()
         if self._leading() is None:
             # Sessions and task counts live in the leader's memory: asked for briefly, so that status
