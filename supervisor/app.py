@@ -132,6 +132,7 @@ class Supervisor:
                 self._describing = None
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
+            self._follow_handler_pid()
             watcher = asyncio.create_task(self.handler.watch(), name="herder-supervisor-handler-watch")
             _log.info(
                 "supervisor %s: %d slots for %s, coordinator %s",
@@ -152,8 +153,14 @@ class Supervisor:
                 await self.admin.stop()
             await self.handler.close()
 
+    def _follow_handler_pid(self) -> None:
+        # --handler-pid wins; otherwise the pid the handler's Describe gave, which changes when it restarts.
+        if self.config.handler_pid is None:
+            self.resources.follow_handler(self.handler.pid)
+
     def _on_handler_change(self, available: bool, why: str) -> None:
         if available:
+            self._follow_handler_pid()
             self.engine.resume()
         else:
             self.engine.pause(f"the handler at {self.config.handler} does not answer ({why})")
