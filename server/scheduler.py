@@ -185,6 +185,8 @@ class Scheduler:
         self._global_limit = 0
         self._global_running = 0
         self._tiebreak = itertools.count()
+        # Queued tasks with a resource request.
+        self._requested = 0
 
     # ----------------------------------------------------------------- queries
 
@@ -195,6 +197,11 @@ class Scheduler:
     def __contains__(self, task_id: object) -> bool:
         """Whether the task is queued (not whether it is running)."""
         return task_id in self._tasks
+
+    @property
+    def requested(self) -> int:
+        """Queued tasks that request resources."""
+        return self._requested
 
     def queued(self, queue: str | None = None) -> int:
         """Queued tasks in this queue, or in all queues."""
@@ -496,6 +503,8 @@ class Scheduler:
             kq = level.keys[key] = _KeyQueue(k, level)
         heapq.heappush(kq.heap, task)
         heapq.heappush(q.oldest, task)
+        if cpu or memory:
+            self._requested += 1
         kq.live += 1
         level.count += 1
         lane.count += 1
@@ -554,6 +563,8 @@ class Scheduler:
             kq.heap[:] = [e for e in kq.heap if tasks.get(e[1]) is e]
             heapq.heapify(kq.heap)
         level.count -= 1
+        if lane.request != NO_REQUEST:
+            self._requested -= 1
         if not level.count:
             # Its entry in the lane's level heap turns stale: the lane no longer maps the priority to it.
             del lane.levels[level.priority]

@@ -283,6 +283,8 @@ async def test_admin_status_health_and_drain(coordinator: Coordinator) -> None:
         ["--handler", "127.0.0.1:1", "--handler-pid", "0"],
         ["--handler", "127.0.0.1:1", "--resource-interval", "0.01"],
         ["--handler", "127.0.0.1:1", "--disk-path", "/no/such/dir"],
+        ["--handler", "127.0.0.1:1", "--cpu", "two"],
+        ["--handler", "127.0.0.1:1", "--memory", "4 gigs"],
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
