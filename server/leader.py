@@ -119,6 +119,7 @@ class NamespaceLeader:
         self.dispatcher = Dispatcher(self)
         self.timers = Timers(self)
         self.workers = Workers(self)
+        self.unplaced = placement.Reasons(self.workers.sessions.values, self.scheduler.request, settings.placement)
         self.reports = Reports(self)
         self.retention = Retention(self)
         self._tasks: list[asyncio.Task[None]] = []
@@ -547,16 +548,7 @@ class NamespaceLeader:
         held = self.scheduler.hold_reason(task_id)
         if held or task_id not in self.scheduler:
             return held
-        task_type = self.scheduler.task_type(task_id)
-        return placement.unplaced_reason(self.scheduler.request(task_id), task_type, self.rooms())
-
-    def rooms(self) -> list[placement.Room]:
-        """What each live session has free for resource requests (a status query: walks every session)."""
-        return [
-            placement.room(s, self.scheduler.request, self.settings.placement)
-            for s in self.workers.sessions.values()
-            if not s.closed
-        ]
+        return self.unplaced.why(self.scheduler.request(task_id), self.scheduler.task_type(task_id))
 
     # ----------------------------------------------------------------- status
 
@@ -567,7 +559,6 @@ class NamespaceLeader:
         names = set(self.book.queues()) | set(self.scheduler.queues())
         names |= {name for scope, name in self.limits if scope == coordinator_pb2.LIMIT_SCOPE_QUEUE}
         found = []
-        rooms: list[placement.Room] | None = None
         for name in sorted(names):
             figures = self.book.figures(name)
             counts = figures.counts
@@ -592,9 +583,7 @@ class NamespaceLeader:
                 if self.scheduler.hold_reason(oldest).startswith(("queue", "the global")):
                     stats.held = stats.queued
             for want, types, count in self.scheduler.waiting_requests(name):
-                if rooms is None:
-                    rooms = self.rooms()
-                reason = next(filter(None, (placement.unplaced_reason(want, t, rooms) for t in sorted(types))), "")
+                reason = next(filter(None, (self.unplaced.why(want, t) for t in sorted(types))), "")
                 if reason:
                     stats.waiting_for_resources += count
                     stats.resources_reason = stats.resources_reason or reason

@@ -14,12 +14,17 @@ Plain Python over Session and the scheduler's requests: no protobuf beyond the s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from herder.clients.proto.v1 import task_pb2
 from herder.server.scheduler import NO_REQUEST, Request
 from herder.server.sessions import Session
+
+# How stale the sessions behind a waiting reason may be: reads render one per queued task (a ListTasks
+# page, every watched change), and each costs a walk over all sessions when computed afresh.
+REASONS_MAX_AGE = 0.25
 
 # The most a worker's hello may offer: the bounds of a resource sample (65,536 cores) and 1 PiB.
 MAX_CAPACITY_CPU_MILLIS = 65_536_000
@@ -161,3 +166,35 @@ def unplaced_reason(request: Request, task_type: str, rooms: Iterable[Room]) -> 
         f"no node serving {task_type!r} has {describe(request)} free (most free: {most});"
         f" waiting for running tasks to finish{note}"
     )
+
+
+class Reasons:
+    """Why tasks of a type and request wait for room, for status reads (GetTask, ListTasks, watches,
+    ListQueues): the sessions' rooms are taken at most every REASONS_MAX_AGE seconds and each
+    (request, type) is explained once per take, so many reads cost one walk over the sessions."""
+
+    def __init__(
+        self,
+        sessions: Callable[[], Iterable[Session]],
+        request_of: Callable[[str], Request],
+        settings: PlacementSettings,
+    ) -> None:
+        self._sessions = sessions
+        self._request_of = request_of
+        self._settings = settings
+        self._taken = -REASONS_MAX_AGE
+        self._rooms: list[Room] = []
+        self._reasons: dict[tuple[Request, str], str] = {}
+
+    def why(self, request: Request, task_type: str) -> str:
+        """unplaced_reason() over the sessions as of at most REASONS_MAX_AGE ago."""
+        now = time.monotonic()
+        if now - self._taken >= REASONS_MAX_AGE:
+            self._taken = now
+            self._rooms = [room(s, self._request_of, self._settings) for s in self._sessions() if not s.closed]
+            self._reasons.clear()
+        key = (request, task_type)
+        reason = self._reasons.get(key)
+        if reason is None:
+            reason = self._reasons[key] = unplaced_reason(request, task_type, self._rooms)
+        return reason
