@@ -19,7 +19,8 @@ Model
   highest priority wins, ties to the lower sequence (FIFO across lanes). With `fits`, lanes whose
   request the worker cannot take are passed over: a big request waiting for a big node does not
   hold back smaller ones behind it (they are in other lanes), and keeps its own place for a node it
-  fits. Tasks with the same request stay FIFO among themselves.
+  fits. Tasks with the same request stay FIFO among themselves; fair sharing between keys holds
+  within each lane, so among the tasks of one request.
 - Fairness bound: a key that joins a level enters its ring at the back, so it waits at most one turn
   of each key ahead of it. With one busy key A of weight w, a newly arrived key B's task comes out
   after at most w more tasks of A; with w = 1, next or after exactly one A (a key whose turn just
@@ -133,12 +134,15 @@ _Head = tuple[int, int, int, "_Lane"]
 class _Lane:
     """One (queue, task_type, request): priority levels, highest first, and the lane's current next pick."""
 
-    __slots__ = ("count", "head", "head_kq", "level_heap", "levels", "name", "parked", "queue", "request", "type")
+    __slots__ = (
+        "count", "head", "head_kq", "level_heap", "levels", "name", "parked", "queue", "request", "requested", "type",
+    )  # fmt: skip
 
     def __init__(self, queue: _Queue, task_type: _Type, request: Request) -> None:
         self.queue = queue
         self.type = task_type
         self.request = request
+        self.requested = request != NO_REQUEST
         # Its key in the type's lanes.
         self.name = (queue.name, request[0], request[1])
         self.count = 0
@@ -353,25 +357,28 @@ class Scheduler:
             return None
         best: _Head | None = None
         # Heads of lanes that do not fit, popped while looking past them: put back before returning.
-        passed: list[_Head] = []
+        passed: list[_Head] | None = None
         verdicts: dict[Request, bool] = {}
         for name in task_types:
             task_type = self._types.get(name)
             if task_type is None:
                 continue
-            while (head := self._top(task_type)) is not None:
-                request = head[3].request
-                if fits is None or request == NO_REQUEST:
-                    break
-                verdict = verdicts.get(request)
-                if verdict is None:
-                    verdict = verdicts[request] = fits(request)
-                if verdict:
-                    break
-                passed.append(heapq.heappop(task_type.heap))
+            head = self._top(task_type)
+            if fits is not None:
+                while head is not None and head[3].requested:
+                    request = head[3].request
+                    verdict = verdicts.get(request)
+                    if verdict is None:
+                        verdict = verdicts[request] = fits(request)
+                    if verdict:
+                        break
+                    if passed is None:
+                        passed = []
+                    passed.append(heapq.heappop(task_type.heap))
+                    head = self._top(task_type)
             if head is not None and (best is None or head < best):
                 best = head
-        for head in passed:
+        for head in passed or ():
             heapq.heappush(head[3].type.heap, head)
         if best is None:
             return None
@@ -563,7 +570,7 @@ class Scheduler:
             kq.heap[:] = [e for e in kq.heap if tasks.get(e[1]) is e]
             heapq.heapify(kq.heap)
         level.count -= 1
-        if lane.request != NO_REQUEST:
+        if lane.requested:
             self._requested -= 1
         if not level.count:
             # Its entry in the lane's level heap turns stale: the lane no longer maps the priority to it.

@@ -86,6 +86,9 @@ def test_request_and_waiting_requests() -> None:
     assert s.pick(["t"], upto(1000, 2 << 30)) == "c"
     assert s.request("c") == SMALL  # running tasks keep their request
     assert s.waiting_requests("q") == [(BIG, frozenset({"t", "u"}), 2)]
+    assert s.requested == 3  # a, b and d; e requests nothing
+    s.remove("d")
+    assert s.requested == 2
 
 
 @pytest.mark.parametrize("seed", range(20))
