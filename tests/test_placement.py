@@ -22,12 +22,12 @@ import pytest
 from _cluster import Coordinator
 from _helpers import process_group
 from _raw_worker import RawWorker
-from _scheduling import ECHO, Api, S, complete, get, queue_stats, submit
+from _scheduling import ECHO, Api, S, complete, connect, get, queue_stats, submit
 from _timing import eventually, quiet
 
 from herder.clients import errors
 from herder.clients.backoff import Backoff
-from herder.clients.embedded_etcd import free_port
+from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
 from herder.clients.examples import build_example_worker
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import supervisor_pb2, task_pb2
@@ -239,3 +239,24 @@ async def test_cli_shows_tasks_waiting_for_resources(api: Api, coordinator: Coor
         assert "NO ROOM" in queues and "big: no node serving 'examples.echo' has 8000m cpu" in queues, queues
         shown = json.loads(await run("--output", "json", "tasks", "get", task.id))
         assert "8000m cpu" in shown["waitingReason"], shown
+
+
+async def test_the_memory_pressure_threshold_is_the_coordinators_flag(etcd: EmbeddedEtcd, namespace: str) -> None:
+    with Coordinator(etcd.endpoint, namespace, extra_args=["--memory-pressure", "0.5"]) as coordinator:
+        async with connect(coordinator) as api, RawWorker(coordinator.address, "half", [ECHO]) as worker:
+            await worker.send(heartbeat=pb.Heartbeat(resources=sample(0.6)))
+
+            async def pressed() -> bool:
+                listed = await node(api, "half")
+                return listed is not None and listed.memory_pressure
+
+            await eventually(pressed, "pressure at 60 % with a threshold of 50 %")
+
+
+def test_a_bad_memory_pressure_flag_is_one_line_and_exit_2() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
+    env["HERDER_MEMORY_PRESSURE"] = "1.5"
+    done = subprocess.run(
+        [sys.executable, "-m", "herder.server"], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 2 and "--memory-pressure" in done.stderr and "Traceback" not in done.stderr
