@@ -29,6 +29,7 @@ from herder.clients import errors
 from herder.clients.backoff import Backoff
 from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
 from herder.clients.examples import build_example_worker
+from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import supervisor_pb2, task_pb2
 from herder.clients.worker import WorkerSettings
@@ -48,6 +49,12 @@ def sample(used: float, total: int = 64 * GIB, cpus: int = 16) -> supervisor_pb2
     )
     value.sample_time.GetCurrentTime()
     return value
+
+
+async def succeed(worker: RawWorker, task: task_pb2.Task) -> None:
+    """Succeed an attempt already acknowledged (start_next): its reservation ends."""
+    ack = await worker.succeed(task.id, task.attempt, examples_pb2.EchoResponse(text="done"))
+    assert ack.accepted, ack.reason
 
 
 async def node(api: Api, worker_id: str) -> pb.Node | None:
@@ -73,14 +80,14 @@ async def test_a_task_goes_to_the_node_it_fits(api: Api, coordinator: Coordinato
     big = RawWorker(coordinator.address, "big", [ECHO], slots=4, capacity=BIG)
     async with small, big:
         task = await submit(api, resources=task_pb2.Resources(cpu_millis=4000, memory_bytes=8 * GIB))
-        assigned = await big.next_assignment()
+        assigned = await big.start_next()
         assert assigned.id == task.id and assigned.worker_id == "big"
         await quiet(small.assignments, 0.5, what="an assignment to the small node")
         listed = await node(api, "big")
         assert listed is not None and listed.capacity.cpu_millis == 8000
         # Reserved while it runs: the big node has its request less free.
         assert listed.free.cpu_millis == 4000 and listed.free.memory_bytes == 8 * GIB
-        await complete(big, assigned)
+        await succeed(big, assigned)
 
 
 async def test_a_task_that_fits_nowhere_waits_with_a_reason_until_a_big_node_joins(
@@ -90,7 +97,7 @@ async def test_a_task_that_fits_nowhere_waits_with_a_reason_until_a_big_node_joi
         task = await submit(api, queue="gpu", resources=BIG)
         plain = await submit(api, queue="gpu")
         # The big task does not block the plain one behind it.
-        assert (await small.next_assignment()).id == plain.id
+        assert (await small.start_next()).id == plain.id
         waiting = await eventually(lambda: queued_with_reason(api, task.id), "a waiting reason")
         reason = waiting.waiting_reason
         assert "8000m cpu and 16 GiB memory" in reason and "largest: 1000m cpu and 1 GiB memory" in reason, reason
@@ -110,11 +117,11 @@ async def test_a_busy_node_frees_its_reservation_when_a_task_ends(api: Api, coor
     async with RawWorker(coordinator.address, "one", [ECHO], slots=4, capacity=SMALL) as worker:
         first = await submit(api, resources=half)
         second = await submit(api, resources=half)
-        running = await worker.next_assignment()
+        running = await worker.start_next()
         assert running.id == first.id
         waiting = await eventually(lambda: queued_with_reason(api, second.id), "a waiting reason")
         assert "free (most free: 400m cpu" in waiting.waiting_reason, waiting.waiting_reason
-        await complete(worker, running)
+        await succeed(worker, running)
         assert (await worker.next_assignment()).id == second.id
 
 
@@ -157,7 +164,7 @@ async def test_the_least_loaded_node_is_offered_tasks_first(api: Api, coordinato
             # busy runs 2 of 4 slots; idle takes the next two (0 then 1 of 4 < 2 of 4).
             for _ in range(2):
                 task = await submit(api)
-                assert (await idle.next_assignment()).id == task.id
+                assert (await idle.start_next()).id == task.id
             await quiet(busy.assignments, 0.3, what="an assignment to the busier node")
 
 
