@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     queues = command(
         "queues",
-        "list queues: backlog by state, held back by limits, running (assigned or running), limit, "
+        "list queues: backlog by state, held back by limits, waiting for a node with room for their"
+        " resource request (NO ROOM, with why), running (assigned or running), limit, "
         "oldest waiting task, wait p50/p99, dispatch rate, retention, finished counts",
         _async(_queues),
     )
