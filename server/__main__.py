@@ -15,6 +15,7 @@ from herder.server._etcd import EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
 from herder.server.horizon import MAX_DELAY_SECONDS
 from herder.server.leader import LeaderSettings
+from herder.server.placement import PlacementSettings
 from herder.server.sessions import SessionSettings
 from herder.server.watchers import WatchSettings
 
@@ -78,6 +79,13 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         default=_env("QUARANTINE", "60"),
         help="seconds a worker that leaves an assignment unacknowledged gets no assignments (default 60)",
     )
+    parser.add_argument(
+        "--memory-pressure",
+        type=float,
+        default=_env("MEMORY_PRESSURE", str(PlacementSettings().memory_pressure)),
+        help="a node whose memory use (used/total) is at or above this share gets no new tasks"
+        f" (default {PlacementSettings().memory_pressure})",
+    )
     limits = validation.Limits()
     for name, what in (
         ("result", "largest attempt output a worker may report"),
@@ -130,6 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         problems.append("--max-sessions: must be at least 1")
     if not 0 < args.quarantine <= 24 * 3600:
         problems.append("--quarantine: must be between 0 and 86400 seconds")
+    if not 0 < args.memory_pressure <= 1:
+        problems.append("--memory-pressure: must be above 0 and at most 1 (a share of the node's memory)")
     limits = dataclasses.replace(
         limits,
         max_result_bytes=args.max_result_bytes,
@@ -164,6 +174,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
             retention=args.retention,
             idempotency_window=args.idempotency_window,
             quarantine=args.quarantine,
+            placement=PlacementSettings(memory_pressure=args.memory_pressure),
         ),
         limits=limits,
         watch=WatchSettings(max_watchers=args.max_watchers, max_backlog=args.watch_backlog),

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from herder.clients import errors
+from herder.clients import errors, quantities
 from herder.clients.endpoints import DEFAULT_ADDRESS, Endpoints
 from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
 from herder.clients.runner import run as run_loop
@@ -82,6 +82,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
         metavar="PATH",
         help="report the disk use of the filesystem holding PATH (default: the working directory's)",
     )
+    # Placement capacity (a container's limits); parsed by quantities, so a bad value is one line.
+    parser.add_argument(
+        "--cpu",
+        default=_env("CPU"),
+        metavar="CPU",
+        help="CPU offered to tasks' requests: cores (2, 0.5) or millicores (500m) (default: the node's cores)",
+    )
+    parser.add_argument(
+        "--memory",
+        default=_env("MEMORY"),
+        metavar="SIZE",
+        help="memory offered to tasks' requests: 4GiB, 512Mi, bytes, ... (default: the node's memory)",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
 
@@ -112,6 +125,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
         problems.append(f"--disk-path: not a directory: {args.disk_path!r}")
     if args.node_id is not None and args.node_id != args.node_id.strip():
         problems.append("--node-id: must not start or end with spaces")
+    capacity_cpu, capacity_memory = 0, 0
+    if args.cpu.strip():
+        try:
+            capacity_cpu = quantities.parse_cpu(args.cpu)
+        except ValueError as exc:
+            problems.append(f"--cpu: {exc}")
+    if args.memory.strip():
+        try:
+            capacity_memory = quantities.parse_memory(args.memory)
+        except ValueError as exc:
+            problems.append(f"--memory: {exc}")
     if problems:
         parser.error("; ".join(problems))
     assert slots is not None and grace is not None and interval is not None
@@ -125,6 +149,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
         handler_pid=handler_pid,
         resource_interval=interval,
         disk_path=args.disk_path or ".",
+        capacity_cpu_millis=capacity_cpu,
+        capacity_memory_bytes=capacity_memory,
     )
     return config, args.log_level
 

@@ -307,6 +307,8 @@ async def test_handler_pid_comes_from_describe_and_follows_a_restart(coordinator
         ["--handler", "127.0.0.1:1", "--handler-pid", "0"],
         ["--handler", "127.0.0.1:1", "--resource-interval", "0.01"],
         ["--handler", "127.0.0.1:1", "--disk-path", "/no/such/dir"],
+        ["--handler", "127.0.0.1:1", "--cpu", "two"],
+        ["--handler", "127.0.0.1:1", "--memory", "4 gigs"],
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
