@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +49,7 @@ from herder.clients.client import (
 from herder.clients.descriptors import add_files
 from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS
 from herder.clients.locked_command import TOKEN_ENV, run_locked
-from herder.clients.proto.v1 import coordinator_pb2, task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
 
 PROG = "herder"
 # Commands whose arguments belong to another program, passed on untouched.
@@ -238,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         "nodes",
         "list connected nodes (workers and supervisors): slots, running, CPU, memory, disk and handler use",
         _async(_nodes),
+    )
+    command(
+        "alerts",
+        "list the active alerts of connected supervisors (memory, CPU, disk, timeouts, handler, heartbeats)",
+        _async(_alerts),
     )
 
     lock = command(
@@ -785,6 +791,7 @@ def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
         "CONNECTED",
         "LAST HEARTBEAT",
         "QUARANTINED",
+        "ALERTS",
         title="nodes",
     )
     for node in nodes:
@@ -802,6 +809,7 @@ def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
             _time(node.connect_time),
             _time(node.last_heartbeat_time),
             quarantined,
+            ", ".join(f"[red]{escape(a.name)}[/]" for a in node.alerts),
         )
     out.console.print(table)
     if not nodes:
@@ -818,6 +826,36 @@ def _free_cell(node: coordinator_pb2.Node) -> str:
     if node.memory_pressure:
         parts.append("[red]memory pressure: no new tasks[/]")
     return ", ".join(parts)
+
+
+async def _alerts(client: Client, out: Output, args: argparse.Namespace) -> int:
+    nodes = await client.nodes()
+    active = sorted(
+        ((node.worker_id, alert) for node in nodes for alert in node.alerts),
+        key=lambda pair: (pair[1].raise_time.ToNanoseconds(), pair[0]),
+    )
+    if out.json:
+        document = [{"workerId": worker, **await out.to_dict(alert)} for worker, alert in active]
+        print(json.dumps(document, indent=2))
+        return 0
+    table = _table("WORKER", "ALERT", "SEVERITY", "RAISED", "FOR", "MESSAGE", "ID", title="alerts")
+    now = time.time()
+    for worker, alert in active:
+        severity = supervisor_pb2.AlertSeverity.Name(alert.severity).removeprefix("ALERT_SEVERITY_").lower()
+        style = "red" if severity == "critical" else "yellow" if severity == "warning" else ""
+        table.add_row(
+            escape(worker),
+            escape(alert.name),
+            f"[{style}]{severity}[/]" if style else severity,
+            _time(alert.raise_time),
+            _span(max(now - alert.raise_time.ToNanoseconds() / 1e9, 0.0)),
+            escape(alert.message),
+            escape(alert.id),
+        )
+    out.console.print(table)
+    if not active:
+        out.console.print(f"no active alerts on {len(nodes)} connected nodes", style="dim")
+    return 0
 
 
 def _resource_cells(node: coordinator_pb2.Node) -> tuple[str, str, str, str]:

@@ -20,8 +20,9 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
@@ -30,11 +31,12 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from herder.clients import errors, outcomes
+from herder.clients.alerts import MAX_HEARTBEAT_ALERTS
 from herder.clients.backoff import Backoff
 from herder.clients.context import TaskContext
 from herder.clients.endpoints import Endpoints, open_channel
 from herder.clients.outcomes import RESULT_TOO_LARGE, task_error
-from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, supervisor_pb2, task_pb2
 from herder.clients.resources import ResourceSampler, ResourceSettings
 
 _log = logging.getLogger(__name__)
@@ -322,6 +324,7 @@ class SessionEngine:
         logger: logging.Logger | None = None,
         resources: ResourceSampler | None = None,
         capacity: task_pb2.Resources | None = None,
+        alerts: Callable[[], Sequence[supervisor_pb2.Alert]] | None = None,
     ) -> None:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
@@ -344,6 +347,10 @@ class SessionEngine:
         self.resources = resources or ResourceSampler(
             ResourceSettings(interval=self._settings.resource_interval, handler_pid=os.getpid())
         )
+        # The active alerts each heartbeat carries (the supervisor's); None: heartbeats carry none.
+        self._alerts = alerts
+        # Monotonic time the coordinator was last heard from (any message), for heartbeat_lag.
+        self._last_heard = time.monotonic()
 
         self._attempts: dict[_Ref, _Attempt] = {}
         self._slots = asyncio.Semaphore(slots)
@@ -413,6 +420,8 @@ class SessionEngine:
         """Take tasks again after pause() (reconnecting at once if the session was closed)."""
         if self._paused:
             self._log.info("worker %s: taking tasks again", self._worker_id)
+            if self._session is None:
+                self._last_heard = time.monotonic()  # silent by choice until now: not lag
         self._paused = ""
         self._pause_set.clear()
         self._resumed.set()
@@ -430,6 +439,35 @@ class SessionEngine:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def coordinator_silence(self) -> float | None:
+        """Seconds since the coordinator was last heard from (connected or not); None when no session is wanted.
+
+        None before run(), after shutdown and while paused with the session closed: silence
+        then is by choice, not lag.
+        """
+        if not self._started or self._stop.is_set() or (self._paused and self._session is None):
+            return None
+        return time.monotonic() - self._last_heard
+
+    def overdue(self) -> list[tuple[str, float]]:
+        """Attempts still running past their task's timeout: (task_id/attempt, seconds past), most overdue first.
+
+        The handler was told to stop at the timeout; one still running ignores it.
+        """
+        now = time.time()
+        found = []
+        for attempt in self._attempts.values():
+            spec = attempt.task.spec
+            if attempt.runner is None or attempt.runner.done() or not spec.HasField("timeout"):
+                continue
+            timeout = _seconds(spec.timeout)
+            if timeout <= 0 or not attempt.task.HasField("assign_time"):
+                continue
+            past = now - (attempt.task.assign_time.ToNanoseconds() / 1e9 + timeout)
+            if past > 0:
+                found.append((f"{attempt.ref[0]}/{attempt.ref[1]}", past))
+        return sorted(found, key=lambda item: -item[1])
 
     async def wait_connected(self, timeout: float) -> None:
         """Return once a session is open (welcome received); TimeoutError after `timeout` seconds."""
@@ -454,6 +492,7 @@ class SessionEngine:
         if not self._task_types:
             raise RuntimeError("the runner serves no task types")
         self._started = True
+        self._last_heard = time.monotonic()
         loop = asyncio.get_running_loop()
         installed = self._install_signal_handlers(loop) if install_signal_handlers else []
         sampling = (
@@ -598,6 +637,7 @@ class SessionEngine:
                     self._prepared = True
                 call = stub.Connect()
                 welcome = await self._hello(call)
+                self._last_heard = time.monotonic()
                 async with _Session(call, welcome, address, self._settings) as session:
                     self._session = session
                     self._welcomed_at = asyncio.get_running_loop().time()
@@ -670,6 +710,8 @@ class SessionEngine:
             beat = coordinator_pb2.Heartbeat(draining=draining)
             if (sample := self.resources.latest) is not None:
                 beat.resources.CopyFrom(sample)
+            if self._alerts is not None:
+                beat.alerts.extend(list(self._alerts())[:MAX_HEARTBEAT_ALERTS])
             await session.send(coordinator_pb2.ConnectRequest(heartbeat=beat))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(session.heartbeat_interval):
@@ -683,6 +725,7 @@ class SessionEngine:
                 raise _StreamLost(f"nothing heard from the coordinator for {session.heartbeat_timeout:g}s") from None
             if not isinstance(response, coordinator_pb2.ConnectResponse):
                 raise _StreamLost("the coordinator closed the stream")
+            self._last_heard = time.monotonic()
             kind = response.WhichOneof("message")
             if kind == "assignments":
                 for task in response.assignments.tasks:

@@ -293,6 +293,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             node.free.cpu_millis = max(room.cpu or 0, 0)
             node.free.memory_bytes = max(room.memory or 0, 0)
             node.memory_pressure = room.pressure
+            node.alerts.extend(session.alerts)
             nodes.append(node)
         return coordinator_pb2.ListNodesResponse(nodes=nodes)
 

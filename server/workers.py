@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from herder.clients import errors, resources
+from herder.clients import alerts, errors, resources
 from herder.clients.outcomes import WORKER_LOST
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
 from herder.server import placement
@@ -121,10 +121,28 @@ class Workers:
                 scheduler = self._leader.scheduler
                 if session.free > 0 and scheduler and (pressed or scheduler.requested):
                     self._leader.dispatcher.offer(session)
+        self._store_alerts(session, beat)
         if beat.draining and not session.draining:
             session.draining = True
             log.info("session %s is draining", session.id)
         session.ack_heartbeat()
+
+    def _store_alerts(self, session: Session, beat: coordinator_pb2.Heartbeat) -> None:
+        """Keep the heartbeat's active alerts (each heartbeat carries all of them); bad ones are dropped."""
+        kept = []
+        for alert in beat.alerts[: alerts.MAX_HEARTBEAT_ALERTS]:
+            problem = alerts.validate(alert)
+            if problem:
+                session.warn("alerts", f"alert dropped: {problem}")
+                continue
+            copy = supervisor_pb2.Alert()
+            copy.CopyFrom(alert)  # not a view keeping the request alive
+            kept.append(copy)
+        if len(beat.alerts) > alerts.MAX_HEARTBEAT_ALERTS:
+            session.warn(
+                "alerts-count", f"{len(beat.alerts)} alerts, only the first {alerts.MAX_HEARTBEAT_ALERTS} kept"
+            )
+        session.alerts = kept
 
     def close_session(self, session: Session) -> None:
         """The stream ended: its attempts wait heartbeat_timeout for the worker to re-claim them."""

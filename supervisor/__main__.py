@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from herder.clients import errors, quantities
+from herder.clients.alerts import DEFAULT_RULES, parse_alert_overrides
 from herder.clients.endpoints import DEFAULT_ADDRESS, Endpoints
 from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
 from herder.clients.runner import run as run_loop
@@ -95,6 +96,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
         metavar="SIZE",
         help="memory offered to tasks' requests: 4GiB, 512Mi, bytes, ... (default: the node's memory)",
     )
+    parser.add_argument(
+        "--alert",
+        action="append",
+        default=_env("ALERTS").split(),
+        metavar="NAME.FIELD=VALUE",
+        help="change an alert rule, repeatable (e.g. memory_pressure.threshold=80%%, cpu_saturation.for=2m,"
+        " disk_almost_full.enabled=false; HERDER_ALERTS: space-separated); see README 'Alerts'",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
 
@@ -136,6 +145,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
             capacity_memory = quantities.parse_memory(args.memory)
         except ValueError as exc:
             problems.append(f"--memory: {exc}")
+    alert_rules = DEFAULT_RULES
+    try:
+        alert_rules = parse_alert_overrides(args.alert)
+    except ValueError as exc:
+        problems.append(f"--alert: {exc}")
     if problems:
         parser.error("; ".join(problems))
     assert slots is not None and grace is not None and interval is not None
@@ -151,6 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SupervisorConfig, str
         disk_path=args.disk_path or ".",
         capacity_cpu_millis=capacity_cpu,
         capacity_memory_bytes=capacity_memory,
+        alert_rules=alert_rules,
     )
     return config, args.log_level
 

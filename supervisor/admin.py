@@ -3,7 +3,8 @@
 Health is SERVING while a coordinator session is open and the handler answers, NOT_SERVING
 otherwise, for the whole server ("") and for herder.v1.SupervisorService. WatchResources streams
 the sampler's samples, at most MAX_RESOURCE_WATCHERS streams at once, each holding only the newest
-sample (a slow reader skips samples). WatchAlerts is not implemented yet: it answers UNIMPLEMENTED.
+sample (a slow reader skips samples). WatchAlerts streams the active alerts, then each raise and
+resolution, at most MAX_ALERT_WATCHERS streams at once (see supervisor/alerting.py for its bound).
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from herder.clients.alerts import to_proto
 from herder.clients.proto.v1 import supervisor_pb2, supervisor_pb2_grpc
 from herder.clients.resources import ResourceSampler
+from herder.supervisor.alerting import Alerter, FellBehind
 
 SERVICE_NAME = supervisor_pb2.DESCRIPTOR.services_by_name["SupervisorService"].full_name
 
 # A local admin API has a handful of readers (a dashboard, an alerting agent); more is a leak.
 MAX_RESOURCE_WATCHERS = 16
+MAX_ALERT_WATCHERS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +44,22 @@ class Status:
     task_types: tuple[str, ...]
     handler_available: bool
     resources: supervisor_pb2.ResourceSample | None = field(default=None)
+    alerts: tuple[supervisor_pb2.Alert, ...] = ()
+    alerts_raised: dict[str, int] = field(default_factory=dict)
 
 
 class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
     def __init__(
-        self, status: Callable[[], Status], drain: Callable[[], Awaitable[int]], sampler: ResourceSampler | None
+        self,
+        status: Callable[[], Status],
+        drain: Callable[[], Awaitable[int]],
+        sampler: ResourceSampler | None,
+        alerter: Alerter | None,
     ) -> None:
         self._status = status
         self._drain = drain
         self._sampler = sampler
+        self._alerter = alerter
         self._watchers = 0
 
     async def GetStatus(
@@ -65,6 +76,8 @@ class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
             running=s.running,
             task_types=list(s.task_types),
             resources=s.resources,
+            alerts=s.alerts,
+            alerts_raised=s.alerts_raised,
         )
 
     async def Drain(
@@ -94,8 +107,19 @@ class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
     async def WatchAlerts(
         self, request: supervisor_pb2.WatchAlertsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[supervisor_pb2.WatchAlertsResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "alerts are not implemented yet")
-        yield supervisor_pb2.WatchAlertsResponse()  # unreachable: abort raises
+        if self._alerter is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this supervisor evaluates no alerts")
+        assert self._alerter is not None
+        if self._alerter.watchers >= MAX_ALERT_WATCHERS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"already {self._alerter.watchers} WatchAlerts streams, the limit ({MAX_ALERT_WATCHERS})",
+            )
+        try:
+            async for alert in self._alerter.watch():
+                yield supervisor_pb2.WatchAlertsResponse(alert=to_proto(alert))
+        except FellBehind as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
 
 class AdminServer:
@@ -112,13 +136,16 @@ class AdminServer:
         drain: Callable[[], Awaitable[int]],
         refresh: float = 0.5,
         sampler: ResourceSampler | None = None,
+        alerter: Alerter | None = None,
     ) -> None:
         self._listen = listen
         self._status = status
         self._refresh = refresh
         self._server = grpc.aio.server()
         self._health = health.aio.HealthServicer()
-        supervisor_pb2_grpc.add_SupervisorServiceServicer_to_server(_Servicer(status, drain, sampler), self._server)
+        supervisor_pb2_grpc.add_SupervisorServiceServicer_to_server(
+            _Servicer(status, drain, sampler, alerter), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -159,4 +186,4 @@ class AdminServer:
             await self._health.set(service, state)
 
 
-__all__ = ["MAX_RESOURCE_WATCHERS", "SERVICE_NAME", "AdminServer", "Status"]
+__all__ = ["MAX_ALERT_WATCHERS", "MAX_RESOURCE_WATCHERS", "SERVICE_NAME", "AdminServer", "Status"]

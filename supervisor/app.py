@@ -13,13 +13,17 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
+from herder.clients import alerts
+from herder.clients.alerts import DEFAULT_RULES, AlertRule
 from herder.clients.endpoints import Endpoints
 from herder.clients.engine import SessionEngine, WorkerSettings
 from herder.clients.proto.v1 import task_pb2
 from herder.clients.resources import ResourceSampler, ResourceSettings
 from herder.supervisor.admin import AdminServer, Status
+from herder.supervisor.alerting import Alerter
 from herder.supervisor.handler import HandlerRunner, HandlerSettings
 
 _log = logging.getLogger("herder.supervisor")
@@ -42,6 +46,8 @@ class SupervisorConfig:
     # Offered to tasks' resource requests; 0 for what the resource samples say.
     capacity_cpu_millis: int = 0
     capacity_memory_bytes: int = 0
+    # The alert rules (herder.clients.alerts.parse_alert_overrides builds them from NAME.FIELD=VALUE).
+    alert_rules: tuple[AlertRule, ...] = DEFAULT_RULES
 
 
 class Supervisor:
@@ -61,6 +67,8 @@ class Supervisor:
                 interval=config.resource_interval, disk_path=config.disk_path, handler_pid=config.handler_pid
             )
         )
+        # Ticks no slower than the samples come, and at least every second for the time-based rules.
+        self.alerter = Alerter(config.alert_rules, self._measure, interval=min(config.resource_interval, 1.0))
         self.engine = SessionEngine(
             Endpoints(config.coordinator),
             self.handler,
@@ -72,6 +80,7 @@ class Supervisor:
             capacity=task_pb2.Resources(
                 cpu_millis=config.capacity_cpu_millis, memory_bytes=config.capacity_memory_bytes
             ),
+            alerts=self.alerter.active_protos,
         )
         self.admin: AdminServer | None = None
         self._shutdown: asyncio.Task[None] | None = None
@@ -90,7 +99,31 @@ class Supervisor:
             task_types=tuple(self.handler.task_types()),
             handler_available=self.handler.available,
             resources=self.resources.latest,
+            alerts=tuple(alerts.to_proto(a) for a in self.alerter.active),
+            alerts_raised=dict(self.alerter.raised),
         )
+
+    def _measure(self) -> tuple[dict[str, float | None], dict[str, str]]:
+        """What the alert rules judge, now (see herder.clients.alerts for each rule)."""
+        values: dict[str, float | None] = {}
+        detail: dict[str, str] = {}
+        sample = self.resources.latest
+        if sample is not None:
+            if sample.memory_total_bytes:
+                values[alerts.MEMORY_PRESSURE] = sample.memory_used_bytes / sample.memory_total_bytes
+            values[alerts.CPU_SATURATION] = sample.cpu_percent / 100.0
+            if sample.disk_total_bytes:
+                values[alerts.DISK_ALMOST_FULL] = sample.disk_used_bytes / sample.disk_total_bytes
+        overdue = self.engine.overdue()
+        values[alerts.ATTEMPT_PAST_TIMEOUT] = overdue[0][1] if overdue else 0.0
+        if overdue:
+            detail[alerts.ATTEMPT_PAST_TIMEOUT] = f"{len(overdue)} attempts, the longest {overdue[0][0]}"
+        since = self.handler.unavailable_since
+        values[alerts.HANDLER_UNREACHABLE] = 0.0 if since is None else time.monotonic() - since
+        detail[alerts.HANDLER_UNREACHABLE] = f"at {self.config.handler}"
+        values[alerts.HEARTBEAT_LAG] = self.engine.coordinator_silence()
+        detail[alerts.HEARTBEAT_LAG] = f"at {self.engine.address or self.config.coordinator}"
+        return values, detail
 
     async def drain(self) -> int:
         """Start the staged shutdown (as SIGTERM does); returns the attempts running when it began."""
@@ -110,15 +143,19 @@ class Supervisor:
         """
         # Sampled from the start, before the handler answers: the admin API shows the node meanwhile.
         sampling = asyncio.create_task(self.resources.run(), name="herder-supervisor-resources")
+        alerting = asyncio.create_task(self.alerter.run(), name="herder-supervisor-alerts")
         try:
             await self._run()
         finally:
             sampling.cancel()
-            await asyncio.wait({sampling})
+            alerting.cancel()
+            await asyncio.wait({sampling, alerting})
 
     async def _run(self) -> None:
         if self.config.listen:
-            self.admin = AdminServer(self.config.listen, self.status, self.drain, sampler=self.resources)
+            self.admin = AdminServer(
+                self.config.listen, self.status, self.drain, sampler=self.resources, alerter=self.alerter
+            )
             await self.admin.start()
             _log.info("supervisor admin API on port %d", self.admin.port)
         loop = asyncio.get_running_loop()

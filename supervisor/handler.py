@@ -82,6 +82,8 @@ class HandlerRunner:
         self.available = False
         # The handler's process id as its Describe answer gave it (None: it did not say).
         self.pid: int | None = None
+        # Monotonic time the handler stopped answering (or the runner started); None while it answers.
+        self.unavailable_since: float | None = time.monotonic()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -163,6 +165,7 @@ class HandlerRunner:
         if up == self.available:
             return
         self.available = up
+        self.unavailable_since = None if up else time.monotonic()
         if up:
             _log.info("handler %s answers (%s)", self.target, why)
         else:

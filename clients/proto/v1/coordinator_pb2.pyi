@@ -802,6 +802,7 @@ class Node(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     FREE_FIELD_NUMBER: _builtins.int
     MEMORY_PRESSURE_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     slots: _builtins.int
@@ -834,6 +835,10 @@ class Node(_message.Message):
     def free(self) -> _task_pb2.Resources:
         """Capacity minus the requests of the attempts it holds (memory also no more than its sample's free)."""
 
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[_supervisor_pb2.Alert]:
+        """The supervisor's active alerts, as its last heartbeat carried them (see Heartbeat.alerts)."""
+
     def __init__(
         self,
         *,
@@ -852,10 +857,11 @@ class Node(_message.Message):
         capacity: _task_pb2.Resources | None = ...,
         free: _task_pb2.Resources | None = ...,
         memory_pressure: _builtins.bool = ...,
+        alerts: _abc.Iterable[_supervisor_pb2.Alert] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "connect_time", b"connect_time", "free", b"free", "last_heartbeat_time", b"last_heartbeat_time", "quarantined_until", b"quarantined_until", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "connect_time", b"connect_time", "free", b"free", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "memory_pressure", b"memory_pressure", "quarantine_reason", b"quarantine_reason", "quarantined_until", b"quarantined_until", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alerts", b"alerts", "capacity", b"capacity", "connect_time", b"connect_time", "free", b"free", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "memory_pressure", b"memory_pressure", "quarantine_reason", b"quarantine_reason", "quarantined_until", b"quarantined_until", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1253,6 +1259,7 @@ class Heartbeat(_message.Message):
 
     DRAINING_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
     draining: _builtins.bool
     """The worker is shutting down: send it no more assignments."""
     @_builtins.property
@@ -1262,15 +1269,24 @@ class Heartbeat(_message.Message):
         one a day off) is dropped with one warning per session; the session goes on.
         """
 
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[_supervisor_pb2.Alert]:
+        """The worker's active (raised, not resolved) alerts, each time in full: an alert missing from a
+        heartbeat has resolved. At most 32; one with an empty or over-long id (128), name (64) or
+        message (1024 characters), no severity, no raise_time or a resolve_time is dropped with one
+        warning per session.
+        """
+
     def __init__(
         self,
         *,
         draining: _builtins.bool = ...,
         resources: _supervisor_pb2.ResourceSample | None = ...,
+        alerts: _abc.Iterable[_supervisor_pb2.Alert] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "draining", b"draining", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,6 +58,26 @@ Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 class GetStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AlertsRaisedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKER_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     COORDINATOR_ADDRESS_FIELD_NUMBER: _builtins.int
@@ -67,6 +87,8 @@ class GetStatusResponse(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     TASK_TYPES_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
+    ALERTS_RAISED_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     coordinator_address: _builtins.str
@@ -78,6 +100,14 @@ class GetStatusResponse(_message.Message):
     def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def resources(self) -> Global___ResourceSample: ...
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
+        """Alerts raised and not yet resolved, oldest first."""
+
+    @_builtins.property
+    def alerts_raised(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """How many times each alert (by rule name) was raised since the supervisor started."""
+
     def __init__(
         self,
         *,
@@ -90,10 +120,12 @@ class GetStatusResponse(_message.Message):
         running: _builtins.int = ...,
         task_types: _abc.Iterable[_builtins.str] | None = ...,
         resources: Global___ResourceSample | None = ...,
+        alerts: _abc.Iterable[Global___Alert] | None = ...,
+        alerts_raised: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "coordinator_address", b"coordinator_address", "draining", b"draining", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "alerts_raised", b"alerts_raised", "connected", b"connected", "coordinator_address", b"coordinator_address", "draining", b"draining", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -200,6 +232,10 @@ Global___WatchResourcesResponse: _TypeAlias = WatchResourcesResponse  # noqa: Y0
 
 @_typing.final
 class Alert(_message.Message):
+    """One alert: raised once when its rule's condition has held long enough, resolved once when it
+    has cleared long enough (see README "Alerts").
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -209,7 +245,11 @@ class Alert(_message.Message):
     RAISE_TIME_FIELD_NUMBER: _builtins.int
     RESOLVE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Unique per raise (rule name and a random suffix)."""
     name: _builtins.str
+    """The rule: memory_pressure, cpu_saturation, disk_almost_full, attempt_past_timeout,
+    handler_unreachable, heartbeat_lag.
+    """
     severity: Global___AlertSeverity.ValueType
     message: _builtins.str
     @_builtins.property

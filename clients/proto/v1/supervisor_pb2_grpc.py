@@ -75,7 +75,8 @@ class SupervisorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAlerts(self, request, context):
-        """Streams alerts as they are raised and resolved.
+        """Streams the active alerts first, then each alert as it is raised and as it is resolved
+        (resolve_time set). A reader too slow to keep up is ended with RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

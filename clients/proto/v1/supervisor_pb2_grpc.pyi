@@ -37,7 +37,9 @@ class SupervisorServiceStub:
     WatchResources: _grpc.UnaryStreamMultiCallable[_supervisor_pb2.WatchResourcesRequest, _supervisor_pb2.WatchResourcesResponse]
     """Streams resource samples at the supervisor's sampling interval."""
     WatchAlerts: _grpc.UnaryStreamMultiCallable[_supervisor_pb2.WatchAlertsRequest, _supervisor_pb2.WatchAlertsResponse]
-    """Streams alerts as they are raised and resolved."""
+    """Streams the active alerts first, then each alert as it is raised and as it is resolved
+    (resolve_time set). A reader too slow to keep up is ended with RESOURCE_EXHAUSTED.
+    """
     Drain: _grpc.UnaryUnaryMultiCallable[_supervisor_pb2.DrainRequest, _supervisor_pb2.DrainResponse]
     """Stops taking tasks and lets running ones finish."""
 
@@ -50,7 +52,9 @@ class SupervisorServiceAsyncStub(SupervisorServiceStub):
     WatchResources: _aio.UnaryStreamMultiCallable[_supervisor_pb2.WatchResourcesRequest, _supervisor_pb2.WatchResourcesResponse]  # type: ignore[assignment]
     """Streams resource samples at the supervisor's sampling interval."""
     WatchAlerts: _aio.UnaryStreamMultiCallable[_supervisor_pb2.WatchAlertsRequest, _supervisor_pb2.WatchAlertsResponse]  # type: ignore[assignment]
-    """Streams alerts as they are raised and resolved."""
+    """Streams the active alerts first, then each alert as it is raised and as it is resolved
+    (resolve_time set). A reader too slow to keep up is ended with RESOURCE_EXHAUSTED.
+    """
     Drain: _aio.UnaryUnaryMultiCallable[_supervisor_pb2.DrainRequest, _supervisor_pb2.DrainResponse]  # type: ignore[assignment]
     """Stops taking tasks and lets running ones finish."""
 
@@ -78,7 +82,9 @@ class SupervisorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _supervisor_pb2.WatchAlertsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_supervisor_pb2.WatchAlertsResponse], _abc.AsyncIterator[_supervisor_pb2.WatchAlertsResponse]]:
-        """Streams alerts as they are raised and resolved."""
+        """Streams the active alerts first, then each alert as it is raised and as it is resolved
+        (resolve_time set). A reader too slow to keep up is ended with RESOURCE_EXHAUSTED.
+        """
 
     @_abc_1.abstractmethod
     def Drain(
