@@ -404,10 +404,11 @@ class SessionEngine:
     def pause(self, reason: str) -> None:
         """Take no new tasks until resume(), without shutting down (the supervisor's handler is down).
 
-        The session's heartbeats say draining at once, so the coordinator stops assigning; once
-        every held attempt's result is acknowledged the session is closed, and the next opens after
-        resume(). The coordinator's draining flag is one-way per session, hence the new session.
-        Running attempts go on; an assignment already on its way is still run.
+        The session's heartbeats say draining at once, so the coordinator stops assigning; the
+        session stays open (the node and its alerts stay visible), and after resume(), once every
+        held attempt's result is acknowledged, it is replaced by a new one: the coordinator's
+        draining flag is one-way per session. Running attempts go on; an assignment already on its
+        way is still run.
         """
         if not self._paused:
             self._log.warning("worker %s: taking no new tasks: %s", self._worker_id, reason)
@@ -417,7 +418,7 @@ class SessionEngine:
         self._beat_now.set()
 
     def resume(self) -> None:
-        """Take tasks again after pause() (reconnecting at once if the session was closed)."""
+        """Take tasks again after pause(), on a new session (see pause())."""
         if self._paused:
             self._log.info("worker %s: taking tasks again", self._worker_id)
             if self._session is None:
@@ -548,7 +549,7 @@ class SessionEngine:
                     continue
                 address = await self._endpoints.target()
                 session = asyncio.create_task(self._run_session(address), name=f"herder-session {address}")
-                idle = asyncio.create_task(self._paused_and_idle())
+                idle = asyncio.create_task(self._resumed_and_idle())
                 try:
                     await asyncio.wait({session, stop, idle}, return_when=asyncio.FIRST_COMPLETED)
                 except asyncio.CancelledError:
@@ -561,7 +562,7 @@ class SessionEngine:
                     await self._close_session(session)
                     if self._stop.is_set():
                         return
-                    self._log.info("worker %s: session closed until tasks are taken again", self._worker_id)
+                    self._log.info("worker %s: taking tasks again on a new session", self._worker_id)
                     self._tries = 0
                     continue
                 failure = session.exception()
@@ -594,14 +595,14 @@ class SessionEngine:
         finally:
             stop.cancel()
 
-    async def _paused_and_idle(self) -> None:
-        """Return once paused with no attempt held (every result acknowledged)."""
+    async def _resumed_and_idle(self) -> None:
+        """Return once resumed after a pause of this session, with no attempt held (every result acknowledged)."""
+        await self._pause_set.wait()
         while True:
-            await self._pause_set.wait()
+            await self._resumed.wait()
             await self._no_attempts.wait()
-            if self._paused:
-                return
-            await self._resumed.wait()  # resumed meanwhile: wait for the next pause, not spin
+            if not self._paused:
+                return  # paused again meanwhile: the draining session stays until the next resume
 
     def _next_address(self, address: str, failure: BaseException) -> bool:
         """Where to connect next; True when `address` named another replica as the leader."""
@@ -706,16 +707,19 @@ class SessionEngine:
     async def _heartbeat_loop(self, session: _Session) -> None:
         while True:
             self._beat_now.clear()
-            draining = self._draining or bool(self._paused)
-            beat = coordinator_pb2.Heartbeat(draining=draining)
-            if (sample := self.resources.latest) is not None:
-                beat.resources.CopyFrom(sample)
-            if self._alerts is not None:
-                beat.alerts.extend(list(self._alerts())[:MAX_HEARTBEAT_ALERTS])
+            beat = self._heartbeat(draining=self._draining or bool(self._paused))
             await session.send(coordinator_pb2.ConnectRequest(heartbeat=beat))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(session.heartbeat_interval):
                     await self._beat_now.wait()  # pause() wants its draining heartbeat out now
+
+    def _heartbeat(self, draining: bool) -> coordinator_pb2.Heartbeat:
+        beat = coordinator_pb2.Heartbeat(draining=draining)
+        if (sample := self.resources.latest) is not None:
+            beat.resources.CopyFrom(sample)
+        if self._alerts is not None:
+            beat.alerts.extend(list(self._alerts())[:MAX_HEARTBEAT_ALERTS])
+        return beat
 
     async def _read_loop(self, session: _Session) -> None:
         while True:
@@ -879,7 +883,7 @@ class SessionEngine:
         self._log.info("worker %s draining: %d attempts running, grace %gs", self._worker_id, len(running), grace)
         session = self._session
         if session is not None:
-            await session.send(coordinator_pb2.ConnectRequest(heartbeat=coordinator_pb2.Heartbeat(draining=True)))
+            await session.send(coordinator_pb2.ConnectRequest(heartbeat=self._heartbeat(draining=True)))
 
         await self._wait_runners(running, grace)
         left = [a for a in self._attempts.values() if a.runner is not None and not a.runner.done()]
