@@ -4,7 +4,8 @@ Start: Describe the handler (until it answers), then register its task types and
 over the same Connect protocol as the Python Worker (clients/engine.py). While the handler does
 not answer, new assignments are declined (the coordinator re-queues them after its ack timeout)
 and resumed once it answers again. SIGTERM, SIGINT or the admin Drain: stop taking tasks, let
-running ones finish within the grace period, cancel the rest, exit.
+running ones finish within the grace period, cancel the rest, exit. Alerts (supervisor/alerting.py)
+judge the resource samples, the handler's and the coordinator's silence and overdue attempts.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Supervisor:
         overdue = self.engine.overdue()
         values[alerts.ATTEMPT_PAST_TIMEOUT] = overdue[0][1] if overdue else 0.0
         if overdue:
-            detail[alerts.ATTEMPT_PAST_TIMEOUT] = f"{len(overdue)} attempts, the longest {overdue[0][0]}"
+            more = f" and {len(overdue) - 1} more" if len(overdue) > 1 else ""
+            detail[alerts.ATTEMPT_PAST_TIMEOUT] = f"attempt {overdue[0][0]}{more}"
         since = self.handler.unavailable_since
         values[alerts.HANDLER_UNREACHABLE] = 0.0 if since is None else time.monotonic() - since
         detail[alerts.HANDLER_UNREACHABLE] = f"at {self.config.handler}"

@@ -9,6 +9,7 @@ import pytest
 from herder.clients import alerts
 from herder.clients.alerts import DEFAULT_RULES, Alert, AlertEvaluator, AlertRule, parse_alert_overrides
 from herder.clients.proto.v1 import supervisor_pb2
+from herder.supervisor.alerting import MAX_QUEUED, Alerter, FellBehind
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -152,3 +153,19 @@ def test_validate_bounds_what_heartbeats_carry() -> None:
         assert complaint in alerts.validate(broken)
     resolved = alerts.to_proto(dataclasses.replace(alert, resolve_time=alert.raise_time + 1))
     assert "resolved" in alerts.validate(resolved)
+
+
+async def test_a_reader_that_falls_behind_is_ended_not_buffered() -> None:
+    level = {"memory_pressure": 0.0}
+    rule = dataclasses.replace(RULES["memory_pressure"], for_=0.0, clear_for=0.0)
+    alerter = Alerter([rule], lambda: (dict(level), {}))
+    stream = alerter.watch()
+    level["memory_pressure"] = 1.0
+    alerter.tick(0.0)
+    assert (await anext(stream)).resolve_time is None  # registered, reading
+    for i in range(MAX_QUEUED + 1):  # raise, resolve, ... while the reader reads nothing
+        level["memory_pressure"] = 0.0 if i % 2 == 0 else 1.0
+        alerter.tick(float(i + 1))
+    with pytest.raises(FellBehind):
+        await anext(stream)
+    assert alerter.watchers == 0 and alerter.raised["memory_pressure"] == MAX_QUEUED // 2 + 1

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from _cluster import Coordinator
 from _helpers import process_group
+from _raw_worker import RawWorker
 from _scheduling import Api
 from _timing import eventually
 
@@ -281,3 +282,28 @@ async def test_attempt_past_timeout_raised_once_and_cleared_once(coordinator: Co
     assert raised.name == ATTEMPT_PAST_TIMEOUT and raised.resolve_time is None
     assert resolved.id == raised.id and resolved.resolve_time is not None
     assert alerter.raised == {ATTEMPT_PAST_TIMEOUT: 1} and not alerter.active
+
+
+async def test_bad_alerts_in_heartbeats_are_dropped_once_logged(coordinator: Coordinator) -> None:
+    good = supervisor_pb2.Alert(id="cpu_saturation-1", name="cpu_saturation", severity=2, message="hot")
+    good.raise_time.GetCurrentTime()
+    bad = supervisor_pb2.Alert(id="x" * 200, name="cpu_saturation", severity=2)  # too long an id, no raise_time
+    async with RawWorker(coordinator.address, "raw-alerts", [ECHO]) as raw, Client(coordinator.address) as c:
+        for _ in range(3):
+            await raw.send(heartbeat=coordinator_pb2.Heartbeat(alerts=[bad, good]))
+        warned = "alert dropped"
+
+        async def logged() -> bool:
+            return warned in coordinator.log_tail(20_000)
+
+        await eventually(logged, "the warning")
+
+        async def kept() -> list[str]:
+            # RawWorker's own heartbeats carry no alerts (none active): send ours just before reading.
+            await raw.send(heartbeat=coordinator_pb2.Heartbeat(alerts=[bad, good]))
+            (node,) = await c.nodes()
+            return [a.id for a in node.alerts]
+
+        assert await eventually(kept, "the good alert kept") == [good.id]
+        assert raw.error is None and not raw.closed.is_set()
+    assert coordinator.log_tail(20_000).count(warned) == 1
