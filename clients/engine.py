@@ -451,6 +451,30 @@ class SessionEngine:
             return None
         return time.monotonic() - self._last_heard
 
+    def held(self) -> list[supervisor_pb2.HeldAttempt]:
+        """The attempts this worker holds (running, or finished and not yet acknowledged), oldest first."""
+        found = []
+        for attempt in self._attempts.values():
+            if attempt.abandoned:
+                continue
+            task = attempt.task
+            held = supervisor_pb2.HeldAttempt(
+                task_id=task.id,
+                attempt=task.attempt,
+                task_type=task.spec.type,
+                queue=task.spec.queue,
+                finished=attempt.result is not None,
+                cancel_requested=bool(attempt.context.cancelled),
+            )
+            if task.HasField("assign_time"):
+                held.assign_time.CopyFrom(task.assign_time)
+                if task.spec.HasField("timeout") and _seconds(task.spec.timeout) > 0:
+                    held.deadline.FromNanoseconds(
+                        task.assign_time.ToNanoseconds() + task.spec.timeout.ToNanoseconds()
+                    )
+            found.append(held)
+        return sorted(found, key=lambda h: (h.assign_time.ToNanoseconds(), h.task_id))
+
     def overdue(self) -> list[tuple[str, float]]:
         """Attempts still running past their task's timeout: (task_id/attempt, seconds past), most overdue first.
 

@@ -46,6 +46,7 @@ class Status:
     resources: supervisor_pb2.ResourceSample | None = field(default=None)
     alerts: tuple[supervisor_pb2.Alert, ...] = ()
     alerts_raised: dict[str, int] = field(default_factory=dict)
+    attempts: tuple[supervisor_pb2.HeldAttempt, ...] = ()
 
 
 class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
@@ -78,6 +79,7 @@ class _Servicer(supervisor_pb2_grpc.SupervisorServiceServicer):
             resources=s.resources,
             alerts=s.alerts,
             alerts_raised=s.alerts_raised,
+            attempts=s.attempts,
         )
 
     async def Drain(

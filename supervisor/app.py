@@ -102,6 +102,7 @@ class Supervisor:
             resources=self.resources.latest,
             alerts=tuple(alerts.to_proto(a) for a in self.alerter.active),
             alerts_raised=dict(self.alerter.raised),
+            attempts=tuple(engine.held()),
         )
 
     def _measure(self) -> tuple[dict[str, float | None], dict[str, str]]:

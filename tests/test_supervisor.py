@@ -167,6 +167,26 @@ async def test_cancel_from_coordinator_cancels_execute(coordinator: Coordinator,
             await _state(c, handle.id, S.TASK_STATE_CANCELED)
 
 
+async def test_status_lists_the_held_attempt_until_it_ends(coordinator: Coordinator, markers: Path) -> None:
+    port, admin = free_port(), f"127.0.0.1:{free_port()}"
+    with handler(port, "sleep", 30, markers), supervisor(coordinator, port, "--listen", admin):
+        async with client(coordinator) as c:
+            await _connected(c)
+            handle = await c.submit(ECHO, examples_pb2.EchoRequest(text="held"), timeout=120)
+            _marked(markers, handle.id, "started")
+            (held,) = (await _status(admin)).attempts
+            assert (held.task_id, held.attempt, held.task_type, held.queue) == (handle.id, 1, ECHO, "default")
+            assert held.deadline.ToSeconds() - held.assign_time.ToSeconds() == 120
+            assert not held.finished and not held.cancel_requested
+            await c.cancel(handle.id, "test")
+            await _state(c, handle.id, S.TASK_STATE_CANCELED)
+
+            async def released() -> bool:
+                return not (await _status(admin)).attempts
+
+            await eventually(released, "the canceled attempt gone from GetStatus")
+
+
 async def test_execute_without_result_fails_retryable(coordinator: Coordinator) -> None:
     port = free_port()
     with handler(port, "no-result"), supervisor(coordinator, port):

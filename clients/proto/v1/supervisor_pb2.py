@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aherder/v1/supervisor.proto\x12\therder.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xfc\x02\n\x11GetStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1b\n\x13\x63oordinator_address\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x12\n\ntask_types\x18\x08 \x03(\t\x12,\n\tresources\x18\t \x01(\x0b\x32\x19.herder.v1.ResourceSample\x12 \n\x06\x61lerts\x18\n \x03(\x0b\x32\x10.herder.v1.Alert\x12\x45\n\ralerts_raised\x18\x0b \x03(\x0b\x32..herder.v1.GetStatusResponse.AlertsRaisedEntry\x1a\x33\n\x11\x41lertsRaisedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb9\x02\n\x0eResourceSample\x12/\n\x0bsample_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\x05 \x01(\x04\x12\x18\n\x10\x64isk_total_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fload_average_1m\x18\x07 \x01(\x01\x12\x11\n\tcpu_count\x18\x08 \x01(\r\x12\x13\n\x0bhandler_pid\x18\t \x01(\r\x12\x1b\n\x13handler_cpu_percent\x18\n \x01(\x01\x12\x19\n\x11handler_rss_bytes\x18\x0b \x01(\x04\"\x17\n\x15WatchResourcesRequest\"C\n\x16WatchResourcesResponse\x12)\n\x06sample\x18\x01 \x01(\x0b\x32\x19.herder.v1.ResourceSample\"\xc0\x01\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x08severity\x18\x03 \x01(\x0e\x32\x18.herder.v1.AlertSeverity\x12\x0f\n\x07message\x18\x04 \x01(\t\x12.\n\nraise_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x14\n\x12WatchAlertsRequest\"6\n\x13WatchAlertsResponse\x12\x1f\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x10.herder.v1.Alert\"\x0e\n\x0c\x44rainRequest\" \n\rDrainResponse\x12\x0f\n\x07running\x18\x01 \x01(\r*\x81\x01\n\rAlertSeverity\x12\x1e\n\x1a\x41LERT_SEVERITY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41LERT_SEVERITY_INFO\x10\x01\x12\x1a\n\x16\x41LERT_SEVERITY_WARNING\x10\x02\x12\x1b\n\x17\x41LERT_SEVERITY_CRITICAL\x10\x03\x32\xc0\x02\n\x11SupervisorService\x12\x46\n\tGetStatus\x12\x1b.herder.v1.GetStatusRequest\x1a\x1c.herder.v1.GetStatusResponse\x12W\n\x0eWatchResources\x12 .herder.v1.WatchResourcesRequest\x1a!.herder.v1.WatchResourcesResponse0\x01\x12N\n\x0bWatchAlerts\x12\x1d.herder.v1.WatchAlertsRequest\x1a\x1e.herder.v1.WatchAlertsResponse0\x01\x12:\n\x05\x44rain\x12\x17.herder.v1.DrainRequest\x1a\x18.herder.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aherder/v1/supervisor.proto\x12\therder.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xa6\x03\n\x11GetStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x1b\n\x13\x63oordinator_address\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x12\n\ntask_types\x18\x08 \x03(\t\x12,\n\tresources\x18\t \x01(\x0b\x32\x19.herder.v1.ResourceSample\x12 \n\x06\x61lerts\x18\n \x03(\x0b\x32\x10.herder.v1.Alert\x12\x45\n\ralerts_raised\x18\x0b \x03(\x0b\x32..herder.v1.GetStatusResponse.AlertsRaisedEntry\x12(\n\x08\x61ttempts\x18\x0c \x03(\x0b\x32\x16.herder.v1.HeldAttempt\x1a\x33\n\x11\x41lertsRaisedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xdc\x01\n\x0bHeldAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12\r\n\x05queue\x18\x04 \x01(\t\x12/\n\x0b\x61ssign_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x18\n\x10\x63\x61ncel_requested\x18\x08 \x01(\x08\"\xb9\x02\n\x0eResourceSample\x12/\n\x0bsample_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\x05 \x01(\x04\x12\x18\n\x10\x64isk_total_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fload_average_1m\x18\x07 \x01(\x01\x12\x11\n\tcpu_count\x18\x08 \x01(\r\x12\x13\n\x0bhandler_pid\x18\t \x01(\r\x12\x1b\n\x13handler_cpu_percent\x18\n \x01(\x01\x12\x19\n\x11handler_rss_bytes\x18\x0b \x01(\x04\"\x17\n\x15WatchResourcesRequest\"C\n\x16WatchResourcesResponse\x12)\n\x06sample\x18\x01 \x01(\x0b\x32\x19.herder.v1.ResourceSample\"\xc0\x01\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x08severity\x18\x03 \x01(\x0e\x32\x18.herder.v1.AlertSeverity\x12\x0f\n\x07message\x18\x04 \x01(\t\x12.\n\nraise_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x14\n\x12WatchAlertsRequest\"6\n\x13WatchAlertsResponse\x12\x1f\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x10.herder.v1.Alert\"\x0e\n\x0c\x44rainRequest\" \n\rDrainResponse\x12\x0f\n\x07running\x18\x01 \x01(\r*\x81\x01\n\rAlertSeverity\x12\x1e\n\x1a\x41LERT_SEVERITY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41LERT_SEVERITY_INFO\x10\x01\x12\x1a\n\x16\x41LERT_SEVERITY_WARNING\x10\x02\x12\x1b\n\x17\x41LERT_SEVERITY_CRITICAL\x10\x03\x32\xc0\x02\n\x11SupervisorService\x12\x46\n\tGetStatus\x12\x1b.herder.v1.GetStatusRequest\x1a\x1c.herder.v1.GetStatusResponse\x12W\n\x0eWatchResources\x12 .herder.v1.WatchResourcesRequest\x1a!.herder.v1.WatchResourcesResponse0\x01\x12N\n\x0bWatchAlerts\x12\x1d.herder.v1.WatchAlertsRequest\x1a\x1e.herder.v1.WatchAlertsResponse0\x01\x12:\n\x05\x44rain\x12\x17.herder.v1.DrainRequest\x1a\x18.herder.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATUSRESPONSE_ALERTSRAISEDENTRY']._loaded_options = None
   _globals['_GETSTATUSRESPONSE_ALERTSRAISEDENTRY']._serialized_options = b'8\001'
-  _globals['_ALERTSEVERITY']._serialized_start=1211
-  _globals['_ALERTSEVERITY']._serialized_end=1340
+  _globals['_ALERTSEVERITY']._serialized_start=1476
+  _globals['_ALERTSEVERITY']._serialized_end=1605
   _globals['_GETSTATUSREQUEST']._serialized_start=74
   _globals['_GETSTATUSREQUEST']._serialized_end=92
   _globals['_GETSTATUSRESPONSE']._serialized_start=95
-  _globals['_GETSTATUSRESPONSE']._serialized_end=475
-  _globals['_GETSTATUSRESPONSE_ALERTSRAISEDENTRY']._serialized_start=424
-  _globals['_GETSTATUSRESPONSE_ALERTSRAISEDENTRY']._serialized_end=475
-  _globals['_RESOURCESAMPLE']._serialized_start=478
-  _globals['_RESOURCESAMPLE']._serialized_end=791
-  _globals['_WATCHRESOURCESREQUEST']._serialized_start=793
-  _globals['_WATCHRESOURCESREQUEST']._serialized_end=816
-  _globals['_WATCHRESOURCESRESPONSE']._serialized_start=818
-  _globals['_WATCHRESOURCESRESPONSE']._serialized_end=885
-  _globals['_ALERT']._serialized_start=888
-  _globals['_ALERT']._serialized_end=1080
-  _globals['_WATCHALERTSREQUEST']._serialized_start=1082
-  _globals['_WATCHALERTSREQUEST']._serialized_end=1102
-  _globals['_WATCHALERTSRESPONSE']._serialized_start=1104
-  _globals['_WATCHALERTSRESPONSE']._serialized_end=1158
-  _globals['_DRAINREQUEST']._serialized_start=1160
-  _globals['_DRAINREQUEST']._serialized_end=1174
-  _globals['_DRAINRESPONSE']._serialized_start=1176
-  _globals['_DRAINRESPONSE']._serialized_end=1208
-  _globals['_SUPERVISORSERVICE']._serialized_start=1343
-  _globals['_SUPERVISORSERVICE']._serialized_end=1663
+  _globals['_GETSTATUSRESPONSE']._serialized_end=517
+  _globals['_GETSTATUSRESPONSE_ALERTSRAISEDENTRY']._serialized_start=466
+  _globals['_GETSTATUSRESPONSE_ALERTSRAISEDENTRY']._serialized_end=517
+  _globals['_HELDATTEMPT']._serialized_start=520
+  _globals['_HELDATTEMPT']._serialized_end=740
+  _globals['_RESOURCESAMPLE']._serialized_start=743
+  _globals['_RESOURCESAMPLE']._serialized_end=1056
+  _globals['_WATCHRESOURCESREQUEST']._serialized_start=1058
+  _globals['_WATCHRESOURCESREQUEST']._serialized_end=1081
+  _globals['_WATCHRESOURCESRESPONSE']._serialized_start=1083
+  _globals['_WATCHRESOURCESRESPONSE']._serialized_end=1150
+  _globals['_ALERT']._serialized_start=1153
+  _globals['_ALERT']._serialized_end=1345
+  _globals['_WATCHALERTSREQUEST']._serialized_start=1347
+  _globals['_WATCHALERTSREQUEST']._serialized_end=1367
+  _globals['_WATCHALERTSRESPONSE']._serialized_start=1369
+  _globals['_WATCHALERTSRESPONSE']._serialized_end=1423
+  _globals['_DRAINREQUEST']._serialized_start=1425
+  _globals['_DRAINREQUEST']._serialized_end=1439
+  _globals['_DRAINRESPONSE']._serialized_start=1441
+  _globals['_DRAINRESPONSE']._serialized_end=1473
+  _globals['_SUPERVISORSERVICE']._serialized_start=1608
+  _globals['_SUPERVISORSERVICE']._serialized_end=1928
 # @@protoc_insertion_point(module_scope)

@@ -89,6 +89,7 @@ class GetStatusResponse(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     ALERTS_FIELD_NUMBER: _builtins.int
     ALERTS_RAISED_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     coordinator_address: _builtins.str
@@ -108,6 +109,10 @@ class GetStatusResponse(_message.Message):
     def alerts_raised(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """How many times each alert (by rule name) was raised since the supervisor started."""
 
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldAttempt]:
+        """The attempts this supervisor holds, oldest assignment first."""
+
     def __init__(
         self,
         *,
@@ -122,14 +127,65 @@ class GetStatusResponse(_message.Message):
         resources: Global___ResourceSample | None = ...,
         alerts: _abc.Iterable[Global___Alert] | None = ...,
         alerts_raised: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        attempts: _abc.Iterable[Global___HeldAttempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "alerts_raised", b"alerts_raised", "connected", b"connected", "coordinator_address", b"coordinator_address", "draining", b"draining", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "alerts_raised", b"alerts_raised", "attempts", b"attempts", "connected", b"connected", "coordinator_address", b"coordinator_address", "draining", b"draining", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class HeldAttempt(_message.Message):
+    """An attempt a supervisor holds: running through the handler, or finished with its result not yet
+    acknowledged by the coordinator.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    ASSIGN_TIME_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    attempt: _builtins.int
+    task_type: _builtins.str
+    queue: _builtins.str
+    finished: _builtins.bool
+    """The handler finished; the result waits for the coordinator's acknowledgement."""
+    cancel_requested: _builtins.bool
+    """The coordinator (or a drain) asked the attempt to stop."""
+    @_builtins.property
+    def assign_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the task's timeout ends the attempt; unset without a timeout."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        task_type: _builtins.str = ...,
+        queue: _builtins.str = ...,
+        assign_time: _timestamp_pb2.Timestamp | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        finished: _builtins.bool = ...,
+        cancel_requested: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "cancel_requested", b"cancel_requested", "deadline", b"deadline", "finished", b"finished", "queue", b"queue", "task_id", b"task_id", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldAttempt: _TypeAlias = HeldAttempt  # noqa: Y015
 
 @_typing.final
 class ResourceSample(_message.Message):
