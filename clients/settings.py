@@ -99,31 +99,31 @@ class Settings(Mapping[str, Any]):
 
     def __init__(self, command: str, values: Mapping[str, Value], file: str | None) -> None:
         self.command = command
-        self.values = dict(values)
+        self.resolved = dict(values)
         self.file = file
 
     def __getitem__(self, name: str) -> Any:
-        return self.values[name].value
+        return self.resolved[name].value
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
+        return iter(self.resolved)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.resolved)
 
     def where(self, name: str) -> str:
-        """"slots (env HERDER_SLOTS)": how an error names a setting."""
-        return f"{name} ({self.values[name].source})"
+        """ "slots (env HERDER_SLOTS)": how an error names a setting."""
+        return f"{name} ({self.resolved[name].source})"
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(setting, value as shown, source) for every setting, in declaration order."""
-        return [(name, v.shown, v.source) for name, v in self.values.items()]
+        return [(name, v.shown, v.source) for name, v in self.resolved.items()]
 
 
-def add_flags(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -> None:
-    """Add --config and each setting's flag; a flag not given stays None, so a variable or file can fill it."""
+def add_flags(parser: argparse.ArgumentParser, settings: Sequence[Setting], *, absent: Any = None) -> None:
+    """Add --config and each setting's flag; a flag not given is `absent` (None), so a variable or file can fill it."""
     parser.add_argument(
-        FILE_FLAG, dest="config_file", metavar="PATH", default=None, help=f"TOML config file (env {FILE_ENV})"
+        FILE_FLAG, dest="config_file", metavar="PATH", default=absent, help=f"TOML config file (env {FILE_ENV})"
     )
     for setting in settings:
         if setting.flag_name is None:
@@ -133,14 +133,14 @@ def add_flags(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -> N
         help_text = f"{setting.help}{where}{default}"
         if setting.switch:
             parser.add_argument(
-                setting.flag_name, dest=setting.name, action="store_const", const="true", default=None, help=help_text
+                setting.flag_name, dest=setting.name, action="store_const", const="true", default=absent, help=help_text
             )
         else:
             parser.add_argument(
                 setting.flag_name,
                 dest=setting.name,
                 action="append" if setting.repeated else "store",
-                default=None,
+                default=absent,
                 metavar=setting.metavar or setting.name.upper(),
                 help=help_text,
             )

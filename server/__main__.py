@@ -149,9 +149,7 @@ SETTINGS: list[Setting] = [
             ("record", "largest record stored in etcd, below etcd's request limit"),
         )
     ),
-    Setting(
-        "max_watchers", integer(1), _WATCH.max_watchers, "WatchTasks streams served at once; more are refused"
-    ),
+    Setting("max_watchers", integer(1), _WATCH.max_watchers, "WatchTasks streams served at once; more are refused"),
     Setting(
         "watch_backlog",
         integer(1),
@@ -177,9 +175,7 @@ def _check(settings: Settings) -> list[str]:
     """Problems between settings (each value alone has been checked as it was read)."""
     problems = []
     if settings["heartbeat_interval"] >= settings["heartbeat_timeout"]:
-        problems.append(
-            f"{settings.where('heartbeat_interval')} must be below {settings.where('heartbeat_timeout')}"
-        )
+        problems.append(f"{settings.where('heartbeat_interval')} must be below {settings.where('heartbeat_timeout')}")
     problems += _limits(settings).problems()
     user, password, password_file = settings["etcd_user"], settings["etcd_password"], settings["etcd_password_file"]
     if password and password_file:
