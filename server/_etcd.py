@@ -239,8 +239,10 @@ class Etcd:
             if credentials is None:
                 # Status answers anyone; a read says whether etcd wants credentials none were given for.
                 await asyncio.wait_for(self._call(self._kv.Range, rpc.RangeRequest(key=b"\0", limit=1)), timeout)
-        except EtcdAuthError:
+        except EtcdAuthError as exc:
             await self.close()
+            if credentials is None:
+                raise EtcdAuthError(f"etcd at {endpoint} has authentication on and no user was given ({exc})") from exc
             raise
         except (TimeoutError, EtcdError) as exc:
             await self.close()
