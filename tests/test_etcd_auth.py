@@ -3,6 +3,7 @@ missing one is one clear line, and the password is never in its output."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,13 +56,13 @@ def _run(etcd: EmbeddedEtcd, *args: str, env: dict[str, str] | None = None) -> s
     )
 
 
-async def test_the_right_password_serves_and_stays_out_of_the_log(auth_etcd: EmbeddedEtcd, tmp_path: Path) -> None:
+async def test_the_right_password_serves_and_stays_out_of_the_json_log(auth_etcd: EmbeddedEtcd, tmp_path: Path) -> None:
     namespace = "auth"
     secret = _password_file(tmp_path, PASSWORD)
     node = Coordinator(
         auth_etcd.endpoint,
         namespace,
-        extra_args=["--etcd-user", "root", "--etcd-password-file", secret, "--log-level", "debug"],
+        extra_args=["--etcd-user", "root", "--etcd-password-file", secret, "--log-level", "debug", "--log-format", "json"],
     )
     try:
         node.start()
@@ -75,9 +76,17 @@ async def test_the_right_password_serves_and_stays_out_of_the_log(auth_etcd: Emb
         finally:
             await etcd.close()
         assert any(task.id.encode() in kv.key for kv in stored), [kv.key for kv in stored]
+        # `herder status` still sees etcd's members (their Status answers without a token).
+        (member,) = node.status().etcd_members
+        assert member.healthy, member.error
     finally:
         node.kill()
-    assert PASSWORD not in node.log_path.read_text()
+    log = node.log_path.read_text()
+    assert PASSWORD not in log
+    # Logged as one JSON object per line (stdout's "listening on" line and the harness's header aside).
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    node.log_path.unlink()
 
 
 @pytest.mark.parametrize("credentials", ["wrong", "none"])
