@@ -62,7 +62,10 @@ async def test_the_right_password_serves_and_stays_out_of_the_json_log(auth_etcd
     node = Coordinator(
         auth_etcd.endpoint,
         namespace,
-        extra_args=["--etcd-user", "root", "--etcd-password-file", secret, "--log-level", "debug", "--log-format", "json"],
+        extra_args=[
+            *("--etcd-user", "root", "--etcd-password-file", secret),
+            *("--log-level", "debug", "--log-format", "json"),
+        ],
     )
     try:
         node.start()
