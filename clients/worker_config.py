@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from herder.clients.endpoints import DEFAULT_ADDRESS, Endpoints
+from herder.clients.endpoints import DEFAULT_ADDRESS, address_setting
 from herder.clients.engine import WorkerSettings
 from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
 from herder.clients.settings import Setting, Settings, integer, log_settings, resolve, seconds, text
@@ -17,13 +17,8 @@ from herder.clients.settings import Setting, Settings, integer, log_settings, re
 _DEFAULTS = WorkerSettings()
 
 
-def _coordinator(value: str) -> str:
-    Endpoints(value)  # ValueError naming the bad address
-    return value.strip()
-
-
 SETTINGS: list[Setting] = [
-    Setting("coordinator", _coordinator, DEFAULT_ADDRESS, "coordinator replicas, HOST:PORT[,...]", metavar="ADDR"),
+    Setting("coordinator", address_setting, DEFAULT_ADDRESS, "coordinator replicas, HOST:PORT[,...]", metavar="ADDR"),
     Setting("worker_id", text, "", "worker id (default host-pid-random)", metavar="ID"),
     Setting("slots", integer(1), 8, "tasks run at once", metavar="N"),
     Setting(

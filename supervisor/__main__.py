@@ -14,18 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from herder.clients import errors, logs
-from herder.clients.endpoints import DEFAULT_ADDRESS, Endpoints
+from herder.clients.endpoints import DEFAULT_ADDRESS, address_setting
 from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
 from herder.clients.runner import run as run_loop
 from herder.clients.settings import Setting, Settings, integer, load, log_settings, seconds, text
 from herder.supervisor.app import Supervisor, SupervisorConfig
 
 PROG = "herder supervisor"
-
-
-def _coordinator(value: str) -> str:
-    Endpoints(value)  # ValueError naming the bad address
-    return value.strip()
 
 
 def _node_id(value: str) -> str:
@@ -48,7 +43,7 @@ def _handler_pid(value: str) -> int | None:
 SETTINGS: list[Setting] = [
     Setting(
         "coordinator",
-        _coordinator,
+        address_setting,
         DEFAULT_ADDRESS,
         "coordinator replicas, HOST:PORT[,...]",
         metavar="ADDR[,...]",
