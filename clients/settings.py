@@ -162,7 +162,8 @@ def resolve(
     environ = os.environ if environ is None else environ
     given = dict(vars(flags) if isinstance(flags, argparse.Namespace) else (flags or {}))
     path = config_file or given.get("config_file") or environ.get(FILE_ENV) or None
-    table, problems = _file_table(command, settings, path, "flag --config" if given.get("config_file") else FILE_ENV)
+    named_by = "argument" if config_file else "flag --config" if given.get("config_file") else f"env {FILE_ENV}"
+    table, problems = _file_table(command, settings, path, named_by)
     values: dict[str, Value] = {}
     for setting in settings:
         try:
@@ -188,12 +189,12 @@ def _resolve_one(
     if setting.name in table:
         source = f"file {path} [{command}] {setting.name}"
         raw = table[setting.name]
-        if setting.repeated:
-            if not isinstance(raw, list):
-                raise SettingsError(f"{setting.name} ({source}): must be an array")
-            texts = [_text(item) for item in raw]
-        else:
-            texts = [_text(raw)]
+        try:
+            if setting.repeated and not isinstance(raw, list):
+                raise ValueError("must be an array")
+            texts = [_text(item) for item in raw] if setting.repeated else [_text(raw)]
+        except ValueError as exc:
+            raise SettingsError(f"{setting.name} ({source}): {exc}") from None
         return Value(setting, _parse(setting, texts, source), source)
     return Value(setting, setting.default, "default")
 
@@ -215,7 +216,7 @@ def _text(raw: Any) -> str:
         return "true" if raw else "false"
     if isinstance(raw, int | float | str):
         return str(raw)
-    raise SettingsError(f"expected a string, number or boolean, got {type(raw).__name__}")
+    raise ValueError(f"must be a string, number or boolean, not a TOML {type(raw).__name__}")
 
 
 def _file_table(

@@ -65,8 +65,13 @@ def test_file_problems_name_the_file(tmp_path: Path) -> None:
     config.write_text("[supervisor\n")
     with pytest.raises(SettingsError, match="not valid TOML"):
         _resolve([], file=str(config))
-    with pytest.raises(SettingsError, match="cannot read it"):
+    with pytest.raises(SettingsError, match=r"config file .*missing.toml \(argument\): cannot read it"):
         _resolve([], file=str(tmp_path / "missing.toml"))
+    config.write_text("[supervisor]\nverbose = [true]\nalert = 1\n")
+    with pytest.raises(SettingsError) as caught:
+        _resolve([], file=str(config))
+    assert "alert (file" in str(caught.value) and "must be an array" in str(caught.value)
+    assert "verbose (file" in str(caught.value) and "not a TOML list" in str(caught.value)
 
 
 def test_a_masked_value_is_shown_as_stars() -> None:
