@@ -17,6 +17,7 @@ from herder.clients.settings import Setting, Settings, boolean, integer, load, l
 from herder.server import election, validation
 from herder.server._etcd import EtcdAuthError, EtcdCredentials, EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
+from herder.server.committer import CommitLimits
 from herder.server.horizon import MAX_DELAY_SECONDS
 from herder.server.leader import LeaderSettings
 from herder.server.sessions import SessionSettings
@@ -55,6 +56,7 @@ _LIMITS = validation.Limits()
 _WATCH = WatchSettings()
 _SESSIONS = SessionSettings()
 _LEASE = election.LeaseSettings()
+_COMMIT = CommitLimits()
 _DAY = 24 * 3600.0
 
 SETTINGS: list[Setting] = [
@@ -149,7 +151,27 @@ SETTINGS: list[Setting] = [
             ("record", "largest record stored in etcd, below etcd's request limit"),
         )
     ),
-    Setting("max_watchers", integer(1), _WATCH.max_watchers, "WatchTasks streams served at once; more are refused"),
+    Setting(
+        "commit_max_ops",
+        integer(16, 10_000),
+        _COMMIT.max_ops,
+        "most writes batched into one etcd transaction; at most etcd's --max-txn-ops (128 by default)",
+        metavar="N",
+    ),
+    Setting(
+        "commit_timeout",
+        seconds(0, 60, above=True),
+        _COMMIT.timeout,
+        "seconds one etcd transaction may take before the leader steps down (its outcome unknown)",
+        metavar="S",
+    ),
+    Setting(
+        "max_watchers",
+        integer(1),
+        _WATCH.max_watchers,
+        "WatchTasks streams served at once; more are refused",
+        metavar="N",
+    ),
     Setting(
         "watch_backlog",
         integer(1),
@@ -246,6 +268,13 @@ def config_of(settings: Settings) -> CoordinatorConfig:
             retention=settings["retention"],
             idempotency_window=settings["idempotency_window"],
             quarantine=settings["quarantine"],
+            # A second transaction goes out beside one in flight once a full one's worth waits.
+            commit=dataclasses.replace(
+                _COMMIT,
+                max_ops=settings["commit_max_ops"],
+                parallel_ops=settings["commit_max_ops"],
+                timeout=settings["commit_timeout"],
+            ),
         ),
         limits=_limits(settings),
         watch=WatchSettings(max_watchers=settings["max_watchers"], max_backlog=settings["watch_backlog"]),

@@ -11,7 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cluster import Coordinator
+from _helpers import echo_spec, echo_stub, get
 
+from herder.clients.embedded_etcd import EmbeddedEtcd
+from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.settings import MASK
 from herder.clients.worker import Worker
 
@@ -135,3 +139,17 @@ def test_the_readme_example_file_loads(command: str, tmp_path: Path) -> None:
     config.write_text(_readme_config().replace("/run/secrets/etcd-password", str(password)))
     shown = _shown(command, "--config", str(config))
     assert any(row["source"].startswith(f"file {config} [{command}]") for row in shown.values())
+
+
+async def test_a_small_commit_batch_still_stores_a_big_submission(etcd: EmbeddedEtcd, namespace: str) -> None:
+    node = Coordinator(etcd.endpoint, namespace, extra_args=["--commit-max-ops", "16", "--commit-timeout", "5"])
+    try:
+        node.start()
+        async with echo_stub(node.address) as stub:
+            reply = await stub.SubmitTasks(pb.SubmitTasksRequest(specs=[echo_spec(f"t{i}") for i in range(50)]))
+            assert all(result.created for result in reply.results) and len(reply.results) == 50
+            stored = await get(stub, reply.results[-1].task.id)
+            assert stored.id == reply.results[-1].task.id
+    finally:
+        node.kill()
+        node.log_path.unlink(missing_ok=True)
