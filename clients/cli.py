@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from herder.clients import errors
+from herder.clients import errors, quantities
 from herder.clients.client import (
     Client,
     Retry,
@@ -64,14 +64,6 @@ _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output", "--rpc-timeout", "--config
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
 _PIPE_WIDTH = 250
 _UNREACHABLE_HINTS = ("failed to connect", "connection refused", "dns resolution failed", "connect failed")
-# Memory sizes as Kubernetes writes them: 512Mi, 2G, 1048576.
-_MEMORY_UNITS = {
-    "": 1,
-    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
-}  # fmt: skip
-_UINT32_MAX = 2**32 - 1
-_UINT64_MAX = 2**64 - 1
 
 
 class UsageError(Exception):
@@ -257,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     queues = command(
         "queues",
-        "list queues: backlog by state, held back by limits, running (assigned or running), limit, "
+        "list queues: backlog by state, held back by limits, waiting for a node with room for their"
+        " resource request (NO ROOM, with why), running (assigned or running), limit, "
         "oldest waiting task, wait p50/p99, dispatch rate, retention, finished counts",
         _async(_queues),
     )
@@ -356,24 +349,16 @@ def _seconds(text: str) -> float:
 
 def _cpu_millis(text: str) -> int:
     try:
-        millis = int(text[:-1]) if text.endswith("m") else round(float(text) * 1000)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"not a CPU amount (cores: 0.5, or millis: 500m): {text!r}") from None
-    if not 0 <= millis <= _UINT32_MAX:
-        raise argparse.ArgumentTypeError(f"CPU out of range: {text!r}")
-    return millis
+        return quantities.parse_cpu(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _memory_bytes(text: str) -> int:
-    number = text.rstrip("KMGTkmgtIi")
-    unit = _MEMORY_UNITS.get(text[len(number) :].lower())
     try:
-        value = round(float(number) * unit) if unit is not None else -1
-    except (ValueError, OverflowError):
-        value = -1
-    if not 0 <= value <= _UINT64_MAX:
-        raise argparse.ArgumentTypeError(f"not a memory size (bytes, or with Ki, Mi, Gi, K, M, G): {text!r}")
-    return value
+        return quantities.parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -689,8 +674,8 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
         await out.print_json_list(queues, defaults=True)
         return 0
     table = _table(
-        "QUEUE", "PENDING", "QUEUED", "HELD", "RUNNING", "LIMIT", "OLDEST", "WAIT P50", "WAIT P99", "RATE/S",
-        "RETENTION", "SUCCEEDED", "FAILED",
+        "QUEUE", "PENDING", "QUEUED", "HELD", "NO ROOM", "RUNNING", "LIMIT", "OLDEST", "WAIT P50", "WAIT P99",
+        "RATE/S", "RETENTION", "SUCCEEDED", "FAILED",
     )  # fmt: skip
     now = datetime.now(UTC)
     for queue in queues:
@@ -700,6 +685,7 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
             str(queue.pending),
             str(queue.queued),
             str(queue.held),
+            str(queue.waiting_for_resources),
             str(queue.assigned + queue.running),
             str(queue.limit or "-"),
             # Clamped: the coordinator's clock may run a little ahead of this one.
@@ -712,6 +698,10 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
             str(queue.failed),
         )
     out.console.print(table)
+    for queue in queues:
+        if queue.resources_reason:
+            # NO ROOM: queued tasks whose resource request no node can take now; say why once per queue.
+            out.console.print(f"{escape(queue.name)}: {escape(queue.resources_reason)}", style="yellow")
     if not queues:
         out.console.print("no queues", style="dim")
     return 0
@@ -847,6 +837,7 @@ def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
         "MEMORY",
         "DISK",
         "HANDLER",
+        "FREE",
         "ADDRESS",
         "CONNECTED",
         "LAST HEARTBEAT",
@@ -863,6 +854,7 @@ def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
             str(node.slots),
             str(node.running),
             *_resource_cells(node),
+            _free_cell(node),
             escape(node.address),
             _time(node.connect_time),
             _time(node.last_heartbeat_time),
@@ -871,6 +863,18 @@ def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
     out.console.print(table)
     if not nodes:
         out.console.print("no nodes connected", style="dim")
+
+
+def _free_cell(node: coordinator_pb2.Node) -> str:
+    """What the node has free for resource requests, of its capacity; flagged under memory pressure."""
+    parts = []
+    if node.capacity.cpu_millis:
+        parts.append(f"{node.free.cpu_millis}m / {node.capacity.cpu_millis}m cpu")
+    if node.capacity.memory_bytes:
+        parts.append(f"{_size(node.free.memory_bytes)} / {_size(node.capacity.memory_bytes)}")
+    if node.memory_pressure:
+        parts.append("[red]memory pressure: no new tasks[/]")
+    return ", ".join(parts)
 
 
 def _resource_cells(node: coordinator_pb2.Node) -> tuple[str, str, str, str]:

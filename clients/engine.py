@@ -321,6 +321,7 @@ class SessionEngine:
         settings: WorkerSettings | None = None,
         logger: logging.Logger | None = None,
         resources: ResourceSampler | None = None,
+        capacity: task_pb2.Resources | None = None,
     ) -> None:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
@@ -331,6 +332,10 @@ class SessionEngine:
         self._worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._slot_count = slots
         self._labels = dict(labels or {})
+        # Offered to tasks' resource requests; unset fields come from the resource samples.
+        self._capacity = task_pb2.Resources()
+        if capacity is not None:
+            self._capacity.CopyFrom(capacity)
         self._settings = settings or WorkerSettings()
         self._task_types: frozenset[str] = frozenset()
         # A sampler given by the caller is the caller's to run (the supervisor samples before it connects);
@@ -628,6 +633,7 @@ class SessionEngine:
             slots=self._slot_count,
             running=[_ref_proto(ref) for ref, a in self._attempts.items() if not a.abandoned],
             labels=self._labels,
+            capacity=self._capacity,
         )
         try:
             await call.write(coordinator_pb2.ConnectRequest(hello=hello))

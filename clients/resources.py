@@ -65,6 +65,7 @@ class ResourceSampler:
         self.settings = settings or ResourceSettings()
         self._disk_path = os.path.abspath(self.settings.disk_path)
         self._handler: psutil.Process | None = None
+        self._handler_pid = self.settings.handler_pid
         self._handler_gone_logged = False
         self._latest: supervisor_pb2.ResourceSample | None = None
         self._changed = asyncio.Event()
@@ -124,8 +125,23 @@ class ResourceSampler:
             assert sent is not None
             yield sent
 
+    @property
+    def handler_pid(self) -> int | None:
+        return self._handler_pid
+
+    def follow_handler(self, pid: int | None) -> None:
+        """Report the process `pid` as the handler from the next sample on (None: no handler process)."""
+        if pid is not None and pid < 1:
+            raise ValueError(f"handler pid must be >= 1, got {pid}")
+        if pid == self._handler_pid:
+            return
+        self._handler_pid = pid
+        self._handler = None
+        self._handler_gone_logged = False
+        self._attach_handler()
+
     def _attach_handler(self) -> None:
-        pid = self.settings.handler_pid
+        pid = self._handler_pid
         if pid is None:
             return
         try:

@@ -98,6 +98,9 @@ class Worker:
     `worker_id` defaults to host-pid-random, stable for the life of this object. At most `slots`
     handlers run at once: the coordinator never sends more than the free slots, and an assignment
     beyond them is not acknowledged, so the coordinator re-queues it after its ack timeout.
+    `capacity` is what this worker offers to tasks' resource requests (say its container's limits,
+    `Resources(cpu_millis=2000, memory_bytes=4 << 30)`); a field left 0 comes from the node's
+    resource samples (all its cores, all its memory). See README "Placement".
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class Worker:
         slots: int = 8,
         labels: Mapping[str, str] | None = None,
         settings: WorkerSettings | None = None,
+        capacity: task_pb2.Resources | None = None,
     ) -> None:
         try:
             endpoints = Endpoints(address)
@@ -126,6 +130,7 @@ class Worker:
             labels=labels,
             settings=settings,
             logger=_log,
+            capacity=capacity,
         )
         self._run_task: asyncio.Task[None] | None = None
 

@@ -20,6 +20,7 @@ from herder.server.app import CoordinatorConfig, ListenError, serve
 from herder.server.committer import CommitLimits
 from herder.server.horizon import MAX_DELAY_SECONDS
 from herder.server.leader import LeaderSettings
+from herder.server.placement import PlacementSettings
 from herder.server.sessions import SessionSettings
 from herder.server.watchers import WatchSettings
 
@@ -46,6 +47,17 @@ def _namespace(value: str) -> str:
     if validation.validate_name(value, "namespace", validation.Limits()):
         raise ValueError(f"{value!r} must be letters, digits and . _ : / -")
     return value
+
+
+def _share(value: str) -> float:
+    """A share of a whole, above 0 and at most 1."""
+    try:
+        share = float(value.strip())
+    except ValueError:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not 0 < share <= 1:
+        raise ValueError(f"must be above 0 and at most 1 (a share of the node's memory), got {value.strip()}")
+    return share
 
 
 def _password(value: str) -> str:
@@ -141,6 +153,13 @@ SETTINGS: list[Setting] = [
         60.0,
         "seconds a worker that leaves an assignment unacknowledged gets no assignments",
         metavar="S",
+    ),
+    Setting(
+        "memory_pressure",
+        _share,
+        PlacementSettings().memory_pressure,
+        "a node whose memory use (used/total) is at or above this share gets no new tasks",
+        metavar="SHARE",
     ),
     *(
         Setting(f"max_{name}_bytes", integer(1), getattr(_LIMITS, f"max_{name}_bytes"), what, metavar="N")
@@ -268,6 +287,7 @@ def config_of(settings: Settings) -> CoordinatorConfig:
             retention=settings["retention"],
             idempotency_window=settings["idempotency_window"],
             quarantine=settings["quarantine"],
+            placement=PlacementSettings(memory_pressure=settings["memory_pressure"]),
             # A second transaction goes out beside one in flight once a full one's worth waits.
             commit=dataclasses.replace(
                 _COMMIT,

@@ -6,6 +6,10 @@ holds that attempt. The worker then has ack_timeout to acknowledge it;
 otherwise the task is re-queued at once, using up none of its attempts, and
 the worker is quarantined. However many changes ask for a pass, at most one
 is scheduled at a time.
+
+Placement (server/placement.py): a pass offers tasks to sessions round by round, one task per
+session per round, least loaded first (re-sorted each round), so work spreads; a session under
+memory pressure is offered nothing, and each is offered only requests that fit what it has free.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from herder.clients.outcomes import ACK_TIMEOUT
+from herder.server import placement
 from herder.server.entries import Entry, S
 from herder.server.horizon import stamp_now, timestamp_seconds
 from herder.server.sessions import Session
@@ -46,18 +51,45 @@ class Dispatcher:
         self._scheduled = False
         if leader.deposed or not leader.scheduler:
             return
-        sessions = [s for s in leader.workers.sessions.values() if s.free > 0]
-        random.shuffle(sessions)
-        while sessions and leader.scheduler:
+        settings = leader.settings.placement
+        request_of = leader.scheduler.request
+        rooms = [placement.room(s, request_of, settings) for s in leader.workers.sessions.values() if s.free > 0]
+        rooms = [r for r in rooms if not r.pressure]
+        # Equally loaded sessions take turns being first (the sort below is stable).
+        random.shuffle(rooms)
+        while rooms and leader.scheduler:
+            rooms.sort(key=placement.Room.load)
             still_free = []
-            for session in sessions:
-                task_id = leader.scheduler.pick(session.task_types)
-                if task_id is None:
-                    continue
-                self._assign(leader.entries[task_id], session)
-                if session.free > 0:
-                    still_free.append(session)
-            sessions = still_free
+            for room in rooms:
+                if self._offer(room):
+                    still_free.append(room)
+            rooms = still_free
+
+    def offer(self, session: Session) -> None:
+        """Soon, give this one session what fits it (its heartbeat says it may take more now)."""
+        asyncio.get_running_loop().call_soon(self._leader.guarded, "dispatch", self._offer_all, session)
+
+    def _offer_all(self, session: Session) -> None:
+        leader = self._leader
+        if leader.deposed or session.closed or session.id not in leader.workers.sessions:
+            return
+        room = placement.room(session, leader.scheduler.request, leader.settings.placement)
+        if not room.pressure:
+            while leader.scheduler and self._offer(room):
+                pass
+
+    def _offer(self, room: placement.Room) -> bool:
+        """Assign the session one task that fits it, if any; whether it got one and has a slot left."""
+        leader = self._leader
+        session = room.session
+        if session.free <= 0:
+            return False
+        task_id = leader.scheduler.pick(session.task_types, room.fits)
+        if task_id is None:
+            return False
+        room.take(leader.scheduler.request(task_id))
+        self._assign(leader.entries[task_id], session)
+        return session.free > 0
 
     def _assign(self, entry: Entry, session: Session) -> None:
         task = entry.task

@@ -27,7 +27,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from herder.clients import errors
 from herder.clients.outcomes import ACK_TIMEOUT, CANCELED, TIMEOUT, WORKER_LOST
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
-from herder.server import keys, recovery
+from herder.server import keys, placement, recovery
 from herder.server._etcd import Etcd
 from herder.server.committer import CommitLimits, Committer, RequestTooLargeError, Write, after_commit
 from herder.server.contracts import TaskTypeRegistry
@@ -42,6 +42,7 @@ from herder.server.horizon import (
     stamp_now,
     timestamp_seconds,
 )
+from herder.server.placement import PlacementSettings
 from herder.server.reports import Reports
 from herder.server.retention import Retention
 from herder.server.retry import RetryDefaults, next_backoff
@@ -73,6 +74,7 @@ class LeaderSettings:
     gc_interval: float = 1.0
     # A worker that lets an assignment's ack window pass gets no assignments for this long.
     quarantine: float = 60.0
+    placement: PlacementSettings = field(default_factory=PlacementSettings)
     commit: CommitLimits = field(default_factory=CommitLimits)
 
 
@@ -121,6 +123,7 @@ class NamespaceLeader:
         self.dispatcher = Dispatcher(self)
         self.timers = Timers(self)
         self.workers = Workers(self)
+        self.unplaced = placement.Reasons(self.workers.sessions.values, self.scheduler.request, settings.placement)
         self.reports = Reports(self)
         self.retention = Retention(self)
         self._tasks: list[asyncio.Task[None]] = []
@@ -491,7 +494,8 @@ class NamespaceLeader:
 
     def push(self, task: task_pb2.Task) -> None:
         spec = task.spec
-        self.scheduler.push(task.id, spec.type, spec.queue, spec.priority, spec.concurrency_key, task.sequence)
+        request = placement.requested(spec)
+        self.scheduler.push(task.id, spec.type, spec.queue, spec.priority, spec.concurrency_key, task.sequence, request)
         self.dispatcher.schedule()
 
     @staticmethod
@@ -544,8 +548,11 @@ class NamespaceLeader:
         return task_pb2.Task.FromString(entry.committed)
 
     def waiting_reason(self, task_id: str) -> str:
-        """Why a queued task is held back (a limit it is under), or ""."""
-        return self.scheduler.hold_reason(task_id)
+        """Why a queued task is held back (a limit it is under, no node with room for it), or ""."""
+        held = self.scheduler.hold_reason(task_id)
+        if held or task_id not in self.scheduler:
+            return held
+        return self.unplaced.why(self.scheduler.request(task_id), self.scheduler.task_type(task_id))
 
     # ----------------------------------------------------------------- status
 
@@ -579,5 +586,10 @@ class NamespaceLeader:
                 # A whole queue waits when its own or the global limit is full; a key limit holds only its key.
                 if self.scheduler.hold_reason(oldest).startswith(("queue", "the global")):
                     stats.held = stats.queued
+            for want, types, count in self.scheduler.waiting_requests(name):
+                reason = next(filter(None, (self.unplaced.why(want, t) for t in sorted(types))), "")
+                if reason:
+                    stats.waiting_for_resources += count
+                    stats.resources_reason = stats.resources_reason or reason
             found.append(stats)
         return found

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
-from herder.server import keys
+from herder.server import keys, placement
 from herder.server.entries import TERMINAL, Entry, S
 from herder.server.horizon import duration_seconds, timestamp_seconds
 
@@ -61,8 +61,15 @@ async def rebuild(leader: NamespaceLeader) -> None:
             leader.timers.delay(timestamp_seconds(task.next_run_time), task.id)
         else:
             spec = task.spec
+            # With its request: the session that re-claims it has that much reserved.
             leader.scheduler.add_running(
-                task.id, spec.type, spec.queue, spec.priority, spec.concurrency_key, task.sequence
+                task.id,
+                spec.type,
+                spec.queue,
+                spec.priority,
+                spec.concurrency_key,
+                task.sequence,
+                placement.requested(spec),
             )
             leader.timers.arm_timeout(entry, timestamp_seconds(task.assign_time))
             # Its worker may still be running it: wait for it to reconnect and re-claim.

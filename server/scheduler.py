@@ -10,12 +10,17 @@ Model
   concurrency ``key`` ("" is the default key, shared like any other) and a ``sequence`` (FIFO order,
   lower first). A task that re-enters after a failed attempt is pushed again with its original
   sequence, so it goes back to its FIFO place within its key.
-- Lanes: one per (queue, task_type). Inside a lane, tasks are grouped by priority level, highest
+- A task may request resources: ``request = (cpu_millis, memory_bytes)``, (0, 0) for none.
+- Lanes: one per (queue, task_type, request). Inside a lane, tasks are grouped by priority level, highest
   first. Inside a level, the keys with tasks share the level by deficit round-robin with unit cost:
   a key of weight w (default 1) takes up to w tasks per turn, then goes to the back of the ring.
   Each key's tasks come out FIFO by sequence.
 - A worker picks by task types: of the lanes of those types, the lane whose next pick has the
-  highest priority wins, ties to the lower sequence (FIFO across lanes).
+  highest priority wins, ties to the lower sequence (FIFO across lanes). With `fits`, lanes whose
+  request the worker cannot take are passed over: a big request waiting for a big node does not
+  hold back smaller ones behind it (they are in other lanes), and keeps its own place for a node it
+  fits. Tasks with the same request stay FIFO among themselves; fair sharing between keys holds
+  within each lane, so among the tasks of one request.
 - Fairness bound: a key that joins a level enters its ring at the back, so it waits at most one turn
   of each key ahead of it. With one busy key A of weight w, a newly arrived key B's task comes out
   after at most w more tasks of A; with w = 1, next or after exactly one A (a key whose turn just
@@ -34,7 +39,9 @@ Model
 
 Costs, n queued tasks: push, remove, update_priority, pick and finished are O(log n) amortized
 (each lazy deletion is paid for by the operation that made it). A pick looks at the head of one
-heap per task type the worker serves, never at all keys or all tasks. Unparking a key costs the
+heap per task type the worker serves, never at all keys or all tasks; with `fits`, it also pops
+and puts back the heads of the lanes ahead that do not fit (one per distinct request and queue, a
+handful in practice), calling `fits` once per distinct request. Unparking a key costs the
 number of (lane, level) rings where it was parked. Stale heap entries are compacted away once they
 outnumber the live ones, so memory stays proportional to what is queued.
 """
@@ -44,18 +51,22 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 # Where a key's tasks in one level stand with respect to that level's ring.
 _IDLE, _RINGED, _PARKED = 0, 1, 2
 
 
-# A queued or running task: (sequence, task_id, task_type, queue, priority, key). Heaps order these
+# A queued or running task: (sequence, task_id, task_type, queue, priority, key, cpu_millis,
+# memory_bytes). Heaps order these
 # tuples directly (sequence first, then id). A heap entry is live while `tasks[task_id] is` that very
 # tuple; a re-push or move makes a new tuple, so old entries turn stale without being touched. Plain
 # tuples of str and int also drop out of the cyclic garbage collector's sight, which keeps a large
 # backlog cheap to hold.
-_Rec = tuple[int, str, str, str, int, str]
+_Rec = tuple[int, str, str, str, int, str, int, int]
+# What a task requests: (cpu_millis, memory_bytes); (0, 0) for nothing.
+Request = tuple[int, int]
+NO_REQUEST: Request = (0, 0)
 
 
 class _Key:
@@ -121,13 +132,19 @@ _Head = tuple[int, int, int, "_Lane"]
 
 
 class _Lane:
-    """One (queue, task_type): priority levels, highest first, and the lane's current next pick."""
+    """One (queue, task_type, request): priority levels, highest first, and the lane's current next pick."""
 
-    __slots__ = ("count", "head", "head_kq", "level_heap", "levels", "parked", "queue", "type")
+    __slots__ = (
+        "count", "head", "head_kq", "level_heap", "levels", "name", "parked", "queue", "request", "requested", "type",
+    )  # fmt: skip
 
-    def __init__(self, queue: _Queue, task_type: _Type) -> None:
+    def __init__(self, queue: _Queue, task_type: _Type, request: Request) -> None:
         self.queue = queue
         self.type = task_type
+        self.request = request
+        self.requested = request != NO_REQUEST
+        # Its key in the type's lanes.
+        self.name = (queue.name, request[0], request[1])
         self.count = 0
         self.levels: dict[int, _Level] = {}
         self.level_heap: list[tuple[int, int, _Level]] = []
@@ -138,13 +155,13 @@ class _Lane:
 
 
 class _Type:
-    """A task type: its lanes (one per queue) and a heap of their next picks."""
+    """A task type: its lanes (one per queue and request) and a heap of their next picks."""
 
     __slots__ = ("heap", "lanes", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.lanes: dict[str, _Lane] = {}
+        self.lanes: dict[tuple[str, int, int], _Lane] = {}
         self.heap: list[_Head] = []
 
 
@@ -172,6 +189,8 @@ class Scheduler:
         self._global_limit = 0
         self._global_running = 0
         self._tiebreak = itertools.count()
+        # Queued tasks with a resource request.
+        self._requested = 0
 
     # ----------------------------------------------------------------- queries
 
@@ -182,6 +201,11 @@ class Scheduler:
     def __contains__(self, task_id: object) -> bool:
         """Whether the task is queued (not whether it is running)."""
         return task_id in self._tasks
+
+    @property
+    def requested(self) -> int:
+        """Queued tasks that request resources."""
+        return self._requested
 
     def queued(self, queue: str | None = None) -> int:
         """Queued tasks in this queue, or in all queues."""
@@ -241,7 +265,7 @@ class Scheduler:
         task = self._tasks.get(task_id)
         if task is None:
             return ""
-        _, _, _, queue, _, key = task
+        _, _, _, queue, _, key, _, _ = task
         q = self._queues[queue]
         if _full(q.limit, q.running):
             return f"queue {queue!r} is at its limit of {q.limit} running"
@@ -253,16 +277,49 @@ class Scheduler:
             return f"the global limit of {self._global_limit} running is reached"
         return ""
 
+    def request(self, task_id: str) -> Request:
+        """What a queued or running task requests; NO_REQUEST for one that is neither."""
+        task = self._tasks.get(task_id) or self._running.get(task_id)
+        return (task[6], task[7]) if task is not None else NO_REQUEST
+
+    def task_type(self, task_id: str) -> str:
+        """A queued task's type; "" for one that is not queued."""
+        task = self._tasks.get(task_id)
+        return task[2] if task is not None else ""
+
+    def waiting_requests(self, queue: str) -> list[tuple[Request, frozenset[str], int]]:
+        """The resource requests queued in this queue, smallest first: (request, task types, count) each.
+
+        Costs the number of lanes of all types (a status query, not a dispatch path).
+        """
+        found: dict[Request, tuple[set[str], int]] = {}
+        for task_type in self._types.values():
+            for lane in task_type.lanes.values():
+                if lane.queue.name == queue and lane.request != NO_REQUEST:
+                    types, count = found.get(lane.request, (set(), 0))
+                    types.add(task_type.name)
+                    found[lane.request] = (types, count + lane.count)
+        return [(request, frozenset(types), count) for request, (types, count) in sorted(found.items())]
+
     # ----------------------------------------------------------------- changes
 
-    def push(self, task_id: str, task_type: str, queue: str, priority: int, key: str, sequence: int) -> None:
+    def push(
+        self,
+        task_id: str,
+        task_type: str,
+        queue: str,
+        priority: int,
+        key: str,
+        sequence: int,
+        request: Request = NO_REQUEST,
+    ) -> None:
         """Queue a task. An id already queued is replaced; an id running is first released as finished."""
         if task_id in self._running:
             self.finished(task_id)
         old = self._tasks.get(task_id)
         if old is not None:
             self._unqueue(old)
-        task = (sequence, task_id, task_type, queue, priority, key)
+        task = (sequence, task_id, task_type, queue, priority, key, request[0], request[1])
         self._tasks[task_id] = task
         self._enqueue(task)
 
@@ -282,34 +339,67 @@ class Scheduler:
         task = self._tasks.get(task_id)
         if task is None:
             return False
-        sequence, _, task_type, queue, old_priority, key = task
+        sequence, _, task_type, queue, old_priority, key, cpu, memory = task
         if old_priority != priority:
             self._unqueue(task)
-            moved = (sequence, task_id, task_type, queue, priority, key)
+            moved = (sequence, task_id, task_type, queue, priority, key, cpu, memory)
             self._tasks[task_id] = moved
             self._enqueue(moved)
         return True
 
-    def pick(self, task_types: Iterable[str]) -> str | None:
-        """Remove and return the next task for a worker serving these types, now running; None if none may run."""
+    def pick(self, task_types: Iterable[str], fits: Callable[[Request], bool] | None = None) -> str | None:
+        """Remove and return the next task for a worker serving these types, now running; None if none may run.
+
+        `fits(request)` says whether the worker can take a task requesting that much; without it,
+        every request fits. Tasks requesting nothing are always taken (fits is not asked).
+        """
         if 0 < self._global_limit <= self._global_running:
             return None
         best: _Head | None = None
+        # Heads of lanes that do not fit, popped while looking past them: put back before returning.
+        passed: list[_Head] | None = None
+        verdicts: dict[Request, bool] = {}
         for name in task_types:
             task_type = self._types.get(name)
             if task_type is None:
                 continue
             head = self._top(task_type)
+            if fits is not None:
+                while head is not None and head[3].requested:
+                    request = head[3].request
+                    verdict = verdicts.get(request)
+                    if verdict is None:
+                        verdict = verdicts[request] = fits(request)
+                    if verdict:
+                        break
+                    if passed is None:
+                        passed = []
+                    passed.append(heapq.heappop(task_type.heap))
+                    head = self._top(task_type)
             if head is not None and (best is None or head < best):
                 best = head
+        for head in passed or ():
+            heapq.heappush(head[3].type.heap, head)
         if best is None:
             return None
         lane = best[3]
-        heapq.heappop(lane.type.heap)
+        theap = lane.type.heap
+        if theap and theap[0] is best:
+            heapq.heappop(theap)
+        # Otherwise a passed-over head went back in front of it: it stays in the heap, stale from here.
         lane.head = None
         return self._take(lane)
 
-    def add_running(self, task_id: str, task_type: str, queue: str, priority: int, key: str, sequence: int) -> None:
+    def add_running(
+        self,
+        task_id: str,
+        task_type: str,
+        queue: str,
+        priority: int,
+        key: str,
+        sequence: int,
+        request: Request = NO_REQUEST,
+    ) -> None:
         """Count a task as running without picking it: one a new leader finds assigned or running in etcd.
 
         A queued entry of the id is taken out first; an id already running is left as it is. Limits are
@@ -321,7 +411,7 @@ class Scheduler:
         old = self._tasks.get(task_id)
         if old is not None:
             self._unqueue(old)
-        self._running[task_id] = (sequence, task_id, task_type, queue, priority, key)
+        self._running[task_id] = (sequence, task_id, task_type, queue, priority, key, request[0], request[1])
         self._queue(queue).running += 1
         self._key(key).running += 1
         self._global_running += 1
@@ -331,7 +421,7 @@ class Scheduler:
         task = self._running.pop(task_id, None)
         if task is None:
             return False
-        _, _, _, queue, _, key = task
+        _, _, _, queue, _, key, _, _ = task
         self._global_running -= 1
         q = self._queues[queue]
         q.running -= 1
@@ -402,15 +492,16 @@ class Scheduler:
     # ----------------------------------------------------------------- internals: queueing
 
     def _enqueue(self, task: _Rec) -> None:
-        sequence, _, type_name, queue, priority, key = task
+        sequence, _, type_name, queue, priority, key, cpu, memory = task
         q = self._queue(queue)
         k = self._key(key)
         task_type = self._types.get(type_name)
         if task_type is None:
             task_type = self._types[type_name] = _Type(type_name)
-        lane = task_type.lanes.get(queue)
+        lane = task_type.lanes.get((queue, cpu, memory))
         if lane is None:
-            lane = task_type.lanes[queue] = _Lane(q, task_type)
+            lane = _Lane(q, task_type, (cpu, memory))
+            task_type.lanes[lane.name] = lane
         level = lane.levels.get(priority)
         if level is None:
             level = lane.levels[priority] = _Level(lane, priority, next(self._tiebreak))
@@ -419,6 +510,8 @@ class Scheduler:
             kq = level.keys[key] = _KeyQueue(k, level)
         heapq.heappush(kq.heap, task)
         heapq.heappush(q.oldest, task)
+        if cpu or memory:
+            self._requested += 1
         kq.live += 1
         level.count += 1
         lane.count += 1
@@ -446,8 +539,8 @@ class Scheduler:
 
     def _unqueue(self, task: _Rec) -> None:
         """Take a queued task out of every structure and refresh its lane's next pick."""
-        _, task_id, type_name, queue, priority, key = task
-        kq = self._types[type_name].lanes[queue].levels[priority].keys[key]
+        _, task_id, type_name, queue, priority, key, cpu, memory = task
+        kq = self._types[type_name].lanes[(queue, cpu, memory)].levels[priority].keys[key]
         del self._tasks[task_id]
         lane = self._unlink(kq)
         if lane.count:
@@ -477,6 +570,8 @@ class Scheduler:
             kq.heap[:] = [e for e in kq.heap if tasks.get(e[1]) is e]
             heapq.heapify(kq.heap)
         level.count -= 1
+        if lane.requested:
+            self._requested -= 1
         if not level.count:
             # Its entry in the lane's level heap turns stale: the lane no longer maps the priority to it.
             del lane.levels[level.priority]
@@ -495,7 +590,7 @@ class Scheduler:
 
     def _drop_lane(self, lane: _Lane) -> None:
         task_type = lane.type
-        del task_type.lanes[lane.queue.name]
+        del task_type.lanes[lane.name]
         lane.head = None
         lane.head_kq = None
         if lane.parked:
@@ -565,7 +660,7 @@ class Scheduler:
         kheap, tasks = kq.heap, self._tasks
         while tasks.get(kheap[0][1]) is not kheap[0]:
             heapq.heappop(kheap)
-        sequence, _, _, _, priority, _ = kheap[0]
+        sequence, _, _, _, priority, _, _, _ = kheap[0]
         head = lane.head
         if head is not None and head[0] == -priority and head[1] == sequence:
             return

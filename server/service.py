@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
-from herder.server import keys, validation
+from herder.server import keys, placement, validation
 from herder.server.contracts import resolve_payload
 from herder.server.entries import TERMINAL
 from herder.server.forwarding import Forwarder, is_forwarded
@@ -287,6 +287,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 set_timestamp(node.quarantined_until, time.time() + max(until - time.monotonic(), 0.0))
             if session.resources is not None:
                 node.resources.CopyFrom(session.resources)
+            room = placement.room(session, leader.scheduler.request, leader.settings.placement)
+            node.capacity.cpu_millis = room.capacity_cpu or 0
+            node.capacity.memory_bytes = room.capacity_memory or 0
+            node.free.cpu_millis = max(room.cpu or 0, 0)
+            node.free.memory_bytes = max(room.memory or 0, 0)
+            node.memory_pressure = room.pressure
             nodes.append(node)
         return coordinator_pb2.ListNodesResponse(nodes=nodes)
 

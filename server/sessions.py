@@ -52,6 +52,8 @@ class Session:
     quarantined_until: float = 0.0
     # The last valid resource sample its heartbeats carried (ListNodes shows it).
     resources: supervisor_pb2.ResourceSample | None = None
+    # (cpu_millis, memory_bytes) its hello offers to resource requests; 0 where its samples say.
+    capacity: tuple[int, int] = (0, 0)
     # Kinds of bad input already logged for this session: one line each, not one per message.
     _warned: set[str] = field(default_factory=set)
     # task id -> attempt, for every attempt this session was sent and has not finished.

@@ -22,6 +22,7 @@ from herder.clients.proto.v1 import coordinator_pb2, lock_pb2, task_pb2
 from herder.server import contracts
 from herder.server.committer import ETCD_MAX_REQUEST_BYTES, TXN_OVERHEAD_BYTES
 from herder.server.horizon import MAX_DELAY_SECONDS
+from herder.server.placement import MAX_CAPACITY_CPU_MILLIS, MAX_CAPACITY_MEMORY_BYTES
 
 # Type and queue names: safe in etcd keys, metric labels and command lines.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
@@ -298,6 +299,11 @@ def validate_hello_extras(hello: coordinator_pb2.WorkerHello, limits: Limits) ->
     found += _metadata(hello.labels, limits, "hello.labels", max_entries=limits.max_labels, printable=True)
     if len(hello.address) > 256:
         found.append(FieldViolation("hello.address", "must be at most 256 characters"))
+    # A node beyond these is a typo (a unit missed), not hardware.
+    if hello.capacity.cpu_millis > MAX_CAPACITY_CPU_MILLIS:
+        found.append(FieldViolation("hello.capacity.cpu_millis", f"must be at most {MAX_CAPACITY_CPU_MILLIS}"))
+    if hello.capacity.memory_bytes > MAX_CAPACITY_MEMORY_BYTES:
+        found.append(FieldViolation("hello.capacity.memory_bytes", f"must be at most {MAX_CAPACITY_MEMORY_BYTES}"))
     return found
 
 

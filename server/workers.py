@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from herder.clients import errors, resources
 from herder.clients.outcomes import WORKER_LOST
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
+from herder.server import placement
 from herder.server.entries import ACTIVE, Entry, S
 from herder.server.horizon import stamp_now
 from herder.server.sessions import Session
@@ -53,6 +54,7 @@ class Workers:
             slots=hello.slots,
             labels=dict(hello.labels),
             address=hello.address or peer,
+            capacity=(hello.capacity.cpu_millis, hello.capacity.memory_bytes),
         )
         welcome = coordinator_pb2.Welcome(session_id=session.id)
         welcome.heartbeat_interval.FromNanoseconds(int(settings.heartbeat_interval * 1e9))
@@ -110,8 +112,15 @@ class Workers:
             if problem:
                 session.warn("resources", f"resource sample dropped: {problem}")
             else:
+                first = session.resources is None
+                pressed = first or placement.under_pressure(session, self._leader.settings.placement)
                 session.resources = supervisor_pb2.ResourceSample()
                 session.resources.CopyFrom(beat.resources)  # not a view keeping the request alive
+                # What it can take may have grown: its first sample, pressure gone, or memory freed
+                # for a request that waits. Offered to this session alone, so a heartbeat costs one pick.
+                scheduler = self._leader.scheduler
+                if session.free > 0 and scheduler and (pressed or scheduler.requested):
+                    self._leader.dispatcher.offer(session)
         if beat.draining and not session.draining:
             session.draining = True
             log.info("session %s is draining", session.id)

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from herder.clients import errors, logs
+from herder.clients import errors, logs, quantities
 from herder.clients.endpoints import DEFAULT_ADDRESS, address_setting
 from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
 from herder.clients.runner import run as run_loop
@@ -34,6 +34,14 @@ def _directory(value: str) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"not a directory: {value!r}")
     return path
+
+
+def _cpu(value: str) -> int:
+    return quantities.parse_cpu(value) if value.strip() else 0
+
+
+def _memory(value: str) -> int:
+    return quantities.parse_memory(value) if value.strip() else 0
 
 
 def _handler_pid(value: str) -> int | None:
@@ -88,6 +96,22 @@ SETTINGS: list[Setting] = [
         "report the disk use of the filesystem holding PATH (default: the working directory's)",
         metavar="PATH",
     ),
+    # Placement capacity (a container's limits); 0: the node's own.
+    Setting(
+        "cpu",
+        _cpu,
+        0,
+        "CPU offered to tasks' requests, in millicores once read: cores (2, 0.5) or millicores (500m)"
+        " (default 0: the node's cores)",
+        metavar="CPU",
+    ),
+    Setting(
+        "memory",
+        _memory,
+        0,
+        "memory offered to tasks' requests, in bytes once read: 4GiB, 512Mi, bytes, ... (default 0: the node's memory)",
+        metavar="SIZE",
+    ),
     *log_settings(),
 ]
 
@@ -126,6 +150,8 @@ def config_of(settings: Settings) -> SupervisorConfig:
         handler_pid=settings["handler_pid"],
         resource_interval=settings["resource_interval"],
         disk_path=settings["disk_path"],
+        capacity_cpu_millis=settings["cpu"],
+        capacity_memory_bytes=settings["memory"],
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from herder.clients.endpoints import Endpoints
 from herder.clients.engine import SessionEngine, WorkerSettings
+from herder.clients.proto.v1 import task_pb2
 from herder.clients.resources import ResourceSampler, ResourceSettings
 from herder.supervisor.admin import AdminServer, Status
 from herder.supervisor.handler import HandlerRunner, HandlerSettings
@@ -38,6 +39,9 @@ class SupervisorConfig:
     handler_pid: int | None = None
     resource_interval: float = 1.0
     disk_path: str = "."
+    # Offered to tasks' resource requests; 0 for what the resource samples say.
+    capacity_cpu_millis: int = 0
+    capacity_memory_bytes: int = 0
 
 
 class Supervisor:
@@ -65,6 +69,9 @@ class Supervisor:
             settings=self._settings,
             logger=_log,
             resources=self.resources,
+            capacity=task_pb2.Resources(
+                cpu_millis=config.capacity_cpu_millis, memory_bytes=config.capacity_memory_bytes
+            ),
         )
         self.admin: AdminServer | None = None
         self._shutdown: asyncio.Task[None] | None = None
@@ -132,6 +139,7 @@ class Supervisor:
                 self._describing = None
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
+            self._follow_handler_pid()
             watcher = asyncio.create_task(self.handler.watch(), name="herder-supervisor-handler-watch")
             _log.info(
                 "supervisor %s: %d slots for %s, coordinator %s",
@@ -152,8 +160,14 @@ class Supervisor:
                 await self.admin.stop()
             await self.handler.close()
 
+    def _follow_handler_pid(self) -> None:
+        # --handler-pid wins; otherwise the pid the handler's Describe gave, which changes when it restarts.
+        if self.config.handler_pid is None:
+            self.resources.follow_handler(self.handler.pid)
+
     def _on_handler_change(self, available: bool, why: str) -> None:
         if available:
+            self._follow_handler_pid()
             self.engine.resume()
         else:
             self.engine.pause(f"the handler at {self.config.handler} does not answer ({why})")

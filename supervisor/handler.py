@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import psutil
 from google.protobuf import any_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -79,6 +80,8 @@ class HandlerRunner:
         self._has_health = True
         self._types: dict[str, handler_pb2.HandledType] = {}
         self.available = False
+        # The handler's process id as its Describe answer gave it (None: it did not say).
+        self.pid: int | None = None
 
     async def close(self) -> None:
         await self._channel.close()
@@ -103,6 +106,7 @@ class HandlerRunner:
         if not response.task_types:
             raise ValueError(f"the handler at {self.target} serves no task types (its Describe answer is empty)")
         self._types = {t.name: t for t in response.task_types}
+        self.pid = response.pid or None
         self._set_available(True, "Describe answered")
         _log.info("handler %s serves %s", self.target, ", ".join(sorted(self._types)))
 
@@ -111,7 +115,32 @@ class HandlerRunner:
         while True:
             await asyncio.sleep(self._settings.probe_interval)
             up, why = await self._probe()
+            # Back after a failure, or restarted between two probes (its pid is gone): maybe a new build.
+            if up and (not self.available or (self.pid is not None and not psutil.pid_exists(self.pid))):
+                pid = self.pid
+                up, why = await self._describe_again()
+                if up and self.available and self.pid != pid and self._on_change is not None:
+                    _log.info("handler %s restarted: pid %s, was %s", self.target, self.pid, pid)
+                    self._on_change(True, "restarted")
             self._set_available(up, why)
+
+    async def _describe_again(self) -> tuple[bool, str]:
+        """Describe a handler that came back: it may be a new process (another pid) or a new build."""
+        try:
+            response = await self._stub.Describe(handler_pb2.DescribeRequest(), timeout=self._settings.call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            return False, _why(exc)
+        self.pid = response.pid or None
+        served = sorted(t.name for t in response.task_types)
+        if served != sorted(self._types):
+            # The session and the registered contracts were made for the types Describe gave at start.
+            _log.warning(
+                "handler %s now serves %s; this supervisor keeps serving %s (restart it to serve the new set)",
+                self.target,
+                ", ".join(served) or "nothing",
+                ", ".join(sorted(self._types)),
+            )
+        return True, "Describe answered"
 
     async def _probe(self) -> tuple[bool, str]:
         timeout = self._settings.call_timeout

@@ -45,7 +45,7 @@ class Handler(handler_pb2_grpc.TaskHandlerServiceServicer):
             output_type=examples_pb2.EchoResponse.DESCRIPTOR.full_name,
             descriptors=descriptor_set_for(examples_pb2.EchoRequest, examples_pb2.EchoResponse),
         )
-        return handler_pb2.DescribeResponse(task_types=[handled])
+        return handler_pb2.DescribeResponse(task_types=[handled], pid=os.getpid())
 
     async def Execute(
         self, request: handler_pb2.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -26,6 +26,7 @@ class RawWorker:
         slots: int = 1,
         running: Sequence[tuple[str, int]] = (),
         heartbeat: float = 0.3,
+        capacity: task_pb2.Resources | None = None,
     ) -> None:
         self.address = address
         self.hello = coordinator_pb2.WorkerHello(
@@ -33,6 +34,7 @@ class RawWorker:
             task_types=list(task_types),
             slots=slots,
             running=[coordinator_pb2.AttemptRef(task_id=t, attempt=a) for t, a in running],
+            capacity=capacity,
         )
         self.heartbeat = heartbeat
         self.assignments: asyncio.Queue[task_pb2.Task] = asyncio.Queue()

@@ -161,10 +161,10 @@ def test_queues_show_a_queue_after_submit(capsys: pytest.CaptureFixture[str], ad
     code, out, err = run(capsys, "--coordinator", address, "queues")
     assert code == 0, err
     header, *rows = [line.split() for line in out.splitlines()]
-    assert header == ["QUEUE", "PENDING", "QUEUED", "HELD", "RUNNING", "LIMIT", "OLDEST", "WAIT", "P50", "WAIT",
-                      "P99", "RATE/S", "RETENTION", "SUCCEEDED", "FAILED"]  # fmt: skip
+    assert header == ["QUEUE", "PENDING", "QUEUED", "HELD", "NO", "ROOM", "RUNNING", "LIMIT", "OLDEST", "WAIT",
+                      "P50", "WAIT", "P99", "RATE/S", "RETENTION", "SUCCEEDED", "FAILED"]  # fmt: skip
     row = next(r for r in rows if r[0] == "cli-reports")
-    assert row[1:6] == ["1", "2", "0", "0", "5"] and row[-2:] == ["0", "0"]
+    assert row[1:7] == ["1", "2", "0", "0", "0", "5"] and row[-2:] == ["0", "0"]
     queue = next(q for q in run_json(capsys, address, "queues") if q["name"] == "cli-reports")
     assert (queue["pending"], queue["queued"], queue["held"], queue["limit"]) == ("1", "2", "0", "5")
 

@@ -45,12 +45,14 @@ def markers() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def handler(port: int, mode: str = "echo", seconds: float = 1.0, marker: Path | None = None) -> Iterator[None]:
+def handler(
+    port: int, mode: str = "echo", seconds: float = 1.0, marker: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     args = [sys.executable, HANDLER, "--port", str(port), "--mode", mode, "--seconds", str(seconds)]
     if marker is not None:
         args += ["--marker", str(marker)]
-    with process_group(args):
-        yield
+    with process_group(args) as process:
+        yield process
 
 
 @contextlib.contextmanager
@@ -273,6 +275,28 @@ async def test_admin_status_health_and_drain(coordinator: Coordinator) -> None:
         assert process.returncode == 0
 
 
+async def _status(admin: str) -> supervisor_pb2.GetStatusResponse:
+    async with grpc.aio.insecure_channel(admin) as channel:
+        stub = supervisor_pb2_grpc.SupervisorServiceStub(channel)
+        return await stub.GetStatus(supervisor_pb2.GetStatusRequest(), timeout=5)
+
+
+async def test_handler_pid_comes_from_describe_and_follows_a_restart(coordinator: Coordinator) -> None:
+    port, admin = free_port(), f"127.0.0.1:{free_port()}"
+    with supervisor(coordinator, port, "--listen", admin, "--resource-interval", "0.2"):
+        for _ in range(2):  # the second handler is a new process: the supervisor follows its new pid
+            with handler(port) as process:
+
+                async def sampled() -> supervisor_pb2.ResourceSample | None:
+                    try:
+                        sample = (await _status(admin)).resources
+                    except grpc.aio.AioRpcError:
+                        return None  # the supervisor is still starting
+                    return sample if sample.handler_pid == process.pid and sample.handler_rss_bytes > 0 else None
+
+                await eventually(sampled, f"the handler's pid {process.pid} and RSS in the node's samples")
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -283,6 +307,8 @@ async def test_admin_status_health_and_drain(coordinator: Coordinator) -> None:
         ["--handler", "127.0.0.1:1", "--handler-pid", "0"],
         ["--handler", "127.0.0.1:1", "--resource-interval", "0.01"],
         ["--handler", "127.0.0.1:1", "--disk-path", "/no/such/dir"],
+        ["--handler", "127.0.0.1:1", "--cpu", "two"],
+        ["--handler", "127.0.0.1:1", "--memory", "4 gigs"],
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:

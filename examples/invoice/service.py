@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 from collections.abc import AsyncIterator
@@ -147,7 +148,9 @@ class InvoiceHandler(handler_pb2_grpc.TaskHandlerServiceServicer):
                     output_type=invoice_pb2.Invoice.DESCRIPTOR.full_name,
                     descriptors=descriptor_set(invoice_pb2.DESCRIPTOR),
                 )
-            ]
+            ],
+            # The supervisor reports this process's CPU and memory beside the node's.
+            pid=os.getpid(),
         )
 
     async def Execute(

@@ -669,6 +669,8 @@ class QueueStats(_message.Message):
     RETENTION_FIELD_NUMBER: _builtins.int
     SUCCEEDED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_RESOURCES_FIELD_NUMBER: _builtins.int
+    RESOURCES_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
     queued: _builtins.int
@@ -682,6 +684,10 @@ class QueueStats(_message.Message):
     """Queued tasks a limit holds back."""
     succeeded: _builtins.int
     failed: _builtins.int
+    waiting_for_resources: _builtins.int
+    """Queued tasks whose resource request no node can take now (see Task.waiting_reason)."""
+    resources_reason: _builtins.str
+    """Why, for the smallest such request; empty when there are none."""
     @_builtins.property
     def oldest_queued_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -709,10 +715,12 @@ class QueueStats(_message.Message):
         retention: _duration_pb2.Duration | None = ...,
         succeeded: _builtins.int = ...,
         failed: _builtins.int = ...,
+        waiting_for_resources: _builtins.int = ...,
+        resources_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_time", b"oldest_queued_time", "retention", b"retention", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "dispatch_rate", b"dispatch_rate", "failed", b"failed", "held", b"held", "limit", b"limit", "name", b"name", "oldest_queued_time", b"oldest_queued_time", "pending", b"pending", "queued", b"queued", "retention", b"retention", "running", b"running", "succeeded", b"succeeded", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "dispatch_rate", b"dispatch_rate", "failed", b"failed", "held", b"held", "limit", b"limit", "name", b"name", "oldest_queued_time", b"oldest_queued_time", "pending", b"pending", "queued", b"queued", "resources_reason", b"resources_reason", "retention", b"retention", "running", b"running", "succeeded", b"succeeded", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99", "waiting_for_resources", b"waiting_for_resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -791,12 +799,17 @@ class Node(_message.Message):
     QUARANTINED_UNTIL_FIELD_NUMBER: _builtins.int
     QUARANTINE_REASON_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    FREE_FIELD_NUMBER: _builtins.int
+    MEMORY_PRESSURE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     slots: _builtins.int
     running: _builtins.int
     address: _builtins.str
     quarantine_reason: _builtins.str
+    memory_pressure: _builtins.bool
+    """Set while it gets no new tasks because its memory use is at the coordinator's pressure threshold."""
     @_builtins.property
     def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -813,6 +826,14 @@ class Node(_message.Message):
     def resources(self) -> _supervisor_pb2.ResourceSample:
         """The last resource sample its heartbeats carried; unset until one arrives (or when it was invalid)."""
 
+    @_builtins.property
+    def capacity(self) -> _task_pb2.Resources:
+        """What it offers to resource requests (from its hello, else its samples); 0 where unknown."""
+
+    @_builtins.property
+    def free(self) -> _task_pb2.Resources:
+        """Capacity minus the requests of the attempts it holds (memory also no more than its sample's free)."""
+
     def __init__(
         self,
         *,
@@ -828,10 +849,13 @@ class Node(_message.Message):
         quarantined_until: _timestamp_pb2.Timestamp | None = ...,
         quarantine_reason: _builtins.str = ...,
         resources: _supervisor_pb2.ResourceSample | None = ...,
+        capacity: _task_pb2.Resources | None = ...,
+        free: _task_pb2.Resources | None = ...,
+        memory_pressure: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_heartbeat_time", b"last_heartbeat_time", "quarantined_until", b"quarantined_until", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "connect_time", b"connect_time", "free", b"free", "last_heartbeat_time", b"last_heartbeat_time", "quarantined_until", b"quarantined_until", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connect_time", b"connect_time", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "quarantine_reason", b"quarantine_reason", "quarantined_until", b"quarantined_until", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "connect_time", b"connect_time", "free", b"free", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "memory_pressure", b"memory_pressure", "quarantine_reason", b"quarantine_reason", "quarantined_until", b"quarantined_until", "resources", b"resources", "running", b"running", "session_id", b"session_id", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1047,6 +1071,7 @@ class WorkerHello(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable across reconnects; a restarted worker process uses a new one."""
     slots: _builtins.int
@@ -1061,6 +1086,12 @@ class WorkerHello(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def capacity(self) -> _task_pb2.Resources:
+        """What it offers to tasks' resource requests, such as its container's limits. A field left 0
+        comes from its resource samples (cpu_count cores, memory_total_bytes).
+        """
+
     def __init__(
         self,
         *,
@@ -1070,10 +1101,11 @@ class WorkerHello(_message.Message):
         running: _abc.Iterable[Global___AttemptRef] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         address: _builtins.str = ...,
+        capacity: _task_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "labels", b"labels", "running", b"running", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "labels", b"labels", "running", b"running", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

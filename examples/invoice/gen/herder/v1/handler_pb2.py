@@ -27,7 +27,7 @@ from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor
 from gen.herder.v1 import task_pb2 as herder_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17herder/v1/handler.proto\x12\therder.v1\x1a\x19google/protobuf/any.proto\x1a google/protobuf/descriptor.proto\x1a\x14herder/v1/task.proto\"/\n\x0e\x45xecuteRequest\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.herder.v1.Task\"\x94\x01\n\x0f\x45xecuteResponse\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.herder.v1.ProgressH\x00\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.herder.v1.TaskErrorH\x00\x42\t\n\x07message\"\x11\n\x0f\x44\x65scribeRequest\"}\n\x0bHandledType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_type\x18\x02 \x01(\t\x12\x13\n\x0boutput_type\x18\x03 \x01(\t\x12\x37\n\x0b\x64\x65scriptors\x18\x04 \x01(\x0b\x32\".google.protobuf.FileDescriptorSet\">\n\x10\x44\x65scribeResponse\x12*\n\ntask_types\x18\x01 \x03(\x0b\x32\x16.herder.v1.HandledType2\x9d\x01\n\x12TaskHandlerService\x12\x42\n\x07\x45xecute\x12\x19.herder.v1.ExecuteRequest\x1a\x1a.herder.v1.ExecuteResponse0\x01\x12\x43\n\x08\x44\x65scribe\x12\x1a.herder.v1.DescribeRequest\x1a\x1b.herder.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17herder/v1/handler.proto\x12\therder.v1\x1a\x19google/protobuf/any.proto\x1a google/protobuf/descriptor.proto\x1a\x14herder/v1/task.proto\"/\n\x0e\x45xecuteRequest\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.herder.v1.Task\"\x94\x01\n\x0f\x45xecuteResponse\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.herder.v1.ProgressH\x00\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.herder.v1.TaskErrorH\x00\x42\t\n\x07message\"\x11\n\x0f\x44\x65scribeRequest\"}\n\x0bHandledType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_type\x18\x02 \x01(\t\x12\x13\n\x0boutput_type\x18\x03 \x01(\t\x12\x37\n\x0b\x64\x65scriptors\x18\x04 \x01(\x0b\x32\".google.protobuf.FileDescriptorSet\"K\n\x10\x44\x65scribeResponse\x12*\n\ntask_types\x18\x01 \x03(\x0b\x32\x16.herder.v1.HandledType\x12\x0b\n\x03pid\x18\x02 \x01(\r2\x9d\x01\n\x12TaskHandlerService\x12\x42\n\x07\x45xecute\x12\x19.herder.v1.ExecuteRequest\x1a\x1a.herder.v1.ExecuteResponse0\x01\x12\x43\n\x08\x44\x65scribe\x12\x1a.herder.v1.DescribeRequest\x1a\x1b.herder.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,7 +43,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDLEDTYPE']._serialized_start=340
   _globals['_HANDLEDTYPE']._serialized_end=465
   _globals['_DESCRIBERESPONSE']._serialized_start=467
-  _globals['_DESCRIBERESPONSE']._serialized_end=529
-  _globals['_TASKHANDLERSERVICE']._serialized_start=532
-  _globals['_TASKHANDLERSERVICE']._serialized_end=689
+  _globals['_DESCRIBERESPONSE']._serialized_end=542
+  _globals['_TASKHANDLERSERVICE']._serialized_start=545
+  _globals['_TASKHANDLERSERVICE']._serialized_end=702
 # @@protoc_insertion_point(module_scope)

@@ -122,16 +122,22 @@ class DescribeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_TYPES_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    """The handler's process id, when the supervisor shares its process namespace and should report the
+    handler's CPU and memory with the node's (a --handler-pid flag takes precedence); 0 for none.
+    """
     @_builtins.property
     def task_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandledType]: ...
     def __init__(
         self,
         *,
         task_types: _abc.Iterable[Global___HandledType] | None = ...,
+        pid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_types", b"task_types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "task_types", b"task_types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
