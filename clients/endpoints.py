@@ -80,6 +80,12 @@ def parse_addresses(address: str | Sequence[str] | None = None) -> tuple[str, ..
     return tuple(found)
 
 
+def address_setting(value: str) -> str:
+    """The `coordinator` setting of the CLI, a worker and the supervisor: checked, returned as given."""
+    parse_addresses(value)  # ValueError naming the bad entry
+    return value.strip()
+
+
 def _split(address: str) -> tuple[str, int]:
     """(host, port) of "host:port" or "[v6]:port"; ValueError saying what is wrong."""
     host, sep, port_text = address.rpartition(":")
@@ -243,6 +249,7 @@ __all__ = [
     "CHANNEL_OPTIONS",
     "DEFAULT_ADDRESS",
     "Endpoints",
+    "address_setting",
     "new_idempotency_key",
     "open_channel",
     "parse_addresses",

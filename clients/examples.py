@@ -5,19 +5,19 @@ Run it with `python -m herder.clients.examples --coordinator 127.0.0.1:50051` (o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import duration_pb2
 
+from herder.clients import logs
 from herder.clients.errors import HerderError
 from herder.clients.proto.examples.v1 import examples_pb2
-from herder.clients.worker import NonRetryableError, TaskContext, Worker, WorkerSettings, run_worker
+from herder.clients.settings import load
+from herder.clients.worker import NonRetryableError, TaskContext, Worker, run_worker
+from herder.clients.worker_config import SETTINGS, worker_arguments
 
 
 class FlakyError(Exception):
@@ -57,7 +57,7 @@ async def flaky(request: examples_pb2.FlakyRequest, ctx: TaskContext) -> example
     return examples_pb2.FlakyResponse(attempt=ctx.attempt)
 
 
-def build_example_worker(address: str | Sequence[str], **kw: Any) -> Worker:
+def build_example_worker(address: str | Sequence[str] | None, **kw: Any) -> Worker:
     """A Worker serving examples.echo, examples.sleep and examples.flaky; `kw` goes to Worker."""
     worker = Worker(address, **kw)
     worker.add_task("examples.echo", echo, description="Returns its payload.")
@@ -67,33 +67,14 @@ def build_example_worker(address: str | Sequence[str], **kw: Any) -> Worker:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the example worker until SIGINT or SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m herder.clients.examples", description=__doc__)
-    parser.add_argument(
-        "--coordinator",
-        default=os.environ.get("HERDER_COORDINATOR", "127.0.0.1:50051"),
-        help="coordinator address (default $HERDER_COORDINATOR or 127.0.0.1:50051)",
-    )
-    parser.add_argument("--slots", type=int, default=8, help="tasks run at once (default 8)")
-    parser.add_argument("--worker-id", default=None, help="worker id (default host-pid-random)")
-    parser.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=10.0,
-        help="seconds running tasks may finish after SIGINT/SIGTERM before they are cancelled (default 10)",
-    )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    if args.slots < 1:
-        parser.error(f"--slots must be at least 1, got {args.slots}")
-    if args.shutdown_grace < 0:
-        parser.error(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = WorkerSettings(shutdown_grace=args.shutdown_grace)
-    worker = build_example_worker(args.coordinator, slots=args.slots, worker_id=args.worker_id, settings=settings)
+    """Run the example worker until SIGINT or SIGTERM; its settings are the [worker] ones."""
+    prog = "python -m herder.clients.examples"
+    settings = load(prog, "worker", SETTINGS, argv, description=__doc__ or "")
+    logs.configure(settings["log_level"], settings["log_format"])
+    worker = build_example_worker(**worker_arguments(settings))
     print(
         f"herder example worker {worker.worker_id} serving {', '.join(worker.registrations)} "
-        f"for coordinator {args.coordinator}",
+        f"for coordinator {settings['coordinator']}",
         flush=True,
     )
     try:

@@ -38,6 +38,7 @@ from herder.clients.engine import SHUTDOWN_REASON, SessionEngine, WorkerSettings
 from herder.clients.outcomes import BAD_OUTPUT, BAD_PAYLOAD, task_error
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.clients.runner import run as run_loop
+from herder.clients.worker_config import worker_arguments, worker_settings
 
 _log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -132,6 +133,15 @@ class Worker:
             capacity=capacity,
         )
         self._run_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, config_file: str | None = None, *, labels: Mapping[str, str] | None = None) -> Worker:
+        """A Worker configured by HERDER_* variables (HERDER_COORDINATOR, HERDER_SLOTS, ...), else the
+        [worker] table of `config_file` (default: the file HERDER_CONFIG names), else the defaults.
+
+        Raises herder.clients.settings.SettingsError (a ValueError) naming a bad setting and its source.
+        """
+        return cls(**worker_arguments(worker_settings(config_file=config_file)), labels=labels)
 
     # -- registration -------------------------------------------------------------------
 

@@ -1,200 +1,320 @@
-"""`python -m herder.server` (what `herder coordinator` runs): flags, HERDER_* variables, one-line errors."""
+"""`python -m herder.server` (what `herder coordinator` runs): settings from flags, HERDER_* variables
+and the [coordinator] table of the config file (see herder.clients.settings), one-line errors.
+
+The etcd password comes from a file (--etcd-password-file) or HERDER_ETCD_PASSWORD, never a flag
+(flags show in `ps`), and is never logged or shown.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
+from herder.clients import logs
 from herder.clients.runner import run as run_loop
+from herder.clients.settings import Setting, Settings, boolean, integer, load, log_settings, seconds, text
 from herder.server import election, validation
-from herder.server._etcd import EtcdError
+from herder.server._etcd import EtcdAuthError, EtcdCredentials, EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
+from herder.server.committer import CommitLimits
 from herder.server.horizon import MAX_DELAY_SECONDS
 from herder.server.leader import LeaderSettings
 from herder.server.placement import PlacementSettings
 from herder.server.sessions import SessionSettings
 from herder.server.watchers import WatchSettings
 
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"HERDER_{name}", default)
+PROG = "herder coordinator"
 
 
-def _flag_bool(name: str) -> bool:
-    return _env(name, "").lower() in {"1", "true", "yes", "on"}
+def _host_port(value: str) -> str:
+    value = value.strip()
+    host, sep, port = value.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 <= int(port) < 65536):
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+def _endpoints(value: str) -> tuple[str, ...]:
+    endpoints = tuple(_host_port(e) for e in value.split(",") if e.strip())
+    if not endpoints:
+        raise ValueError("give at least one HOST:PORT")
+    return endpoints
+
+
+def _namespace(value: str) -> str:
+    value = value.strip()
+    if validation.validate_name(value, "namespace", validation.Limits()):
+        raise ValueError(f"{value!r} must be letters, digits and . _ : / -")
+    return value
+
+
+def _share(value: str) -> float:
+    """A share of a whole, above 0 and at most 1."""
+    try:
+        share = float(value.strip())
+    except ValueError:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not 0 < share <= 1:
+        raise ValueError(f"must be above 0 and at most 1 (a share of the node's memory), got {value.strip()}")
+    return share
+
+
+def _password(value: str) -> str:
+    return value  # taken as it is: spaces may belong to it
+
+
+_LIMITS = validation.Limits()
+_WATCH = WatchSettings()
+_SESSIONS = SessionSettings()
+_LEASE = election.LeaseSettings()
+_COMMIT = CommitLimits()
+_DAY = 24 * 3600.0
+
+SETTINGS: list[Setting] = [
+    Setting("etcd", _endpoints, ("127.0.0.1:2379",), "etcd endpoints, HOST:PORT[,...]", metavar="ADDRS"),
+    Setting("etcd_user", text, "", "etcd user name, when etcd has authentication on", metavar="NAME"),
+    Setting(
+        "etcd_password_file",
+        text,
+        "",
+        "file holding the etcd user's password (or set HERDER_ETCD_PASSWORD)",
+        metavar="PATH",
+    ),
+    Setting(
+        "etcd_password",
+        _password,
+        "",
+        "the etcd user's password (environment only)",
+        flag=None,
+        in_file=False,
+        secret=True,
+    ),
+    Setting("etcd_timeout", seconds(0, 300, above=True), 5.0, "seconds an etcd request may take", metavar="S"),
+    Setting("listen", _host_port, "127.0.0.1:50051", "gRPC address to serve on", metavar="ADDR"),
+    Setting("namespace", _namespace, "default", "etcd key namespace", metavar="NAME"),
+    Setting("advertise", text, "", "address clients are told to use (default: the listen address)", metavar="ADDR"),
+    Setting("lease_ttl", integer(1), _LEASE.ttl, "leader lease seconds", metavar="S"),
+    Setting(
+        "leader_probe_interval",
+        seconds(0, 60),
+        _LEASE.probe_interval,
+        "seconds between a follower's probes of the leader's address; when nothing listens there twice"
+        " in a row its term is ended without waiting out the lease. 0 turns probing off (when the advertised"
+        " address can refuse connections while the leader lives, e.g. behind a load balancer)",
+        metavar="S",
+    ),
+    Setting(
+        "heartbeat_interval",
+        seconds(0, above=True),
+        _SESSIONS.heartbeat_interval,
+        "seconds between a worker's heartbeats",
+        metavar="S",
+    ),
+    Setting(
+        "heartbeat_timeout",
+        seconds(0, above=True),
+        _SESSIONS.heartbeat_timeout,
+        "seconds without a heartbeat before a worker is gone",
+        metavar="S",
+    ),
+    Setting(
+        "ack_timeout",
+        seconds(0, above=True),
+        _SESSIONS.ack_timeout,
+        "seconds a worker has to acknowledge an assignment",
+        metavar="S",
+    ),
+    Setting(
+        "accept_unregistered_types",
+        boolean,
+        False,
+        "accept tasks whose type is not registered (their payload is not checked)",
+        switch=True,
+    ),
+    Setting(
+        "retention",
+        seconds(0, MAX_DELAY_SECONDS),
+        _DAY,
+        "seconds finished tasks are kept unless their queue sets its own",
+        metavar="S",
+    ),
+    Setting(
+        "idempotency_window",
+        seconds(0, MAX_DELAY_SECONDS),
+        _DAY,
+        "seconds an idempotency key returns its task",
+        metavar="S",
+    ),
+    Setting("max_sessions", integer(1), _SESSIONS.max_sessions, "worker sessions served at once", metavar="N"),
+    Setting(
+        "quarantine",
+        seconds(0, _DAY, above=True),
+        60.0,
+        "seconds a worker that leaves an assignment unacknowledged gets no assignments",
+        metavar="S",
+    ),
+    Setting(
+        "memory_pressure",
+        _share,
+        PlacementSettings().memory_pressure,
+        "a node whose memory use (used/total) is at or above this share gets no new tasks",
+        metavar="SHARE",
+    ),
+    *(
+        Setting(f"max_{name}_bytes", integer(1), getattr(_LIMITS, f"max_{name}_bytes"), what, metavar="N")
+        for name, what in (
+            ("result", "largest attempt output a worker may report"),
+            ("error", "largest attempt error (serialized TaskError) a worker may report"),
+            ("progress", "largest progress update stored; bigger ones are dropped"),
+            ("record", "largest record stored in etcd, below etcd's request limit"),
+        )
+    ),
+    Setting(
+        "commit_max_ops",
+        integer(16, 10_000),
+        _COMMIT.max_ops,
+        "most writes batched into one etcd transaction; at most etcd's --max-txn-ops (128 by default)",
+        metavar="N",
+    ),
+    Setting(
+        "commit_timeout",
+        seconds(0, 60, above=True),
+        _COMMIT.timeout,
+        "seconds one etcd transaction may take before the leader steps down (its outcome unknown)",
+        metavar="S",
+    ),
+    Setting(
+        "max_watchers",
+        integer(1),
+        _WATCH.max_watchers,
+        "WatchTasks streams served at once; more are refused",
+        metavar="N",
+    ),
+    Setting(
+        "watch_backlog",
+        integer(1),
+        _WATCH.max_backlog,
+        "changes a watcher may fall behind before it is ended",
+        metavar="N",
+    ),
+    *log_settings(),
+]
+
+
+def _limits(settings: Settings) -> validation.Limits:
+    return dataclasses.replace(
+        _LIMITS,
+        max_result_bytes=settings["max_result_bytes"],
+        max_error_bytes=settings["max_error_bytes"],
+        max_progress_bytes=settings["max_progress_bytes"],
+        max_record_bytes=settings["max_record_bytes"],
+    )
+
+
+def _check(settings: Settings) -> list[str]:
+    """Problems between settings (each value alone has been checked as it was read)."""
+    problems = []
+    if settings["heartbeat_interval"] >= settings["heartbeat_timeout"]:
+        problems.append(f"{settings.where('heartbeat_interval')} must be below {settings.where('heartbeat_timeout')}")
+    problems += _limits(settings).problems()
+    user, password, password_file = settings["etcd_user"], settings["etcd_password"], settings["etcd_password_file"]
+    if password and password_file:
+        problems.append(
+            f"give one of {settings.where('etcd_password')} and {settings.where('etcd_password_file')}, not both"
+        )
+    elif user and not (password or password_file):
+        problems.append(f"{settings.where('etcd_user')} needs etcd_password_file or HERDER_ETCD_PASSWORD")
+    elif (password or password_file) and not user:
+        problems.append("an etcd password needs etcd_user (--etcd-user or HERDER_ETCD_USER)")
+    elif password_file:
+        try:
+            _read_password(password_file)
+        except ValueError as exc:
+            problems.append(f"{settings.where('etcd_password_file')}: {exc}")
+    return problems
+
+
+def _read_password(path: str) -> str:
+    """The first line of the password file (a trailing newline is not part of the password)."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            password = stream.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    if not password:
+        raise ValueError("it is empty")
+    return password
 
 
 def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
-    parser = argparse.ArgumentParser(
-        prog="herder coordinator",
-        description="Run a Herder coordinator replica. Every flag also reads HERDER_<FLAG> (e.g. HERDER_ETCD).",
+    """The coordinator's config; exits 2 with one line for a bad setting, 0 after --show-config."""
+    return config_of(_load(argv))
+
+
+def _load(argv: Sequence[str] | None) -> Settings:
+    return load(
+        PROG,
+        "coordinator",
+        SETTINGS,
+        argv,
+        description="Run a Herder coordinator replica. Every flag also reads HERDER_<FLAG> (e.g. HERDER_ETCD)"
+        " and the [coordinator] table of the --config file, in that order.",
+        check=_check,
     )
-    parser.add_argument("--etcd", default=_env("ETCD", "127.0.0.1:2379"), help="etcd endpoints, HOST:PORT[,...]")
-    parser.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:50051"), help="gRPC address to serve on")
-    parser.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="etcd key namespace")
-    parser.add_argument("--advertise", default=_env("ADVERTISE", ""), help="address clients are told to use")
-    parser.add_argument("--lease-ttl", type=int, default=int(_env("LEASE_TTL", "5")), help="leader lease seconds")
-    parser.add_argument(
-        "--leader-probe-interval",
-        type=float,
-        default=float(_env("LEADER_PROBE_INTERVAL", str(election.LeaseSettings().probe_interval))),
-        help="seconds between a follower's probes of the leader's address; when nothing listens there twice"
-        " in a row its term is ended without waiting out the lease. 0 turns probing off (when the advertised"
-        " address can refuse connections while the leader lives, e.g. behind a load balancer)",
-    )
-    parser.add_argument("--heartbeat-interval", type=float, default=float(_env("HEARTBEAT_INTERVAL", "1.0")))
-    parser.add_argument("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "5.0")))
-    parser.add_argument("--ack-timeout", type=float, default=float(_env("ACK_TIMEOUT", "5.0")))
-    parser.add_argument(
-        "--accept-unregistered-types",
-        action="store_true",
-        default=_flag_bool("ACCEPT_UNREGISTERED_TYPES"),
-        help="accept tasks whose type is not registered (their payload is not checked)",
-    )
-    parser.add_argument(
-        "--retention",
-        type=float,
-        default=float(_env("RETENTION", str(24 * 3600))),
-        help="seconds finished tasks are kept unless their queue sets its own (default one day)",
-    )
-    parser.add_argument(
-        "--idempotency-window",
-        type=float,
-        default=float(_env("IDEMPOTENCY_WINDOW", str(24 * 3600))),
-        help="seconds an idempotency key returns its task (default one day)",
-    )
-    parser.add_argument(
-        "--max-sessions",
-        type=int,
-        default=_env("MAX_SESSIONS", str(SessionSettings().max_sessions)),
-        help=f"worker sessions served at once (default {SessionSettings().max_sessions})",
-    )
-    parser.add_argument(
-        "--quarantine",
-        type=float,
-        default=_env("QUARANTINE", "60"),
-        help="seconds a worker that leaves an assignment unacknowledged gets no assignments (default 60)",
-    )
-    parser.add_argument(
-        "--memory-pressure",
-        type=float,
-        default=_env("MEMORY_PRESSURE", str(PlacementSettings().memory_pressure)),
-        help="a node whose memory use (used/total) is at or above this share gets no new tasks"
-        f" (default {PlacementSettings().memory_pressure})",
-    )
-    limits = validation.Limits()
-    for name, what in (
-        ("result", "largest attempt output a worker may report"),
-        ("error", "largest attempt error (serialized TaskError) a worker may report"),
-        ("progress", "largest progress update stored; bigger ones are dropped"),
-        ("record", "largest record stored in etcd, below etcd's request limit"),
-    ):
-        default = getattr(limits, f"max_{name}_bytes")
-        parser.add_argument(
-            f"--max-{name}-bytes",
-            type=int,
-            default=_env(f"MAX_{name.upper()}_BYTES", str(default)),
-            help=f"{what} (default {default})",
-        )
-    watch = WatchSettings()
-    # String defaults go through `type`, so a bad HERDER_* value is reported like a bad flag.
-    parser.add_argument(
-        "--max-watchers",
-        type=int,
-        default=_env("MAX_WATCHERS", str(watch.max_watchers)),
-        help=f"WatchTasks streams served at once; more are refused (default {watch.max_watchers})",
-    )
-    parser.add_argument(
-        "--watch-backlog",
-        type=int,
-        default=_env("WATCH_BACKLOG", str(watch.max_backlog)),
-        help=f"changes a watcher may fall behind before it is ended (default {watch.max_backlog})",
-    )
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning or error")
-    args = parser.parse_args(argv)
-    endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
-    problems = [f"--etcd: {e!r} is not HOST:PORT" for e in endpoints if not _is_host_port(e)]
-    if not endpoints:
-        problems.append("--etcd: give at least one HOST:PORT")
-    if not _is_host_port(args.listen):
-        problems.append(f"--listen: {args.listen!r} is not HOST:PORT")
-    if validation.validate_name(args.namespace, "namespace", validation.Limits()):
-        problems.append(f"--namespace: {args.namespace!r} must be letters, digits and . _ : / -")
-    if args.lease_ttl < 1:
-        problems.append("--lease-ttl: must be at least 1 second")
-    if not 0 <= args.leader_probe_interval <= 60:
-        problems.append("--leader-probe-interval: must be between 0 (off) and 60 seconds")
-    if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
-        problems.append("--heartbeat-interval must be positive and below --heartbeat-timeout")
-    if args.ack_timeout <= 0:
-        problems.append("--ack-timeout: must be positive")
-    if not 0 <= args.retention <= MAX_DELAY_SECONDS or not 0 <= args.idempotency_window <= MAX_DELAY_SECONDS:
-        problems.append(f"--retention and --idempotency-window must be between 0 and {MAX_DELAY_SECONDS} (366 days)")
-    if args.max_sessions < 1:
-        problems.append("--max-sessions: must be at least 1")
-    if not 0 < args.quarantine <= 24 * 3600:
-        problems.append("--quarantine: must be between 0 and 86400 seconds")
-    if not 0 < args.memory_pressure <= 1:
-        problems.append("--memory-pressure: must be above 0 and at most 1 (a share of the node's memory)")
-    limits = dataclasses.replace(
-        limits,
-        max_result_bytes=args.max_result_bytes,
-        max_error_bytes=args.max_error_bytes,
-        max_progress_bytes=args.max_progress_bytes,
-        max_record_bytes=args.max_record_bytes,
-    )
-    problems += [problem.replace("max_", "--max-").replace("_bytes", "-bytes") for problem in limits.problems()]
-    if args.max_watchers < 1:
-        problems.append("--max-watchers: must be at least 1")
-    if args.watch_backlog < 1:
-        problems.append("--watch-backlog: must be at least 1")
-    if problems:
-        parser.error("; ".join(problems))
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+
+
+def config_of(settings: Settings) -> CoordinatorConfig:
+    password = settings["etcd_password"]
+    if settings["etcd_password_file"]:
+        password = _read_password(settings["etcd_password_file"])
     return CoordinatorConfig(
-        etcd=endpoints,
-        listen=args.listen,
-        namespace=args.namespace,
-        advertise=args.advertise,
-        lease=election.LeaseSettings(ttl=args.lease_ttl, probe_interval=args.leader_probe_interval),
+        etcd=settings["etcd"],
+        credentials=EtcdCredentials(settings["etcd_user"], password) if settings["etcd_user"] else None,
+        etcd_timeout=settings["etcd_timeout"],
+        listen=settings["listen"],
+        namespace=settings["namespace"],
+        advertise=settings["advertise"],
+        lease=election.LeaseSettings(ttl=settings["lease_ttl"], probe_interval=settings["leader_probe_interval"]),
         leader=LeaderSettings(
             sessions=SessionSettings(
-                heartbeat_interval=args.heartbeat_interval,
-                heartbeat_timeout=args.heartbeat_timeout,
-                ack_timeout=args.ack_timeout,
-                max_sessions=args.max_sessions,
+                heartbeat_interval=settings["heartbeat_interval"],
+                heartbeat_timeout=settings["heartbeat_timeout"],
+                ack_timeout=settings["ack_timeout"],
+                max_sessions=settings["max_sessions"],
             ),
-            accept_unregistered_types=args.accept_unregistered_types,
-            retention=args.retention,
-            idempotency_window=args.idempotency_window,
-            quarantine=args.quarantine,
-            placement=PlacementSettings(memory_pressure=args.memory_pressure),
+            accept_unregistered_types=settings["accept_unregistered_types"],
+            retention=settings["retention"],
+            idempotency_window=settings["idempotency_window"],
+            quarantine=settings["quarantine"],
+            placement=PlacementSettings(memory_pressure=settings["memory_pressure"]),
+            # A second transaction goes out beside one in flight once a full one's worth waits.
+            commit=dataclasses.replace(
+                _COMMIT,
+                max_ops=settings["commit_max_ops"],
+                parallel_ops=settings["commit_max_ops"],
+                timeout=settings["commit_timeout"],
+            ),
         ),
-        limits=limits,
-        watch=WatchSettings(max_watchers=args.max_watchers, max_backlog=args.watch_backlog),
+        limits=_limits(settings),
+        watch=WatchSettings(max_watchers=settings["max_watchers"], max_backlog=settings["watch_backlog"]),
     )
-
-
-def _is_host_port(value: str) -> bool:
-    host, sep, port = value.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
+    settings = _load(argv)
+    config = config_of(settings)
+    logs.configure(settings["log_level"], settings["log_format"])
     try:
         run_loop(serve(config))
+    except EtcdAuthError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
     except EtcdError as exc:
-        print(f"herder coordinator: cannot reach etcd at {','.join(config.etcd)}: {exc}", file=sys.stderr)
+        print(f"{PROG}: cannot reach etcd at {','.join(config.etcd)}: {exc}", file=sys.stderr)
         return 1
     except ListenError as exc:
-        print(f"herder coordinator: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aetcd
@@ -20,6 +20,18 @@ from aetcd import rpc
 
 class EtcdError(Exception):
     """etcd failed or could not be reached."""
+
+
+class EtcdAuthError(EtcdError):
+    """etcd refused the credentials (or wants some and none were given); retrying cannot help."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdCredentials:
+    """An etcd user and its password; the password is left out of repr so it cannot reach a log."""
+
+    user: str
+    password: str = field(repr=False)
 
 
 class CompactedError(EtcdError):
@@ -128,6 +140,15 @@ def key_value(kv: Any) -> KeyValue:
     return KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease)
 
 
+def _refuses_auth(exc: grpc.aio.AioRpcError) -> bool:
+    """etcd said no to who we are: a bad or missing token, a user without the permission, or no user."""
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return True
+    # etcd answers a request without a token, when authentication is on, with INVALID_ARGUMENT.
+    return code == grpc.StatusCode.INVALID_ARGUMENT and "user name is empty" in (exc.details() or "")
+
+
 class Etcd:
     """One connection to an etcd cluster. Calls raise EtcdError when etcd fails or times out.
 
@@ -135,10 +156,15 @@ class Etcd:
     starting after the one that failed, so a cluster member going away is survivable.
     """
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], *, timeout: float = 5.0, credentials: EtcdCredentials | None = None
+    ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
+        self.credentials = credentials
+        # With credentials, the token etcd gave for them: sent with every request.
+        self._metadata: Any = None
         self.endpoint = self.endpoints[0]
         self.timeout = timeout
         self._client: Any = None
@@ -157,6 +183,8 @@ class Etcd:
         for endpoint in order:
             try:
                 await self._connect_to(endpoint, timeout or self.timeout)
+            except EtcdAuthError:
+                raise
             except EtcdError:
                 continue
             self.endpoint = endpoint
@@ -180,17 +208,27 @@ class Etcd:
 
     async def _connect_to(self, endpoint: str, timeout: float) -> None:
         host, _, port = endpoint.rpartition(":")
+        credentials = self.credentials
         client = aetcd.Client(
             host=host or "127.0.0.1",
             port=int(port),
-            timeout=None,
+            # aetcd authenticates in connect() with this timeout; requests below set their own.
+            timeout=timeout,
             options={"grpc.max_receive_message_length": 64 * 1024 * 1024},
+            username=credentials.user if credentials else None,
+            password=credentials.password if credentials else None,
         )
         try:
             await client.connect()
+        except (aetcd.exceptions.UnauthenticatedError, aetcd.exceptions.InvalidArgumentError) as exc:
+            # Only the user is named: aetcd's message does not carry the password, and nothing here adds it.
+            raise EtcdAuthError(
+                f"etcd at {endpoint} refused the credentials of user {credentials.user if credentials else ''!r}"
+            ) from exc
         except Exception as exc:
             raise EtcdError(f"cannot connect to etcd at {endpoint}: {exc}") from exc
         self._client = client
+        self._metadata = client.metadata
         self._kv = client.kvstub
         self._lease = client.leasestub
         self._maintenance = client.maintenancestub
@@ -198,6 +236,14 @@ class Etcd:
         self._watch = rpc.WatchStub(client.channel)
         try:
             await asyncio.wait_for(self.status(), timeout)
+            if credentials is None:
+                # Status answers anyone; a read says whether etcd wants credentials none were given for.
+                await asyncio.wait_for(self._call(self._kv.Range, rpc.RangeRequest(key=b"\0", limit=1)), timeout)
+        except EtcdAuthError as exc:
+            await self.close()
+            if credentials is None:
+                raise EtcdAuthError(f"etcd at {endpoint} has authentication on and no user was given ({exc})") from exc
+            raise
         except (TimeoutError, EtcdError) as exc:
             await self.close()
             raise EtcdError(f"etcd at {endpoint} does not answer") from exc
@@ -212,8 +258,10 @@ class Etcd:
         if self._client is None:
             raise EtcdError("not connected to etcd")
         try:
-            return await method(request, timeout=timeout or self.timeout)
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
+            if _refuses_auth(exc):
+                raise EtcdAuthError(f"etcd refused the request: {exc.details()}") from exc
             raise EtcdError(f"etcd: {exc.code().name}: {exc.details()}") from exc
         except grpc.aio.UsageError as exc:
             raise EtcdError(f"etcd connection closed: {exc}") from exc
@@ -350,7 +398,7 @@ class Etcd:
 
         if self._client is None:
             raise EtcdError("not connected to etcd")
-        call = self._watch.Watch(requests())
+        call = self._watch.Watch(requests(), metadata=self._metadata)
         try:
             async for reply in call:
                 if reply.compact_revision:
@@ -429,7 +477,7 @@ class LeaseKeeper:
             self._generation = self._etcd._generation
             if self._etcd._lease is None or self._etcd._client is None:
                 raise EtcdError("not connected to etcd")
-            self._call = self._etcd._lease.LeaseKeepAlive()
+            self._call = self._etcd._lease.LeaseKeepAlive(metadata=self._etcd._metadata)
         await self._call.write(rpc.LeaseKeepAliveRequest(ID=self.lease))
         reply = await self._call.read()
         if reply is grpc.aio.EOF:

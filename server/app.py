@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, lock_pb2, lock_pb2_grpc, task_pb2
 from herder.server import election, keys, membership, validation
-from herder.server._etcd import Etcd, EtcdError
+from herder.server._etcd import Etcd, EtcdCredentials, EtcdError
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.decoding import DecodingInterceptor
 from herder.server.feed import Feed
@@ -64,6 +64,8 @@ class CoordinatorConfig:
     limits: validation.Limits = field(default_factory=validation.Limits)
     watch: WatchSettings = field(default_factory=WatchSettings)
     etcd_timeout: float = 5.0
+    # etcd with authentication on: the user and password every request is made as (never in repr).
+    credentials: EtcdCredentials | None = field(default=None, repr=False)
 
 
 class Coordinator:
@@ -74,7 +76,7 @@ class Coordinator:
         self.replica_id = uuid.uuid4().hex[:12]
         self.prefix = keys.prefix(config.namespace)
         self.limits = config.limits
-        self.etcd = Etcd(config.etcd, timeout=config.etcd_timeout)
+        self.etcd = Etcd(config.etcd, timeout=config.etcd_timeout, credentials=config.credentials)
         self.leader: NamespaceLeader | None = None
         # WatchTasks on this replica, leader or not, reads task changes from here.
         self.feed = Feed(self.etcd, self.prefix)

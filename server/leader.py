@@ -29,7 +29,7 @@ from herder.clients.outcomes import ACK_TIMEOUT, CANCELED, TIMEOUT, WORKER_LOST
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server import keys, placement, recovery
 from herder.server._etcd import Etcd
-from herder.server.committer import Committer, RequestTooLargeError, Write, after_commit
+from herder.server.committer import CommitLimits, Committer, RequestTooLargeError, Write, after_commit
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.dispatch import Dispatcher
 from herder.server.election import Leadership
@@ -63,6 +63,7 @@ class LeaderSettings:
     idempotency_window: seconds after submission during which an idempotency key returns its task;
     a finished task is kept at least that long, so the key keeps answering.
     gc_interval: how often finished tasks past their retention are deleted.
+    commit: how the committer batches writes into etcd transactions.
     """
 
     sessions: SessionSettings = field(default_factory=SessionSettings)
@@ -74,6 +75,7 @@ class LeaderSettings:
     # A worker that lets an assignment's ack window pass gets no assignments for this long.
     quarantine: float = 60.0
     placement: PlacementSettings = field(default_factory=PlacementSettings)
+    commit: CommitLimits = field(default_factory=CommitLimits)
 
 
 def new_task_id() -> str:
@@ -106,7 +108,9 @@ class NamespaceLeader:
         self.settings = settings
         self.registry = registry
         self.input_limits = limits or Limits()
-        self.committer = Committer(etcd, keys.leader(self.prefix), leadership.fence, expired=leadership.expired)
+        self.committer = Committer(
+            etcd, keys.leader(self.prefix), leadership.fence, limits=settings.commit, expired=leadership.expired
+        )
         # The highest revision whose commit callbacks have run: memory holds every task change up to it.
         self.applied_revision = 0
         self.entries: dict[str, Entry] = {}

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from herder.clients.settings import FILE_ENV
 from herder.server import __main__ as coordinator_main
 from herder.supervisor import __main__ as supervisor_main
 
@@ -57,9 +58,9 @@ def _port(address: str) -> int:
     return int(address.rpartition(":")[2])
 
 
-def _read_variables(module: object) -> set[str]:
-    source = Path(module.__file__).read_text()  # type: ignore[attr-defined]
-    return {f"HERDER_{name}" for name in re.findall(r'_env\(\s*f?"([A-Z_{}.()a-z]+)"', source)}
+def _read_variables(module: Any) -> set[str]:
+    """The variables the command's declared settings read (herder.clients.settings)."""
+    return {setting.env_name for setting in module.SETTINGS if setting.env_name} | {FILE_ENV}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
