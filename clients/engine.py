@@ -469,9 +469,7 @@ class SessionEngine:
             if task.HasField("assign_time"):
                 held.assign_time.CopyFrom(task.assign_time)
                 if task.spec.HasField("timeout") and _seconds(task.spec.timeout) > 0:
-                    held.deadline.FromNanoseconds(
-                        task.assign_time.ToNanoseconds() + task.spec.timeout.ToNanoseconds()
-                    )
+                    held.deadline.FromNanoseconds(task.assign_time.ToNanoseconds() + task.spec.timeout.ToNanoseconds())
             found.append(held)
         return sorted(found, key=lambda h: (h.assign_time.ToNanoseconds(), h.task_id))
 

@@ -200,13 +200,14 @@ def _resolve_one(
 
 
 def _parse(setting: Setting, texts: list[str], source: str) -> Any:
-    parsed = []
+    parsed, problems = [], []
     for text in texts:
         try:
             parsed.append(setting.parse(text))
         except ValueError as exc:
-            why = "bad value (not shown: a secret)" if setting.secret else str(exc)
-            raise SettingsError(f"{setting.name} ({source}): {why}") from None
+            problems.append("bad value (not shown: a secret)" if setting.secret else str(exc))
+    if problems:  # every bad item of a list at once, not one per try
+        raise SettingsError(f"{setting.name} ({source}): {'; '.join(problems)}")
     return parsed if setting.repeated else parsed[0]
 
 

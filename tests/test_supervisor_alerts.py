@@ -228,10 +228,12 @@ async def test_disk_alert_forwarded_to_the_coordinator(coordinator: Coordinator)
 
 
 async def test_bad_alert_flag_is_one_line() -> None:
-    args = [sys.executable, "-m", "herder.supervisor", "--handler", "127.0.0.1:1", "--alert", "disk_almost_full.for=x"]
+    args = [sys.executable, "-m", "herder.supervisor", "--handler", "127.0.0.1:1"]
+    args += ["--alert", "disk_almost_full.for=x", "--alert", "nope.threshold=1"]
     done = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
-    assert "--alert: disk_almost_full.for: must be seconds" in done.stderr
+    assert "alerts (flag --alert): disk_almost_full.for: must be seconds" in done.stderr
+    assert "unknown alert 'nope'" in done.stderr
 
 
 class _Stubborn:
