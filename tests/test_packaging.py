@@ -166,3 +166,18 @@ def test_sdk_cli_and_supervisor_work_without_the_server_extra(coordinator: Coord
         assert result["err"].startswith(f"herder: `herder {command}` needs the server extra"), result["err"]
         assert "pip install 'herder[server]'" in result["err"]
     assert results["loaded"] == []
+
+
+def test_python_m_herder_server_without_the_extra_is_one_line() -> None:
+    # What `python -m herder.server` runs, in a process where the server extra is not installed.
+    code = _WITHOUT_SERVER_EXTRA + "import runpy\nrunpy._run_module_as_main('herder.server')\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_without_server_extra_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "needs the server extra" in done.stderr and "pip install 'herder[server]'" in done.stderr
