@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, lock_pb2, lock_pb2_grpc, task_pb2
+from herder.clients.reflection import enable_reflection
 from herder.server import election, keys, membership, validation
 from herder.server._etcd import Etcd, EtcdCredentials, EtcdError
 from herder.server.contracts import TaskTypeRegistry
@@ -80,7 +81,7 @@ class Coordinator:
         self.leader: NamespaceLeader | None = None
         # WatchTasks on this replica, leader or not, reads task changes from here.
         self.feed = Feed(self.etcd, self.prefix)
-        self.reflection = ContractReflection()
+        self.reflection = ContractReflection(self.etcd, self.prefix)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -128,8 +129,10 @@ class Coordinator:
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self), server)
         lock_pb2_grpc.add_LockServiceServicer_to_server(LockServicer(self.etcd, self.prefix, self.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.reflection.enable(
-            server, (SERVICE_NAME, LOCK_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        enable_reflection(
+            server,
+            (SERVICE_NAME, LOCK_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+            self.reflection.catalog,
         )
         try:
             self.port = server.add_insecure_port(self.config.listen)
@@ -227,8 +230,6 @@ class Coordinator:
             except EtcdError as exc:
                 log.error("could not rebuild state from etcd: %s", exc)
                 return
-            for task_type in leader.registry.all():
-                self.reflection.add(task_type.descriptors)
             self.leader = leader
             self._leader_address = self.address
             await self._set_health()

@@ -1,0 +1,148 @@
+"""Server reflection: the real grpcurl against a real coordinator and a supervisor's admin API.
+
+Reflection serves what a client needs with no .proto at hand: both reflection versions,
+single methods, the .proto comments, registered task types, and the google.rpc error details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from _cluster import Coordinator
+from _helpers import echo_stub
+
+from herder.clients.proto.v1 import supervisor_pb2_grpc
+from herder.clients.reflection import V1ServerReflectionRequest, V1ServerReflectionResponse
+from herder.supervisor.admin import AdminServer, Status
+
+pytestmark = pytest.mark.timeout(60)
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+
+
+def grpcurl(address: str, *args: str, data: object = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [str(GRPCURL), "-plaintext", "-max-time", "10"]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    result = subprocess.run([*command, address, *args], capture_output=True, text=True, timeout=30, check=False)
+    if ok:
+        assert result.returncode == 0, f"grpcurl {' '.join(args)} failed: {result.stderr}"
+    return result
+
+
+async def run_grpcurl(
+    address: str, *args: str, data: object = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    # In a thread: a test's event loop stays free while grpcurl waits on the server.
+    return await asyncio.to_thread(grpcurl, address, *args, data=data, ok=ok)
+
+
+def test_grpcurl_lists_both_reflection_versions(coordinator: Coordinator) -> None:
+    services = grpcurl(coordinator.address, "list").stdout.split()
+    assert services == sorted(
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "herder.v1.CoordinatorService",
+            "herder.v1.LockService",
+        ]
+    )
+
+
+def test_describe_a_method_shows_its_comment(coordinator: Coordinator) -> None:
+    out = grpcurl(coordinator.address, "describe", "herder.v1.CoordinatorService.SubmitTask").stdout
+    assert "herder.v1.CoordinatorService.SubmitTask is a method" in out
+    assert "Stores a task and answers once it is committed to etcd." in out
+
+
+def test_describe_a_message_shows_field_comments(coordinator: Coordinator) -> None:
+    out = grpcurl(coordinator.address, "describe", "herder.v1.TaskSpec").stdout
+    assert "What a caller asks to run." in out
+    assert 'Registered task type, such as "images.resize".' in out
+
+
+def test_describe_the_error_details(coordinator: Coordinator) -> None:
+    out = grpcurl(coordinator.address, "describe", "google.rpc.BadRequest.FieldViolation").stdout
+    assert "google.rpc.BadRequest.FieldViolation is a message" in out
+
+
+async def test_a_registered_task_types_message_is_describable(coordinator: Coordinator) -> None:
+    missing = await run_grpcurl(coordinator.address, "describe", "herder.examples.v1.EchoRequest", ok=False)
+    assert missing.returncode != 0 and "not found" in missing.stderr.lower()
+    async with echo_stub(coordinator.address):
+        out = (await run_grpcurl(coordinator.address, "describe", "herder.examples.v1.EchoRequest")).stdout
+    assert "herder.examples.v1.EchoRequest is a message" in out
+    assert "string text = 1;" in out
+
+
+async def test_an_invalid_submit_shows_the_field_violations_as_json(coordinator: Coordinator) -> None:
+    async with echo_stub(coordinator.address):
+        spec = {"type": "examples.echo", "payload_json": json.dumps({"text": 5})}
+        result = await run_grpcurl(
+            coordinator.address, "herder.v1.CoordinatorService/SubmitTask", data={"spec": spec}, ok=False
+        )
+    assert "Code: InvalidArgument" in result.stderr
+    # grpcurl prints each detail as JSON when reflection resolves its type, base64 when it does not.
+    detail = json.loads(result.stderr.split("1)", 1)[1])
+    assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    assert [v["field"] for v in detail["field_violations"]] == ["spec.payload_json"]
+
+
+async def test_the_v1_service_answers_through_a_python_stub(coordinator: Coordinator) -> None:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        call = channel.stream_stream(
+            V1,
+            request_serializer=V1ServerReflectionRequest.SerializeToString,
+            response_deserializer=V1ServerReflectionResponse.FromString,
+        )(timeout=10)
+        await call.write(V1ServerReflectionRequest(file_containing_symbol="herder.v1.LockService.Acquire"))
+        first = await call.read()
+        names = [_file_name(data) for data in first.file_descriptor_response.file_descriptor_proto]
+        # The file and its imports, imports first.
+        assert names[-1] == "herder/v1/lock.proto"
+        assert "google/protobuf/duration.proto" in names[:-1]
+        await call.write(V1ServerReflectionRequest(file_containing_symbol="herder.v1.LockService.Release"))
+        again = await call.read()
+        # On the same stream, its imports were sent already: the file alone.
+        assert [_file_name(d) for d in again.file_descriptor_response.file_descriptor_proto] == ["herder/v1/lock.proto"]
+        await call.write(V1ServerReflectionRequest(file_containing_symbol="no.such.Symbol"))
+        missing = await call.read()
+        assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+        await call.write(V1ServerReflectionRequest(file_by_filename="x" * 100_000))
+        too_long = await call.read()
+        assert too_long.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+
+
+def _file_name(data: bytes) -> str:
+    from google.protobuf import descriptor_pb2
+
+    return descriptor_pb2.FileDescriptorProto.FromString(data).name
+
+
+async def test_grpcurl_describes_the_supervisor_admin_api() -> None:
+    status = Status("w", "", "", False, False, 1, 0, (), False)
+
+    async def drain() -> int:
+        return 0
+
+    admin = AdminServer("127.0.0.1:0", lambda: status, drain)
+    await admin.start()
+    try:
+        address = f"127.0.0.1:{admin.port}"
+        services = (await run_grpcurl(address, "list")).stdout.split()
+        assert "herder.v1.SupervisorService" in services and "grpc.reflection.v1.ServerReflection" in services
+        out = (await run_grpcurl(address, "describe", "herder.v1.SupervisorService.Drain")).stdout
+        assert "herder.v1.SupervisorService.Drain is a method" in out
+        assert supervisor_pb2_grpc.SupervisorServiceStub  # the stub module the admin API implements
+    finally:
+        await admin.stop()
