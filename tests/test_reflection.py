@@ -7,23 +7,36 @@ single methods, the .proto comments, registered task types, and the google.rpc e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
-from _cluster import Coordinator
+from _cluster import Coordinator, start_replicas
 from _helpers import echo_stub
+from google.protobuf.descriptor_pb2 import FieldDescriptorProto, FileDescriptorProto
 
-from herder.clients.proto.v1 import supervisor_pb2_grpc
-from herder.clients.reflection import V1ServerReflectionRequest, V1ServerReflectionResponse
+from herder.clients.descriptors import task_type_for
+from herder.clients.embedded_etcd import EmbeddedEtcd
+from herder.clients.proto.examples.v1 import examples_pb2
+from herder.clients.proto.v1 import coordinator_pb2 as pb
+from herder.clients.reflection import (
+    Limits,
+    V1ServerReflectionRequest,
+    V1ServerReflectionResponse,
+    enable_reflection,
+    static_catalog,
+)
 from herder.supervisor.admin import AdminServer, Status
 
 pytestmark = pytest.mark.timeout(60)
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
+BUF = Path(sys.executable).parent / "buf"
 V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 
 
@@ -83,6 +96,32 @@ async def test_a_registered_task_types_message_is_describable(coordinator: Coord
     assert "string text = 1;" in out
 
 
+async def test_a_follower_serves_the_types_registered_on_the_leader(etcd: EmbeddedEtcd, namespace: str) -> None:
+    with contextlib.ExitStack() as stack:
+        leader, follower = start_replicas(etcd.endpoint, namespace, 2, stack)
+        async with echo_stub(leader.address):
+            deadline = time.monotonic() + 10
+            while True:
+                described = await run_grpcurl(follower.address, "describe", "herder.examples.v1.EchoRequest", ok=False)
+                if described.returncode == 0:
+                    break
+                assert time.monotonic() < deadline, described.stderr
+                await asyncio.sleep(0.2)
+        assert "herder.examples.v1.EchoRequest is a message" in described.stdout
+
+
+async def test_the_newest_registration_of_a_shared_file_wins(coordinator: Coordinator) -> None:
+    async with echo_stub(coordinator.address) as stub:
+        newer = task_type_for("examples.echo2", examples_pb2.EchoRequest, examples_pb2.EchoResponse)
+        examples = next(f for f in newer.descriptors.file if f.name == "herder/examples/v1/examples.proto")
+        echo = next(m for m in examples.message_type if m.name == "EchoRequest")
+        echo.field.add(name="added_later", number=99, type=FieldDescriptorProto.TYPE_STRING)
+        echo.field[-1].label = FieldDescriptorProto.LABEL_OPTIONAL
+        await stub.RegisterTaskType(pb.RegisterTaskTypeRequest(task_type=newer))
+        out = (await run_grpcurl(coordinator.address, "describe", "herder.examples.v1.EchoRequest")).stdout
+    assert "added_later = 99;" in out
+
+
 async def test_an_invalid_submit_shows_the_field_violations_as_json(coordinator: Coordinator) -> None:
     async with echo_stub(coordinator.address):
         spec = {"type": "examples.echo", "payload_json": json.dumps({"text": 5})}
@@ -94,6 +133,18 @@ async def test_an_invalid_submit_shows_the_field_violations_as_json(coordinator:
     detail = json.loads(result.stderr.split("1)", 1)[1])
     assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
     assert [v["field"] for v in detail["field_violations"]] == ["spec.payload_json"]
+
+
+def test_buf_curl_lists_the_services_through_reflection_v1(coordinator: Coordinator) -> None:
+    # buf curl asks v1 first and would fall back to v1alpha: -v shows which it used.
+    command = [str(BUF), "curl", "-v", "--protocol", "grpc", "--http2-prior-knowledge", "--list-services"]
+    result = subprocess.run(
+        [*command, f"http://{coordinator.address}"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "herder.v1.CoordinatorService" in result.stdout.split()
+    assert "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo" in result.stderr
+    assert "/grpc.reflection.v1alpha." not in result.stderr
 
 
 async def test_the_v1_service_answers_through_a_python_stub(coordinator: Coordinator) -> None:
@@ -124,9 +175,28 @@ async def test_the_v1_service_answers_through_a_python_stub(coordinator: Coordin
 
 
 def _file_name(data: bytes) -> str:
-    from google.protobuf import descriptor_pb2
+    return FileDescriptorProto.FromString(data).name
 
-    return descriptor_pb2.FileDescriptorProto.FromString(data).name
+
+async def test_a_stream_answers_a_bounded_number_of_requests() -> None:
+    server = grpc.aio.server()
+    enable_reflection(server, (), static_catalog(), Limits(requests=3))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(
+                V1,
+                request_serializer=V1ServerReflectionRequest.SerializeToString,
+                response_deserializer=V1ServerReflectionResponse.FromString,
+            )(timeout=10)
+            for _ in range(3):
+                await call.write(V1ServerReflectionRequest(list_services=""))
+                assert (await call.read()).HasField("list_services_response")
+            await call.write(V1ServerReflectionRequest(list_services=""))
+            assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await server.stop(None)
 
 
 async def test_grpcurl_describes_the_supervisor_admin_api() -> None:
@@ -143,6 +213,5 @@ async def test_grpcurl_describes_the_supervisor_admin_api() -> None:
         assert "herder.v1.SupervisorService" in services and "grpc.reflection.v1.ServerReflection" in services
         out = (await run_grpcurl(address, "describe", "herder.v1.SupervisorService.Drain")).stdout
         assert "herder.v1.SupervisorService.Drain is a method" in out
-        assert supervisor_pb2_grpc.SupervisorServiceStub  # the stub module the admin API implements
     finally:
         await admin.stop()
