@@ -111,6 +111,8 @@ class Catalog:
 
     files: dict[str, descriptor_pb2.FileDescriptorProto] = field(default_factory=dict)
     symbols: dict[str, str] = field(default_factory=dict)
+    # The symbols that are messages (all_extension_numbers_of_type answers only those).
+    messages: set[str] = field(default_factory=set)
     # Extended message (full name) -> field number -> the file defining the extension.
     extensions: dict[str, dict[int, str]] = field(default_factory=dict)
     _serialized: dict[str, bytes] = field(default_factory=dict)
@@ -122,8 +124,11 @@ class Catalog:
             return False
         self.files[file.name] = file
         prefix = f"{file.package}." if file.package else ""
-        for name in _symbols(file, prefix):
-            self.symbols.setdefault(name, file.name)
+        for name, is_message in _symbols(file, prefix):
+            if name not in self.symbols:
+                self.symbols[name] = file.name
+                if is_message:
+                    self.messages.add(name)
         for extension in _extensions(file):
             numbers = self.extensions.setdefault(extension.extendee.lstrip("."), {})
             numbers.setdefault(extension.number, file.name)
@@ -158,37 +163,36 @@ class Catalog:
         return out
 
 
-def _symbols(file: descriptor_pb2.FileDescriptorProto, prefix: str) -> Iterable[str]:
-    def message(proto: descriptor_pb2.DescriptorProto, scope: str) -> Iterable[str]:
+def _symbols(file: descriptor_pb2.FileDescriptorProto, prefix: str) -> Iterable[tuple[str, bool]]:
+    """Every name `file` defines, with whether it is a message."""
+
+    def message(proto: descriptor_pb2.DescriptorProto, scope: str) -> Iterable[tuple[str, bool]]:
         name = scope + proto.name
-        yield name
-        for message_field in proto.field:
-            yield f"{name}.{message_field.name}"
-        for extension in proto.extension:
-            yield f"{name}.{extension.name}"
-        for oneof in proto.oneof_decl:
-            yield f"{name}.{oneof.name}"
+        yield name, True
+        members = [*(f.name for f in proto.field), *(e.name for e in proto.extension)]
+        for member in (*members, *(o.name for o in proto.oneof_decl)):
+            yield f"{name}.{member}", False
         for nested in proto.nested_type:
             yield from message(nested, name + ".")
         for enum in proto.enum_type:
             yield from enum_symbols(enum, name + ".")
 
-    def enum_symbols(proto: descriptor_pb2.EnumDescriptorProto, scope: str) -> Iterable[str]:
-        yield scope + proto.name
+    def enum_symbols(proto: descriptor_pb2.EnumDescriptorProto, scope: str) -> Iterable[tuple[str, bool]]:
+        yield scope + proto.name, False
         # Enum values are scoped beside their enum (C++ rules), not inside it.
         for value in proto.value:
-            yield scope + value.name
+            yield scope + value.name, False
 
     for proto in file.message_type:
         yield from message(proto, prefix)
     for enum in file.enum_type:
         yield from enum_symbols(enum, prefix)
     for extension in file.extension:
-        yield prefix + extension.name
+        yield prefix + extension.name, False
     for service in file.service:
-        yield prefix + service.name
+        yield prefix + service.name, False
         for method in service.method:
-            yield f"{prefix}{service.name}.{method.name}"
+            yield f"{prefix}{service.name}.{method.name}", False
 
 
 def _extensions(file: descriptor_pb2.FileDescriptorProto) -> Iterable[descriptor_pb2.FieldDescriptorProto]:
@@ -238,42 +242,49 @@ class ReflectionServicer:
         if kind == "list_services":
             services = [pb.ServiceResponse(name=name) for name in self._services]
             response.list_services_response.CopyFrom(pb.ListServiceResponse(service=services))
-            return response
-        file_name: str | None = None
-        if kind == "file_by_filename":
-            name = request.file_by_filename
-            file_name = name if len(name) <= self._limits.name and name in catalog.files else None
-            missing = f"no file named {name[: self._limits.name]!r}"
-        elif kind == "file_containing_symbol":
-            name = request.file_containing_symbol.lstrip(".")
-            file_name = catalog.symbols.get(name) if len(name) <= self._limits.name else None
-            missing = f"no symbol named {name[: self._limits.name]!r}"
-        elif kind == "file_containing_extension":
-            extension = request.file_containing_extension
-            file_name = catalog.extensions.get(extension.containing_type, {}).get(extension.extension_number)
-            missing = f"no extension {extension.extension_number} of {extension.containing_type[: self._limits.name]!r}"
         elif kind == "all_extension_numbers_of_type":
             name = request.all_extension_numbers_of_type
-            if name in catalog.symbols:
+            if name in catalog.messages:
                 numbers = sorted(catalog.extensions.get(name, {}))
                 response.all_extension_numbers_response.CopyFrom(
                     pb.ExtensionNumberResponse(base_type_name=name, extension_number=numbers)
                 )
-                return response
-            missing = f"no message named {name[: self._limits.name]!r}"
-        else:
+            else:
+                response.error_response.CopyFrom(self._not_found(f"no message named {self._shown(name)}"))
+        elif kind is None:
             response.error_response.CopyFrom(
                 pb.ErrorResponse(error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error_message="empty request")
             )
-            return response
-        if file_name is None:
-            response.error_response.CopyFrom(
-                pb.ErrorResponse(error_code=grpc.StatusCode.NOT_FOUND.value[0], error_message=missing)
-            )
-            return response
-        files = catalog.with_imports(file_name, sent)
-        response.file_descriptor_response.CopyFrom(pb.FileDescriptorResponse(file_descriptor_proto=files))
+        else:
+            file_name, missing = self._file_for(kind, request, catalog)
+            if file_name is None:
+                response.error_response.CopyFrom(self._not_found(missing))
+            else:
+                files = catalog.with_imports(file_name, sent)
+                response.file_descriptor_response.CopyFrom(pb.FileDescriptorResponse(file_descriptor_proto=files))
         return response
+
+    def _file_for(self, kind: str, request: Any, catalog: Catalog) -> tuple[str | None, str]:
+        """The name of the file that answers a file request, or None and why not."""
+        if kind == "file_by_filename":
+            name = request.file_by_filename
+            found = name if len(name) <= self._limits.name and name in catalog.files else None
+            return found, f"no file named {self._shown(name)}"
+        if kind == "file_containing_symbol":
+            name = request.file_containing_symbol.lstrip(".")
+            return catalog.symbols.get(name) if len(name) <= self._limits.name else None, (
+                f"no symbol named {self._shown(name)}"
+            )
+        extension = request.file_containing_extension
+        found = catalog.extensions.get(extension.containing_type, {}).get(extension.extension_number)
+        return found, f"no extension {extension.extension_number} of {self._shown(extension.containing_type)}"
+
+    def _not_found(self, message: str) -> Any:
+        return self._pb.ErrorResponse(error_code=grpc.StatusCode.NOT_FOUND.value[0], error_message=message)
+
+    def _shown(self, name: str) -> str:
+        # A hostile name is cut, not echoed whole into the error message.
+        return repr(name[: self._limits.name])
 
 
 def _handler(servicer: ReflectionServicer, request: Any, response: Any) -> grpc.RpcMethodHandler[Any, Any]:

@@ -41,6 +41,7 @@ class ContractReflection:
         self._built_from: tuple[tuple[bytes, int], ...] = ()
         self._checked = float("-inf")
         self._lock = asyncio.Lock()
+        self._failing = False
 
     def invalidate(self) -> None:
         """The next request reads the types again (a type was registered here)."""
@@ -55,7 +56,14 @@ class ContractReflection:
                 try:
                     await self._update()
                 except EtcdError as exc:
-                    log.warning("reflection serves the task types read before: etcd: %s", exc)
+                    # One line when it starts failing and one when it recovers, not one per request.
+                    if not self._failing:
+                        log.warning("reflection serves the task types read before: etcd: %s", exc)
+                    self._failing = True
+                else:
+                    if self._failing:
+                        log.info("reflection reads the task types from etcd again")
+                    self._failing = False
                 # Checked even on failure, so a down etcd costs one attempt per `refresh`, not per request.
                 self._checked = time.monotonic()
         return self._catalog

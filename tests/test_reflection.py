@@ -174,6 +174,56 @@ async def test_the_v1_service_answers_through_a_python_stub(coordinator: Coordin
         assert await call.code() == grpc.StatusCode.OK
 
 
+SYMBOLS = {
+    "herder.v1.CoordinatorService": "herder/v1/coordinator.proto",
+    "herder.v1.TaskState": "herder/v1/task.proto",
+    "herder.v1.TASK_STATE_QUEUED": "herder/v1/task.proto",
+    "herder.v1.TaskSpec.queue": "herder/v1/task.proto",
+    ".herder.v1.TaskSpec": "herder/v1/task.proto",
+    "google.rpc.BadRequest.FieldViolation": "google/rpc/error_details.proto",
+    "google.rpc.Status": "google/rpc/status.proto",
+    "grpc.reflection.v1.ServerReflection": "grpc/reflection/v1/reflection.proto",
+}
+
+
+async def test_every_kind_of_symbol_resolves(coordinator: Coordinator) -> None:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        call = channel.stream_stream(
+            V1,
+            request_serializer=V1ServerReflectionRequest.SerializeToString,
+            response_deserializer=V1ServerReflectionResponse.FromString,
+        )(timeout=10)
+        for symbol, file in SYMBOLS.items():
+            await call.write(V1ServerReflectionRequest(file_containing_symbol=symbol))
+            found = await call.read()
+            # The file asked for comes last, after those of its imports not sent yet on this stream.
+            names = [_file_name(d) for d in found.file_descriptor_response.file_descriptor_proto]
+            assert names and names[-1] == file, (symbol, found.error_response)
+        await call.done_writing()
+
+
+async def test_files_and_extensions_are_answered(coordinator: Coordinator) -> None:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        call = channel.stream_stream(
+            V1,
+            request_serializer=V1ServerReflectionRequest.SerializeToString,
+            response_deserializer=V1ServerReflectionResponse.FromString,
+        )(timeout=10)
+        await call.write(V1ServerReflectionRequest(file_by_filename="herder/v1/task.proto"))
+        by_name = FileDescriptorProto.FromString((await call.read()).file_descriptor_response.file_descriptor_proto[-1])
+        # The comments are there: the file was served with its source info.
+        assert by_name.source_code_info.location
+        await call.write(V1ServerReflectionRequest(all_extension_numbers_of_type="herder.v1.TaskSpec"))
+        numbers = (await call.read()).all_extension_numbers_response
+        assert numbers.base_type_name == "herder.v1.TaskSpec" and list(numbers.extension_number) == []
+        extension = {"containing_type": "herder.v1.TaskSpec", "extension_number": 100}
+        await call.write(V1ServerReflectionRequest(file_containing_extension=extension))
+        missing = (await call.read()).error_response
+        assert missing.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+
+
 def _file_name(data: bytes) -> str:
     return FileDescriptorProto.FromString(data).name
 
