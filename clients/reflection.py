@@ -89,7 +89,24 @@ def _copy(file: Any) -> descriptor_pb2.FileDescriptorProto:
 
 def _source_info_files() -> list[descriptor_pb2.FileDescriptorProto]:
     data = resources.files("herder.clients.proto.v1").joinpath(_SOURCE_INFO).read_bytes()
-    return list(descriptor_pb2.FileDescriptorSet.FromString(data).file)
+    files = list(descriptor_pb2.FileDescriptorSet.FromString(data).file)
+    for file in files:
+        _drop_json_names(file)
+    return files
+
+
+def _drop_json_names(file: descriptor_pb2.FileDescriptorProto) -> None:
+    """Clears the fields' json_name, which protoc's descriptor sets carry and the generated
+    modules' do not: grpcurl prints a field by its json_name when it has one, and Herder's
+    replies have always printed proto field names (`result_json`, not `resultJson`)."""
+    for extension in file.extension:
+        extension.ClearField("json_name")
+    stack = list(file.message_type)
+    while stack:
+        message = stack.pop()
+        for message_field in (*message.field, *message.extension):
+            message_field.ClearField("json_name")
+        stack.extend(message.nested_type)
 
 
 def base_files() -> list[descriptor_pb2.FileDescriptorProto]:

@@ -96,6 +96,14 @@ async def test_a_registered_task_types_message_is_describable(coordinator: Coord
     assert "string text = 1;" in out
 
 
+async def test_replies_print_proto_field_names(coordinator: Coordinator) -> None:
+    # As before reflection served protoc's descriptor set: scripts read `task_types`, `input_type`.
+    async with echo_stub(coordinator.address):
+        out = (await run_grpcurl(coordinator.address, "herder.v1.CoordinatorService/ListTaskTypes")).stdout
+    listed = json.loads(out)
+    assert listed["task_types"][0]["input_type"] == "herder.examples.v1.EchoRequest"
+
+
 async def test_a_follower_serves_the_types_registered_on_the_leader(etcd: EmbeddedEtcd, namespace: str) -> None:
     with contextlib.ExitStack() as stack:
         leader, follower = start_replicas(etcd.endpoint, namespace, 2, stack)
