@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 class ContractReflection:
     """The reflection catalog of one namespace; `catalog()` is the source `enable_reflection` awaits."""
 
-    def __init__(self, etcd: Etcd, prefix: bytes, refresh: float = 0.5) -> None:
+    def __init__(self, etcd: Etcd, prefix: bytes, refresh: float = 0.5, timeout: float = 2.0) -> None:
         self._etcd = etcd
         self._types = keys.types_prefix(prefix)
         self._refresh = refresh
+        # How long a reflection request waits for etcd before it is answered from the last catalog.
+        self._timeout = timeout
         self._base = base_files()
         self._catalog = self._build([])
         # (key, mod_revision) of the stored types the catalog was built from.
@@ -70,10 +72,11 @@ class ContractReflection:
 
     async def _update(self) -> None:
         # Keys only first: the common case, nothing changed, reads no descriptors.
-        stored, _, revision = await self._etcd.range(self._types, prefix_end(self._types), keys_only=True)
+        end = prefix_end(self._types)
+        stored, _, revision = await self._etcd.range(self._types, end, keys_only=True, timeout=self._timeout)
         if _versions(stored) == self._built_from:
             return
-        kvs, _, _ = await self._etcd.range(self._types, prefix_end(self._types), revision=revision)
+        kvs, _, _ = await self._etcd.range(self._types, end, revision=revision, timeout=self._timeout)
         types: list[tuple[int, task_pb2.TaskType]] = []
         for kv in kvs:
             # A record that does not parse only costs reflection of that type.

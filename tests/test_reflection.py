@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from _cluster import Coordinator, start_replicas
-from _helpers import echo_stub
+from _helpers import ECHO, echo_stub
 from google.protobuf.descriptor_pb2 import FieldDescriptorProto, FileDescriptorProto
 
 from herder.clients.descriptors import task_type_for
@@ -31,6 +31,9 @@ from herder.clients.reflection import (
     enable_reflection,
     static_catalog,
 )
+from herder.server import keys
+from herder.server._etcd import Etcd, put
+from herder.server.reflection import ContractReflection
 from herder.supervisor.admin import AdminServer, Status
 
 pytestmark = pytest.mark.timeout(60)
@@ -273,3 +276,21 @@ async def test_grpcurl_describes_the_supervisor_admin_api() -> None:
         assert "herder.v1.SupervisorService.Drain is a method" in out
     finally:
         await admin.stop()
+
+
+async def test_without_etcd_reflection_serves_what_it_read_before() -> None:
+    with EmbeddedEtcd(fsync=False) as own:
+        client = Etcd([own.endpoint], timeout=1.0)
+        await client.connect()
+        prefix = keys.prefix("reflection")
+        echo = task_type_for(ECHO, examples_pb2.EchoRequest, examples_pb2.EchoResponse)
+        await client.txn([], [put(keys.task_type(prefix, ECHO), echo.SerializeToString())], [])
+        reflection = ContractReflection(client, prefix, refresh=0.0, timeout=1.0)
+        assert "herder.examples.v1.EchoRequest" in (await reflection.catalog()).symbols
+    try:
+        # etcd is gone: the next look-up fails fast and the catalog read before is served.
+        catalog = await asyncio.wait_for(reflection.catalog(), 10)
+        assert "herder.examples.v1.EchoRequest" in catalog.symbols
+        assert "herder.v1.CoordinatorService.SubmitTask" in catalog.symbols
+    finally:
+        await client.close()
