@@ -14,11 +14,12 @@ registration first), so Herder's own contracts can never be shadowed by a task t
 Every answer carries a file's transitive imports, each file once per stream (a client keeps
 what it was sent), as the reference implementation does. Hostile input is bounded: a stream
 answers at most `Limits.requests` requests and a name longer than `Limits.name` is NOT_FOUND.
+
+It lives in herder.clients because the supervisor, which never imports herder.server, serves it too.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,8 +32,6 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 
 from herder.clients.descriptors import WELL_KNOWN_FILES
-
-log = logging.getLogger(__name__)
 
 V1ALPHA_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
@@ -230,6 +229,7 @@ class ReflectionServicer:
     `services` are those listed (the server's, whatever files the catalog holds).
     `catalog` is awaited for each request, so a source that changes (the coordinator's task
     types) is seen by the next request; it must not raise (serve what it has instead).
+    A cancelled stream just stops: it holds nothing but what it sent.
     """
 
     def __init__(self, pb: Any, services: tuple[str, ...], catalog: CatalogSource, limits: Limits) -> None:
