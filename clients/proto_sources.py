@@ -48,7 +48,9 @@ def compile_protos(files: Sequence[str], include_paths: Sequence[str] = ()) -> d
     Imports are looked up in `include_paths` (the current directory when none is given), then
     in grpcio-tools' bundled well-known types; the set holds every imported file too. Raises
     ProtoSourceError with protoc's first error line (file:line:column: what), or naming the
-    missing file, or saying which install grpcio-tools needs.
+    missing file, or saying which install grpcio-tools needs. protoc reports errors on file
+    descriptor 2, so while it runs this process's stderr goes to a temporary file (one compile
+    at a time).
     """
     if not files:
         raise ProtoSourceError("no .proto files given")
@@ -117,7 +119,8 @@ def read_descriptor_set(path: str) -> descriptor_pb2.FileDescriptorSet:
     files = descriptor_pb2.FileDescriptorSet()
     try:
         if data.lstrip().startswith(b"{"):
-            json_format.Parse(data.decode("utf-8"), files)
+            # buf adds its own fields (bufExtension) to each file: not part of the descriptor.
+            json_format.Parse(data.decode("utf-8"), files, ignore_unknown_fields=True)
         else:
             files.ParseFromString(data)
     except (DecodeError, json_format.ParseError, UnicodeDecodeError, RecursionError):

@@ -119,10 +119,11 @@ def test_json_output_and_well_known_imports(
     assert json.loads(out)["state"] == "TASK_STATE_QUEUED"
 
 
+@pytest.mark.parametrize("suffix", ["binpb", "json"])
 def test_registered_from_a_buf_descriptor_set(
-    capsys: pytest.CaptureFixture[str], coordinator: Coordinator, images: Path, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], coordinator: Coordinator, images: Path, tmp_path: Path, suffix: str
 ) -> None:
-    built = tmp_path / "images.binpb"
+    built = tmp_path / f"images.{suffix}"  # buf picks the format by the extension
     done = subprocess.run(
         [str(BIN / "buf"), "build", str(images), "-o", str(built)],
         check=False,
