@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, lock_pb2, lock_pb2_grpc, task_pb2
 from herder.clients.reflection import enable_reflection
 from herder.server import election, keys, membership, validation
@@ -67,6 +68,8 @@ class CoordinatorConfig:
     etcd_timeout: float = 5.0
     # etcd with authentication on: the user and password every request is made as (never in repr).
     credentials: EtcdCredentials | None = field(default=None, repr=False)
+    # Declared in the config file (declared_types.py): registered by each new leader, before any worker.
+    task_types: tuple[task_pb2.TaskType, ...] = ()
 
 
 class Coordinator:
@@ -230,6 +233,11 @@ class Coordinator:
             except EtcdError as exc:
                 log.error("could not rebuild state from etcd: %s", exc)
                 return
+            try:
+                await self._register_declared(leader)
+            except EtcdError as exc:
+                log.error("could not register the declared task types: %s", exc)
+                return
             self.leader = leader
             self._leader_address = self.address
             await self._set_health()
@@ -252,6 +260,22 @@ class Coordinator:
             self._leader_address = ""
             await self._set_health()
             await leader.stop()
+
+    async def _register_declared(self, leader: NamespaceLeader) -> None:
+        """Register the config file's task types, before workers are served, unless etcd already holds
+        the same contract (a restart or a new leader then writes nothing)."""
+        for declared in self.config.task_types:
+            stored = leader.registry.get(declared.name)
+            if stored is not None and _same_contract(stored, declared):
+                continue
+            task_type = task_pb2.TaskType()
+            task_type.CopyFrom(declared)
+            try:
+                await leader.register_type(task_type)
+            except errors.HerderError as exc:  # e.g. refused as an incompatible change: say so, serve the rest
+                log.error("declared task type %s was not registered: %s", declared.name, exc)
+                continue
+            log.info("registered declared task type %s", declared.name)
 
     async def _reconnect(self) -> None:
         """Connect again, to the next etcd endpoint first; waits a moment when none answers."""
@@ -340,6 +364,15 @@ class Coordinator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _same_contract(stored: task_pb2.TaskType, declared: task_pb2.TaskType) -> bool:
+    return (
+        stored.input_type == declared.input_type
+        and stored.output_type == declared.output_type
+        and stored.description == declared.description
+        and stored.descriptors == declared.descriptors
+    )
 
 
 def _version() -> str:
