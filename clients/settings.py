@@ -132,7 +132,8 @@ def add_flags(parser: argparse.ArgumentParser, settings: Sequence[Setting], *, a
         if setting.flag_name is None:
             continue
         where = f" (env {setting.env_name})" if setting.env_name else ""
-        default = f"; default {setting.default}" if setting.default not in (None, "", [], (), False) else ""
+        shown = Value(setting, setting.default, "default").shown
+        default = f"; default {shown}" if setting.default not in (None, "", [], (), False) else ""
         help_text = f"{setting.help}{where}{default}"
         if setting.switch:
             parser.add_argument(
