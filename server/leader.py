@@ -563,6 +563,7 @@ class NamespaceLeader:
         names = set(self.book.queues()) | set(self.scheduler.queues())
         names |= {name for scope, name in self.limits if scope == coordinator_pb2.LIMIT_SCOPE_QUEUE}
         found = []
+        held_by_keys = self.scheduler.held_by_key_limits()
         for name in sorted(names):
             figures = self.book.figures(name)
             counts = figures.counts
@@ -576,6 +577,7 @@ class NamespaceLeader:
                 dispatch_rate=round(figures.dispatch_rate, 3),
                 succeeded=counts.get(S.TASK_STATE_SUCCEEDED, 0),
                 failed=counts.get(S.TASK_STATE_FAILED, 0),
+                held=held_by_keys.get(name, 0),
             )
             set_duration(stats.wait_p50, figures.wait_p50)
             set_duration(stats.wait_p99, figures.wait_p99)
@@ -583,7 +585,7 @@ class NamespaceLeader:
             oldest = self.scheduler.oldest(name)
             if oldest is not None and oldest in self.entries:
                 stats.oldest_queued_time.CopyFrom(self.entries[oldest].task.queue_time)
-                # A whole queue waits when its own or the global limit is full; a key limit holds only its key.
+                # A whole queue waits when its own or the global limit is full; a key limit holds only its key's.
                 if self.scheduler.hold_reason(oldest).startswith(("queue", "the global")):
                     stats.held = stats.queued
             for want, types, count in self.scheduler.waiting_requests(name):

@@ -277,6 +277,24 @@ class Scheduler:
             return f"the global limit of {self._global_limit} running is reached"
         return ""
 
+    def held_by_key_limits(self) -> dict[str, int]:
+        """Queued tasks per queue whose concurrency key is at its limit (queues with none are left out).
+
+        A status query: costs the keys, plus lanes x levels x full keys when some key is full.
+        """
+        full = [k.name for k in self._keys.values() if _full(k.limit, k.running)]
+        held: dict[str, int] = {}
+        if not full:
+            return held
+        for task_type in self._types.values():
+            for lane in task_type.lanes.values():
+                for level in lane.levels.values():
+                    for name in full:
+                        kq = level.keys.get(name)
+                        if kq is not None and kq.live:
+                            held[lane.queue.name] = held.get(lane.queue.name, 0) + kq.live
+        return held
+
     def request(self, task_id: str) -> Request:
         """What a queued or running task requests; NO_REQUEST for one that is neither."""
         task = self._tasks.get(task_id) or self._running.get(task_id)

@@ -77,6 +77,12 @@ async def test_concurrency_key_limit_holds_across_queues(api, coordinator) -> No
         waiting = await get(api, held)
         assert waiting.state == S.TASK_STATE_QUEUED
         assert "tenant" in waiting.waiting_reason, f"waiting_reason: {waiting.waiting_reason!r}"
+        # Each queue counts its own tasks the key's limit holds back: one of q1's three, three of q2's.
+        stats = {q.name: q for q in (await api.stub.ListQueues(pb.ListQueuesRequest(), timeout=5)).queues}
+        assert (stats["q1"].held, stats["q2"].held) == (
+            sum(1 for t in tenant[:3] if t not in fleet.held),
+            sum(1 for t in tenant[3:] if t not in fleet.held),
+        ), stats
         for _ in range(2):
             await fleet.finish_all()
             await fleet.take(2)
