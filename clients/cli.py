@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from google.protobuf import (
     descriptor_pool,
@@ -37,6 +37,7 @@ from rich.table import Table
 
 from herder.clients import errors, quantities, types_cli
 from herder.clients.client import (
+    MAX_DELAY_SECONDS,
     Client,
     Retry,
     State,
@@ -149,9 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (naming the option and where --help is), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `herder` (global options work before or after the command)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Herder: a task coordinator for microservices, spoken over typed gRPC contracts.",
         allow_abbrev=False,
@@ -201,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("type", help="task type, such as examples.echo")
     submit.add_argument("--json", dest="payload_json", metavar="JSON", help="input as JSON, @FILE, or - for stdin")
     submit.add_argument("--queue", default="", help='queue name (default "default")')
-    submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    submit.add_argument("--priority", type=_int32, default=0, help="higher runs first (default 0)")
     submit.add_argument("--idempotency-key", default="", metavar="KEY", help="submitting again returns the same task")
     submit.add_argument("--concurrency-key", default="", metavar="KEY", help="tenant key for fair sharing")
     submit.add_argument("--delay", type=_seconds, metavar="S", help="do not start before S seconds from now")
@@ -235,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--skip-initial", action="store_true", help="only changes, not the current states")
     watch.add_argument(
         "--after-revision",
-        type=int,
+        type=_int64,
         default=0,
         metavar="REV",
         help="resume: only changes after this revision (an event's), on any replica",
@@ -248,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         "priority", "change the priority of a task not started yet", _async(_tasks_priority), task_commands
     )
     priority.add_argument("id")
-    priority.add_argument("priority", type=int)
+    priority.add_argument("priority", type=_int32)
 
     types = command("types", "list registered task types; `types register` registers one", _async(_types))
     # Its --output names the output message, so the format flag goes before the command there.
@@ -274,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set-limit", "set a queue's concurrency limit (and retention)", _async(_queues_set_limit), queue_commands
     )
     queue_limit.add_argument("queue")
-    queue_limit.add_argument("max_running", type=int, metavar="N", help="most tasks running at once, 0 = no limit")
+    queue_limit.add_argument("max_running", type=_int64, metavar="N", help="most tasks running at once, 0 = no limit")
     queue_limit.add_argument("--retention", type=_seconds, metavar="S", help="keep finished tasks S seconds")
 
     limits = command("limits", "list limits: global, per queue and per concurrency key", _async(_limits))
@@ -288,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limit_set.add_argument("scope", metavar="SCOPE", help="global, queue or key (a concurrency key)")
     limit_set.add_argument("target", nargs="*", metavar="NAME|N", help="N for global; the queue or key's NAME")
-    limit_set.add_argument("--max-running", type=int, metavar="N", help="most tasks running at once, 0 = no limit")
-    limit_set.add_argument("--weight", type=int, metavar="W", help="a key's tasks per fair-share round (0 means 1)")
+    limit_set.add_argument("--max-running", type=_int64, metavar="N", help="most tasks running at once, 0 = no limit")
+    limit_set.add_argument("--weight", type=_uint32, metavar="W", help="a key's tasks per fair-share round (0 means 1)")
     limit_set.add_argument(
         "--retention", type=_seconds, metavar="S", help="a queue keeps finished tasks S seconds (0: the default)"
     )
@@ -354,16 +362,6 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 # --- argument types (argparse turns their errors into usage errors, exit 2) ---
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -371,7 +369,30 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be zero or more seconds, got {text}")
+    if value > MAX_DELAY_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_DELAY_SECONDS} seconds (366 days), got {text}")
     return value
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """A whole number in low..high: the range of the field it goes into, so nothing overflows later."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+_int32 = _whole(-(2**31), 2**31 - 1)
+_uint32 = _whole(0, 2**32 - 1)
+_int64 = _whole(-(2**63), 2**63 - 1)
+_positive_int = _whole(1, 2**32 - 1)
 
 
 def _cpu_millis(text: str) -> int:
@@ -1187,20 +1208,22 @@ def _failure_line(task: task_pb2.Task) -> str:
 def _read_json_argument(text: str) -> str:
     """--json's value: inline JSON, @FILE or - (stdin); checked here so a typo is a usage error."""
     source = "--json"
-    if text == "-":
-        text, source = sys.stdin.read(), "stdin"
-    elif text.startswith("@"):
-        path = text[1:]
-        try:
-            with open(path, encoding="utf-8") as handle:
+    try:
+        if text == "-":
+            source = "stdin"
+            text = sys.stdin.buffer.read().decode("utf-8")
+        elif text.startswith("@"):
+            source = text[1:]
+            with open(source, encoding="utf-8") as handle:
                 text = handle.read()
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        source = path
+    except OSError as exc:
+        raise UsageError(f"--json: cannot read {source}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--json: {source} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{source} is not valid JSON: {exc}") from None
+        raise UsageError(f"--json: {source} is not valid JSON: {exc}") from None
     return text
 
 

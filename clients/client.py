@@ -179,6 +179,28 @@ class WatchReconnect:
 Seconds: TypeAlias = float | timedelta
 
 
+# The longest ttl, timeout or backoff and the furthest delay the coordinator accepts (366 days); the
+# coordinator's own bound (server/horizon.py) is this one.
+MAX_DELAY_SECONDS = 366 * 24 * 3600
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _spec_violations(
+    priority: int, delay: Seconds | None, ttl: Seconds | None, timeout: Seconds | None
+) -> list[tuple[str, str]]:
+    """Numbers that would overflow a field (or datetime) before the coordinator could say so."""
+    found = []
+    if not _INT32[0] <= priority <= _INT32[1]:
+        found.append(("priority", f"must be {_INT32[0]} to {_INT32[1]}, got {priority}"))
+    for name, value in (("delay", delay), ("ttl", ttl), ("timeout", timeout)):
+        if value is None:
+            continue
+        seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+        if not 0 <= seconds <= MAX_DELAY_SECONDS:
+            found.append((name, f"must be 0 to {MAX_DELAY_SECONDS} seconds (366 days), got {value}"))
+    return found
+
+
 def task_spec(
     type: str,
     payload: Message | None = None,
@@ -209,6 +231,7 @@ def task_spec(
         violations.append(("payload_json", "give payload or json, not both"))
     if delay is not None and not_before is not None:
         violations.append(("not_before", "give delay or not_before, not both"))
+    violations += _spec_violations(priority, delay, ttl, timeout)
     if violations:
         raise errors.bad_request("invalid task spec", violations)
     spec = task_pb2.TaskSpec(

@@ -17,8 +17,9 @@ import time
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-# The longest backoff, retry_after, ttl or timeout, and the furthest not_before: 366 days.
-MAX_DELAY_SECONDS = 366 * 24 * 3600
+# The longest backoff, retry_after, ttl or timeout, and the furthest not_before: 366 days (the SDK
+# checks the same bound before sending).
+from herder.clients.client import MAX_DELAY_SECONDS
 
 # google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800
@@ -59,3 +60,16 @@ def duration_seconds(value: duration_pb2.Duration) -> float:
 
 def timestamp_seconds(value: timestamp_pb2.Timestamp) -> float:
     return value.seconds + value.nanos / 1e9
+
+
+__all__ = [
+    "MAX_DELAY_SECONDS",
+    "MAX_TIMESTAMP_SECONDS",
+    "MIN_TIMESTAMP_SECONDS",
+    "clamp_delay",
+    "duration_seconds",
+    "set_duration",
+    "set_timestamp",
+    "stamp_now",
+    "timestamp_seconds",
+]

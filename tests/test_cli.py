@@ -198,6 +198,30 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], args: tuple[str
     assert code == 2 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("--priority", "99999999999"), "--priority"),
+        (("--priority", "-3000000000"), "--priority"),
+        (("--delay", "1e12"), "--delay"),
+        (("--timeout", "1e15"), "--timeout"),
+        (("--ttl", "1e300"), "--ttl"),
+        (("--max-attempts", "99999999999999"), "--max-attempts"),
+        (("--json", "@NOT_UTF8"), "--json"),
+    ],
+)
+def test_out_of_range_options_are_one_line_naming_the_option(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: tuple[str, ...], named: str
+) -> None:
+    not_utf8 = tmp_path / "payload.json"
+    not_utf8.write_bytes(b'\xff\xfe{"text": "x"}')
+    args = tuple(a.replace("NOT_UTF8", str(not_utf8)) for a in args)
+    code, out, err = run(capsys, "--coordinator", "127.0.0.1:1", "submit", "examples.echo", *args)
+    assert (code, out) == (2, ""), err
+    assert err.count("\n") == 1 and err.startswith("herder: ") and named in err, err
+    assert "unexpected error" not in err and "Error" not in err
+
+
 def test_submit_json_from_a_file(capsys: pytest.CaptureFixture[str], address: str, tmp_path: Path) -> None:
     path = tmp_path / "input.json"
     path.write_text('{"text": "from file"}')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -112,6 +113,13 @@ async def test_conflicting_arguments_fail_before_sending(client: Client) -> None
     with pytest.raises(errors.InvalidArgumentError) as caught:
         await client.submit(ECHO, examples_pb2.EchoRequest(), json={"text": "x"}, delay=1, not_before=None)
     assert [v.field for v in caught.value.violations] == ["payload_json"]
+
+
+def test_numbers_out_of_their_fields_range_fail_before_sending() -> None:
+    # Not an OverflowError from datetime or protobuf: the fields named, as the coordinator would.
+    with pytest.raises(errors.InvalidArgumentError) as caught:
+        task_spec(ECHO, json={}, priority=2**31, delay=1e12, ttl=-1, timeout=timedelta(days=400))
+    assert [v.field for v in caught.value.violations] == ["priority", "delay", "ttl", "timeout"]
 
 
 async def test_idempotency_key_returns_the_same_task(client: Client) -> None:
