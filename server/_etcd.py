@@ -281,10 +281,20 @@ class Etcd:
         return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
     async def range(
-        self, start: bytes, end: bytes, *, limit: int = 0, revision: int = 0, keys_only: bool = False
+        self,
+        start: bytes,
+        end: bytes,
+        *,
+        limit: int = 0,
+        revision: int = 0,
+        keys_only: bool = False,
+        descending: bool = False,
     ) -> tuple[list[KeyValue], bool, int]:
-        """Keys in [start, end) in key order: (kvs, more, revision)."""
+        """Keys in [start, end) in key order (highest first when descending): (kvs, more, revision)."""
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only)
+        if descending:
+            request.sort_order = rpc.RangeRequest.DESCEND
+            request.sort_target = rpc.RangeRequest.KEY
         reply = await self._call(self._kv.Range, request, timeout=max(self.timeout, 30.0))
         return [key_value(kv) for kv in reply.kvs], reply.more, reply.header.revision
 
