@@ -311,7 +311,7 @@ class Etcd:
         reply = await self._call(self._kv.Range, request)
         return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
-    async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncIterator[KeyValue]:
+    async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncGenerator[KeyValue, None]:
         """Every key under prefix, read page by page at one revision (a consistent snapshot).
 
         The next page is read while the caller works through the current one (a rebuild would

@@ -9,6 +9,7 @@ write is committed. A bulk call takes at most `limit` tasks and says whether mor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -170,17 +171,19 @@ class Verbs:
         found: list[tuple[task_pb2.Task, int]] = []
         more = False
         turn = time.monotonic()
-        async for kv in leader.etcd.scan_prefix(prefix):
-            if time.monotonic() - turn > 0.01:
-                await asyncio.sleep(0)
-                turn = time.monotonic()
-            task = task_pb2.Task.FromString(kv.value)
-            if task.state not in RETRYABLE or not task_filter.matches(task):
-                continue
-            if len(found) == limit:
-                more = True
-                break
-            found.append((task, kv.mod_revision))
+        # Closed on the early break: the scan reads its next page ahead.
+        async with contextlib.aclosing(leader.etcd.scan_prefix(prefix)) as stored:
+            async for kv in stored:
+                if time.monotonic() - turn > 0.01:
+                    await asyncio.sleep(0)
+                    turn = time.monotonic()
+                task = task_pb2.Task.FromString(kv.value)
+                if task.state not in RETRYABLE or not task_filter.matches(task):
+                    continue
+                if len(found) == limit:
+                    more = True
+                    break
+                found.append((task, kv.mod_revision))
         if dry_run:
             return BulkOutcome(len(found), 0, more)
         futures: list[asyncio.Future[int]] = []

@@ -4,10 +4,12 @@ error details from a Python handler, and ListTasks' order and created-time filte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
 import pytest
+from _cluster import start_replicas
 from _raw_worker import RawWorker
 from _scheduling import ECHO, QUEUE, Api, S, complete, connect, get, queue_stats, set_limit, submit, submit_batch
 from _timing import eventually, quiet
@@ -238,3 +240,22 @@ async def test_retry_of_many_tasks_as_copies_keeps_the_originals(api) -> None:
     listed = await api.stub.ListTasks(pb.ListTasksRequest(queue="copies", states=[S.TASK_STATE_QUEUED]))
     assert sorted(t.retry_of for t in listed.tasks) == sorted(ids)
     assert all(t.create_time.seconds >= int(started) for t in listed.tasks)
+
+
+async def test_a_pause_holds_on_the_replica_that_takes_over(etcd, namespace) -> None:
+    with contextlib.ExitStack() as stack:
+        first, second = start_replicas(etcd.endpoint, namespace, 2, stack)
+        # The follower first: the SDK follows the leader for the writes.
+        addresses = f"{second.address},{first.address}"
+        async with Client(addresses) as client:
+            await client.register_task_type(ECHO, examples_pb2.EchoRequest, examples_pb2.EchoResponse)
+            await client.pause_queue("held")
+            task = (await client.submit(ECHO, examples_pb2.EchoRequest(text="x"), queue="held")).task
+            first.kill()
+            await asyncio.to_thread(second.wait_leader)
+            queues = await client.queues()
+            assert [(q.name, q.paused) for q in queues] == [("held", True)]
+            async with RawWorker(second.address, "w", [ECHO], slots=1) as worker:
+                await quiet(worker.assignments, 0.5, what="an assignment from a paused queue after a failover")
+                await client.resume_queue("held")
+                assert (await worker.next_assignment()).id == task.id
