@@ -443,13 +443,24 @@ class Client:
         type: str = "",
         tags: Iterable[str] = (),
         page_size: int = 0,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        newest_first: bool = False,
     ) -> AsyncGenerator[task_pb2.Task, None]:
         """Every matching task, fetching page after page as the iteration goes."""
         states, tags = tuple(states), tuple(tags)
         token = ""
         while True:
             tasks, token = await self.list(
-                queue=queue, states=states, type=type, tags=tags, page_size=page_size, page_token=token
+                queue=queue,
+                states=states,
+                type=type,
+                tags=tags,
+                page_size=page_size,
+                page_token=token,
+                created_after=created_after,
+                created_before=created_before,
+                newest_first=newest_first,
             )
             for task in tasks:
                 yield task
@@ -1018,10 +1029,21 @@ class SyncClient:
         tags: Iterable[str] = (),
         page_size: int = 0,
         page_token: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        newest_first: bool = False,
     ) -> tuple[builtins.list[task_pb2.Task], str]:
         return self.run(
             self._client.list(
-                queue=queue, states=states, type=type, tags=tags, page_size=page_size, page_token=page_token
+                queue=queue,
+                states=states,
+                type=type,
+                tags=tags,
+                page_size=page_size,
+                page_token=page_token,
+                created_after=created_after,
+                created_before=created_before,
+                newest_first=newest_first,
             )
         )
 
