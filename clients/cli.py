@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from herder.clients import errors, quantities
+from herder.clients import errors, quantities, types_cli
 from herder.clients.client import (
     Client,
     Retry,
@@ -52,6 +52,7 @@ from herder.clients.descriptors import add_files
 from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, address_setting
 from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
+from herder.clients.proto_sources import ProtoSourceError
 from herder.clients.settings import Setting, SettingsError, add_flags, choice, resolve, seconds
 from herder.clients.worker_config import worker_arguments, worker_settings
 
@@ -102,7 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     head, passthrough = _split_passthrough(args_list)
     # `herder lock NAME -- COMMAND ...`: everything after the first -- is the command, untouched.
     head, command = (head[: head.index("--")], head[head.index("--") + 1 :]) if "--" in head else (head, [])
-    args = parser.parse_args(head)
+    args, stray = parser.parse_known_args(head)
+    # `types register NAME --input M ... a.proto b.proto`: argparse takes positionals once, before the options.
+    if stray and hasattr(args, "protos") and not any(a.startswith("-") for a in stray):
+        args.protos = [*args.protos, *stray]
+    elif stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if command and not getattr(args, "takes_command", False):
         parser.error(f"unrecognized arguments: -- {' '.join(command)}")
     args.argv = command
@@ -124,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C on a stream (tasks watch, worker) is the normal way to stop it.
         return 0 if getattr(args, "interrupt_ok", False) else 130
-    except UsageError as exc:
+    except (UsageError, ProtoSourceError) as exc:
         _error(str(exc))
         return 2
     except errors.HerderError as exc:
@@ -151,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_flags(parser, SETTINGS)
-    # The same options after the command; SUPPRESS keeps them from resetting what came before it.
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    add_flags(common, SETTINGS, absent=argparse.SUPPRESS)
+    common = _common_options()
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -247,7 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     priority.add_argument("priority", type=int)
 
     _add_operator_commands(command, task_commands)
-    command("types", "list registered task types", _async(_types))
+    types = command("types", "list registered task types; `types register` registers one", _async(_types))
+    # Its --output names the output message, so the format flag goes before the command there.
+    register = types.add_subparsers(dest="types_command", metavar="SUBCOMMAND").add_parser(
+        "register",
+        help=types_cli.HELP,
+        description=types_cli.HELP,
+        parents=[_common_options("output")],
+        allow_abbrev=False,
+    )
+    register.set_defaults(run=_async(types_cli.register))
+    types_cli.add_register_arguments(register)
 
     queues = command(
         "queues",
@@ -305,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     lock.add_argument("--owner", default="", help="shown as the holder (default host:pid)")
     lock.set_defaults(takes_command=True)
     return parser
+
+
+def _common_options(*leave_out: str) -> argparse.ArgumentParser:
+    """The global options again, for after the command; SUPPRESS keeps them from resetting what came before it."""
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    add_flags(common, [s for s in SETTINGS if s.name not in leave_out], absent=argparse.SUPPRESS)
+    return common
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:

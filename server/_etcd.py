@@ -288,14 +288,16 @@ class Etcd:
         limit: int = 0,
         revision: int = 0,
         keys_only: bool = False,
+        timeout: float | None = None,
         descending: bool = False,
     ) -> tuple[list[KeyValue], bool, int]:
-        """Keys in [start, end) in key order (highest first when descending): (kvs, more, revision)."""
+        """Keys in [start, end) in key order (highest first when descending): (kvs, more, revision).
+        `timeout` defaults to at least 30 s (a big page takes a while)."""
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only)
         if descending:
             request.sort_order = rpc.RangeRequest.DESCEND
             request.sort_target = rpc.RangeRequest.KEY
-        reply = await self._call(self._kv.Range, request, timeout=max(self.timeout, 30.0))
+        reply = await self._call(self._kv.Range, request, timeout=timeout or max(self.timeout, 30.0))
         return [key_value(kv) for kv in reply.kvs], reply.more, reply.header.revision
 
     async def last_created_before(self, prefix: bytes, revision: int) -> tuple[KeyValue | None, int]:

@@ -346,7 +346,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         violations = validation.validate_task_type(task_type, self._limits, "task_type")
         validation.raise_if(violations, "invalid task type")
         stored = await leader.register_type(task_type)
-        self._coordinator.reflection.add(stored.descriptors)
+        self._coordinator.reflection.invalidate()
         return coordinator_pb2.RegisterTaskTypeResponse(task_type=stored)
 
     @_unary
