@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 from google.protobuf import (
@@ -227,9 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = command("tasks", "list, inspect, watch and cancel tasks", _need_subcommand)
     task_commands = tasks.add_subparsers(dest="tasks_command", metavar="SUBCOMMAND", required=True)
-    listing = command("list", "list tasks, newest filters first", _async(_tasks_list), task_commands)
+    listing = command("list", "list tasks, newest first", _async(_tasks_list), task_commands)
     _add_filters(listing)
-    listing.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50)")
+    _add_created_filters(listing)
+    listing.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50, most 1000)")
+    listing.add_argument("--oldest-first", action="store_true", help="oldest first instead of newest first")
+    listing.add_argument("--page-token", default="", metavar="TOKEN", help="the next page, as the last one said")
     get = command("get", "show one task with its result", _async(_tasks_get), task_commands)
     get.add_argument("id")
     watch = command(
@@ -249,15 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume: only changes after this revision (an event's), on any replica",
     )
     watch.set_defaults(interrupt_ok=True)
-    cancel = command("cancel", "cancel a task", _async(_tasks_cancel), task_commands)
-    cancel.add_argument("id")
-    cancel.add_argument("--reason", default="", help="recorded with the cancellation")
     priority = command(
         "priority", "change the priority of a task not started yet", _async(_tasks_priority), task_commands
     )
     priority.add_argument("id")
     priority.add_argument("priority", type=_int32)
 
+    _add_operator_commands(command, task_commands)
     types = command("types", "list registered task types; `types register` registers one", _async(_types))
     # Its --output names the output message, so the format flag goes before the command there.
     register = types.add_subparsers(dest="types_command", metavar="SUBCOMMAND").add_parser(
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue_limit.add_argument("queue")
     queue_limit.add_argument("max_running", type=_int64, metavar="N", help="most tasks running at once, 0 = no limit")
     queue_limit.add_argument("--retention", type=_seconds, metavar="S", help="keep finished tasks S seconds")
+    _add_queue_pause_commands(command, queue_commands)
 
     limits = command("limits", "list limits: global, per queue and per concurrency key", _async(_limits))
     limit_commands = limits.add_subparsers(dest="limits_command", metavar="SUBCOMMAND")
@@ -350,6 +352,54 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _add_operator_commands(command: Callable[..., argparse.ArgumentParser], task_commands: Any) -> None:
+    """`tasks cancel` and `tasks retry`: one task by ID, or every task a filter matches."""
+    cancel = command(
+        "cancel",
+        "cancel a task, or every unfinished task the filters match (printing how many)",
+        _async(_tasks_cancel),
+        task_commands,
+    )
+    cancel.add_argument("id", nargs="?", metavar="ID", help="the task; leave out to use the filters")
+    cancel.add_argument("--reason", default="", help="recorded with the cancellation")
+    _add_bulk_filters(cancel)
+    retry = command(
+        "retry",
+        "run a FAILED, CANCELED or EXPIRED task again, or every such task the filters match",
+        _async(_tasks_retry),
+        task_commands,
+    )
+    retry.add_argument("id", nargs="?", metavar="ID", help="the task; leave out to use the filters")
+    retry.add_argument("--copy", action="store_true", help="submit a copy with a new id instead of a new attempt")
+    retry.add_argument("--reason", default="", help="recorded on the task")
+    _add_bulk_filters(retry)
+
+
+def _add_bulk_filters(parser: argparse.ArgumentParser) -> None:
+    _add_filters(parser)
+    _add_created_filters(parser)
+    parser.add_argument("--dry-run", action="store_true", help="with filters: only count the tasks that match")
+    parser.add_argument(
+        "--limit", type=_positive_int, default=0, metavar="N", help="with filters: at most N tasks (default 10000)"
+    )
+
+
+def _add_created_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--created-after", type=_when, metavar="TIME", help="ISO time (2026-01-31T12:00Z) or age ago (30m, 2h, 1d)"
+    )
+    parser.add_argument("--created-before", type=_when, metavar="TIME", help="like --created-after")
+
+
+def _add_queue_pause_commands(command: Callable[..., argparse.ArgumentParser], queue_commands: Any) -> None:
+    pause = command(
+        "pause", "pause a queue: it accepts tasks and starts none (durable)", _async(_queues_pause), queue_commands
+    )
+    pause.add_argument("queue")
+    resume = command("resume", "resume a paused queue", _async(_queues_resume), queue_commands)
+    resume.add_argument("queue")
+
+
 def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", default="", help="only this queue")
     parser.add_argument(
@@ -414,6 +464,28 @@ def _key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _when(text: str) -> datetime:
+    """An ISO time (UTC unless it says otherwise) or an age such as 30m, 2h or 1d (that long ago)."""
+    unit = _AGE_UNITS.get(text[-1:].lower())
+    if unit is not None:
+        try:
+            amount = float(text[:-1])
+        except ValueError:
+            amount = -1.0
+        if 0 <= amount < 100 * 365 * 86400 / unit:
+            return datetime.now(UTC) - timedelta(seconds=amount * unit)
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (an ISO time such as 2026-01-31T12:00Z, or an age such as 30m, 2h, 1d)"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _state(text: str) -> State:
@@ -592,14 +664,17 @@ async def _submit(client: Client, out: Output, args: argparse.Namespace) -> int:
 
 
 async def _tasks_list(client: Client, out: Output, args: argparse.Namespace) -> int:
-    tasks: list[task_pb2.Task] = []
-    page_size = min(args.limit, 1000)
-    async for task in client.iter_tasks(
-        queue=args.queue, states=args.states, type=args.type, tags=args.tags, page_size=page_size
-    ):
-        tasks.append(task)
-        if len(tasks) >= args.limit:
-            break
+    tasks, token = await client.list(
+        queue=args.queue,
+        states=args.states,
+        type=args.type,
+        tags=args.tags,
+        page_size=min(args.limit, 1000),
+        page_token=args.page_token,
+        created_after=args.created_after,
+        created_before=args.created_before,
+        newest_first=not args.oldest_first,
+    )
     if out.json:
         await out.print_json_list(tasks)
         return 0
@@ -618,6 +693,12 @@ async def _tasks_list(client: Client, out: Output, args: argparse.Namespace) -> 
     out.console.print(table)
     if not tasks:
         out.console.print("no tasks", style="dim")
+    if token:
+        # On stderr, so that the table alone can be piped; the same options must go with the token.
+        order = " --oldest-first" if args.oldest_first else ""
+        print(
+            f"more tasks match: the next page is --page-token {token}{order} (with the same filters)", file=sys.stderr
+        )
     return 0
 
 
@@ -675,6 +756,11 @@ def _event_line(event: task_pb2.TaskEvent) -> str:
 
 
 async def _tasks_cancel(client: Client, out: Output, args: argparse.Namespace) -> int:
+    task_filter = _bulk_filter(args)
+    if task_filter is not None:
+        answer = await client.cancel_many(task_filter, dry_run=args.dry_run, reason=args.reason, limit=args.limit)
+        await _print_bulk(out, "canceled", answer, args.dry_run)
+        return 0
     task = await client.cancel(args.id, args.reason)
     if out.json:
         await out.print_json(task)
@@ -683,6 +769,58 @@ async def _tasks_cancel(client: Client, out: Output, args: argparse.Namespace) -
     else:
         out.console.print(f"task [bold]{task.id}[/] cancellation requested ({state_name(task.state)})")
     return 0
+
+
+async def _tasks_retry(client: Client, out: Output, args: argparse.Namespace) -> int:
+    task_filter = _bulk_filter(args)
+    if task_filter is not None:
+        answer = await client.retry_many(
+            task_filter, copy=args.copy, dry_run=args.dry_run, reason=args.reason, limit=args.limit
+        )
+        await _print_bulk(out, "retried", answer, args.dry_run)
+        return 0
+    task = await client.retry(args.id, copy=args.copy, reason=args.reason)
+    if out.json:
+        await out.print_json(task)
+    elif task.retry_of:
+        out.console.print(f"task [bold]{task.retry_of}[/] copied as [bold]{task.id}[/] ({state_name(task.state)})")
+    else:
+        out.console.print(f"task [bold]{task.id}[/] retried: attempt {task.attempt + 1} {state_name(task.state)}")
+    return 0
+
+
+def _bulk_filter(args: argparse.Namespace) -> coordinator_pb2.TaskFilter | None:
+    """The filter of a bulk cancel or retry; None for one task by ID. Both or neither is a usage error."""
+    given = bool(args.queue or args.states or args.type or args.tags or args.created_after or args.created_before)
+    if args.id and (given or args.dry_run or args.limit):
+        raise UsageError("name a task ID or filters (--queue, --type, --state, --tag, --created-*), not both")
+    if args.id:
+        return None
+    if not given:
+        raise UsageError(
+            "name a task ID, or filters choosing the tasks (--queue, --type, --state, --tag,"
+            " --created-after, --created-before)"
+        )
+    task_filter = coordinator_pb2.TaskFilter(queue=args.queue, type=args.type, states=args.states, tags=args.tags)
+    if args.created_after is not None:
+        task_filter.created_after.FromDatetime(args.created_after)
+    if args.created_before is not None:
+        task_filter.created_before.FromDatetime(args.created_before)
+    return task_filter
+
+
+async def _print_bulk(
+    out: Output, done: str, answer: coordinator_pb2.CancelTasksResponse | coordinator_pb2.RetryTasksResponse, dry: bool
+) -> None:
+    if out.json:
+        await out.print_json(answer, defaults=True)
+        return
+    if dry:
+        out.console.print(f"{answer.matched} tasks match (dry run: none {done})")
+    else:
+        out.console.print(f"{answer.matched} tasks matched, {answer.changed} {done}")
+    if answer.more:
+        out.console.print("more tasks match: run the command again for the next ones", style="yellow")
 
 
 async def _tasks_priority(client: Client, out: Output, args: argparse.Namespace) -> int:
@@ -729,7 +867,7 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
     for queue in queues:
         oldest = timestamp_to_datetime(queue.oldest_queued_time)
         table.add_row(
-            queue.name,
+            queue.name + (" (paused)" if queue.paused else ""),
             str(queue.pending),
             str(queue.queued),
             str(queue.held),
@@ -752,6 +890,18 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
             out.console.print(f"{escape(queue.name)}: {escape(queue.resources_reason)}", style="yellow")
     if not queues:
         out.console.print("no queues", style="dim")
+    return 0
+
+
+async def _queues_pause(client: Client, out: Output, args: argparse.Namespace) -> int:
+    await client.pause_queue(args.queue)
+    out.console.print(f"queue [bold]{escape(args.queue)}[/] paused: it accepts tasks and starts none")
+    return 0
+
+
+async def _queues_resume(client: Client, out: Output, args: argparse.Namespace) -> int:
+    await client.resume_queue(args.queue)
+    out.console.print(f"queue [bold]{escape(args.queue)}[/] resumed")
     return 0
 
 
@@ -1077,6 +1227,10 @@ class Output:
         elif task.HasField("result"):
             rows.append(("result", await self._any_json(task.result)))
         rows.append(("error", _error_text(task.error)))
+        rows.append(("error details", task.error.details))
+        rows.append(("retry of", task.retry_of))
+        if task.retries:
+            rows.append(("retried", f"{task.retries} times" + (f" ({task.retry_reason})" if task.retry_reason else "")))
         rows.extend((f"attempt error {n}", _error_text(e)) for n, e in enumerate(task.attempt_errors, 1))
         for name, value in rows:
             if value:

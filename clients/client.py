@@ -434,8 +434,14 @@ class Client:
         tags: Iterable[str] = (),
         page_size: int = 0,
         page_token: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        newest_first: bool = False,
     ) -> tuple[builtins.list[task_pb2.Task], str]:
-        """One page of tasks matching every filter given, and the next page's token ("" on the last)."""
+        """One page of tasks matching every filter given, and the next page's token ("" on the last).
+
+        Oldest first unless newest_first; pass the same order with a page token.
+        """
         request = coordinator_pb2.ListTasksRequest(
             queue=queue,
             states=builtins.list(states),
@@ -443,7 +449,12 @@ class Client:
             tags=builtins.list(tags),
             page_size=page_size,
             page_token=page_token,
+            order=coordinator_pb2.TASK_ORDER_NEWEST_FIRST if newest_first else coordinator_pb2.TASK_ORDER_OLDEST_FIRST,
         )
+        if created_after is not None:
+            request.created_after.FromDatetime(created_after)
+        if created_before is not None:
+            request.created_before.FromDatetime(created_before)
         response = await self._unary(lambda s: s.ListTasks, request)
         return builtins.list(response.tasks), response.next_page_token
 
@@ -455,13 +466,24 @@ class Client:
         type: str = "",
         tags: Iterable[str] = (),
         page_size: int = 0,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        newest_first: bool = False,
     ) -> AsyncGenerator[task_pb2.Task, None]:
         """Every matching task, fetching page after page as the iteration goes."""
         states, tags = tuple(states), tuple(tags)
         token = ""
         while True:
             tasks, token = await self.list(
-                queue=queue, states=states, type=type, tags=tags, page_size=page_size, page_token=token
+                queue=queue,
+                states=states,
+                type=type,
+                tags=tags,
+                page_size=page_size,
+                page_token=token,
+                created_after=created_after,
+                created_before=created_before,
+                newest_first=newest_first,
             )
             for task in tasks:
                 yield task
@@ -478,6 +500,59 @@ class Client:
         """
         request = coordinator_pb2.CancelTaskRequest(id=id, reason=reason)
         return (await self._unary(lambda s: s.CancelTask, request)).task
+
+    async def retry(self, id: str, *, copy: bool = False, reason: str = "") -> task_pb2.Task:
+        """Run a FAILED, CANCELED or EXPIRED task again: a new attempt of it, or (copy) a new task with its spec.
+
+        Returns the task, QUEUED again, or the copy (its retry_of names the original).
+        FailedPreconditionError names the state of a task in another one. A copy carries an
+        idempotency key made here, so a retry of this call after a lost reply answers the same copy.
+        """
+        request = coordinator_pb2.RetryTaskRequest(
+            id=id,
+            mode=coordinator_pb2.RETRY_MODE_COPY if copy else coordinator_pb2.RETRY_MODE_NEW_ATTEMPT,
+            reason=reason,
+            idempotency_key=new_idempotency_key() if copy else "",
+        )
+        return (await self._unary(lambda s: s.RetryTask, request)).task
+
+    async def pause_queue(self, queue: str) -> None:
+        """Pause a queue, durably: it accepts tasks and starts none until resumed (running ones finish)."""
+        request = coordinator_pb2.SetQueuePausedRequest(queue=queue, paused=True)
+        await self._unary(lambda s: s.SetQueuePaused, request)
+
+    async def resume_queue(self, queue: str) -> None:
+        """Resume a paused queue; resuming one that is not paused changes nothing."""
+        request = coordinator_pb2.SetQueuePausedRequest(queue=queue, paused=False)
+        await self._unary(lambda s: s.SetQueuePaused, request)
+
+    async def cancel_many(
+        self, task_filter: coordinator_pb2.TaskFilter, *, dry_run: bool = False, reason: str = "", limit: int = 0
+    ) -> coordinator_pb2.CancelTasksResponse:
+        """Cancel the unfinished tasks the filter matches (at most limit, default 10000; `more` says if
+        more remain), or with dry_run only count them. Answers matched and changed."""
+        request = coordinator_pb2.CancelTasksRequest(filter=task_filter, dry_run=dry_run, reason=reason, limit=limit)
+        return await self._unary(lambda s: s.CancelTasks, request)
+
+    async def retry_many(
+        self,
+        task_filter: coordinator_pb2.TaskFilter,
+        *,
+        copy: bool = False,
+        dry_run: bool = False,
+        reason: str = "",
+        limit: int = 0,
+    ) -> coordinator_pb2.RetryTasksResponse:
+        """Retry the FAILED, CANCELED and EXPIRED tasks the filter matches (at most limit, default 10000),
+        or with dry_run only count them. Answers matched, changed and whether more remain."""
+        request = coordinator_pb2.RetryTasksRequest(
+            filter=task_filter,
+            dry_run=dry_run,
+            reason=reason,
+            limit=limit,
+            mode=coordinator_pb2.RETRY_MODE_COPY if copy else coordinator_pb2.RETRY_MODE_NEW_ATTEMPT,
+        )
+        return await self._unary(lambda s: s.RetryTasks, request)
 
     async def update_priority(self, id: str, priority: int) -> task_pb2.Task:
         """Change the priority of a PENDING or QUEUED task, durably; the next dispatch uses it.
@@ -827,7 +902,15 @@ def _task_failed(task: task_pb2.Task) -> errors.TaskFailedError:
     state = state_name(task.state)
     detail = ": ".join(part for part in (task.error.type, task.error.message) if part)
     message = f"task {task.id} {state}" + (f": {detail}" if detail else "")
-    return errors.TaskFailedError(message, task_id=task.id, state=state, error_type=task.error.type)
+    return errors.TaskFailedError(
+        message,
+        task_id=task.id,
+        state=state,
+        error_type=task.error.type,
+        error_message=task.error.message,
+        details=task.error.details,
+        attempt_errors=tuple(task.attempt_errors),
+    )
 
 
 def _trace_metadata() -> tuple[tuple[str, str], ...]:
@@ -993,10 +1076,21 @@ class SyncClient:
         tags: Iterable[str] = (),
         page_size: int = 0,
         page_token: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        newest_first: bool = False,
     ) -> tuple[builtins.list[task_pb2.Task], str]:
         return self.run(
             self._client.list(
-                queue=queue, states=states, type=type, tags=tags, page_size=page_size, page_token=page_token
+                queue=queue,
+                states=states,
+                type=type,
+                tags=tags,
+                page_size=page_size,
+                page_token=page_token,
+                created_after=created_after,
+                created_before=created_before,
+                newest_first=newest_first,
             )
         )
 
@@ -1018,6 +1112,31 @@ class SyncClient:
 
     def update_priority(self, id: str, priority: int) -> task_pb2.Task:
         return self.run(self._client.update_priority(id, priority))
+
+    def retry(self, id: str, *, copy: bool = False, reason: str = "") -> task_pb2.Task:
+        return self.run(self._client.retry(id, copy=copy, reason=reason))
+
+    def pause_queue(self, queue: str) -> None:
+        self.run(self._client.pause_queue(queue))
+
+    def resume_queue(self, queue: str) -> None:
+        self.run(self._client.resume_queue(queue))
+
+    def cancel_many(
+        self, task_filter: coordinator_pb2.TaskFilter, *, dry_run: bool = False, reason: str = "", limit: int = 0
+    ) -> coordinator_pb2.CancelTasksResponse:
+        return self.run(self._client.cancel_many(task_filter, dry_run=dry_run, reason=reason, limit=limit))
+
+    def retry_many(
+        self,
+        task_filter: coordinator_pb2.TaskFilter,
+        *,
+        copy: bool = False,
+        dry_run: bool = False,
+        reason: str = "",
+        limit: int = 0,
+    ) -> coordinator_pb2.RetryTasksResponse:
+        return self.run(self._client.retry_many(task_filter, copy=copy, dry_run=dry_run, reason=reason, limit=limit))
 
     def watch(
         self,

@@ -850,6 +850,12 @@ class SessionEngine:
             return result
         if size <= limit:
             return result
+        if kind == "error":
+            # An error keeps its type and as much of its message and traceback as fits.
+            bounded = coordinator_pb2.AttemptResult()
+            bounded.CopyFrom(result)
+            if outcomes.fit_error(bounded.error, limit):
+                return bounded
         what = "output" if kind == "output" else f"error ({result.error.type}: {result.error.message[:200]!r}...)"
         text = f"the handler's {what} is {size} bytes, more than the {limit} bytes the coordinator stores"
         self._log.warning("attempt %s/%d: %s", result.ref.task_id, result.ref.attempt, text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -108,11 +109,26 @@ class TaskFailedError(HerderError):
 
     code = grpc.StatusCode.ABORTED
 
-    def __init__(self, message: str, *, task_id: str, state: str, error_type: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: str,
+        state: str,
+        error_type: str = "",
+        error_message: str = "",
+        details: str = "",
+        attempt_errors: tuple[Any, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.task_id = task_id
         self.state = state
+        # The handler's error as stored (TaskError): its type, message and details (a Python
+        # handler's traceback), and every attempt's error, oldest first.
         self.error_type = error_type
+        self.error_message = error_message
+        self.details = details
+        self.attempt_errors = attempt_errors
 
 
 class LockHeldError(HerderError):

@@ -47,3 +47,35 @@ DEFAULT_MAX_PROGRESS_BYTES = 16 * 1024
 def task_error(kind: str, text: str, *, retryable: bool = False, details: str = "") -> task_pb2.TaskError:
     """A TaskError of type `kind`: how the Worker, the engine and the supervisor report a failed attempt."""
     return task_pb2.TaskError(type=kind, message=text, retryable=retryable, details=details)
+
+
+# Marks where fit_error cut a traceback's head or a message's tail.
+CUT = "[...]"
+
+
+def fit_error(error: task_pb2.TaskError, limit: int) -> bool:
+    """Shrink an error to at most `limit` serialized bytes, in place; False when even its type does not fit.
+
+    A message longer than a quarter of the limit is cut to that first (so that a huge message
+    leaves room for the traceback); then the details (a traceback) lose their head, since a
+    traceback's last lines say what failed; then the message loses more of its tail. Each keeps a
+    mark where it was cut.
+    """
+    for name, keep_tail, share in (("message", False, 4), ("details", True, 1), ("message", False, 1)):
+        excess = error.ByteSize() - limit
+        if excess <= 0:
+            return True
+        text: str = getattr(error, name)
+        data = text.encode()
+        if share > 1:
+            excess = len(data) - limit // share
+            if excess <= 0:
+                continue
+        # A little more than the excess: the mark, and the length prefix that may shrink by less.
+        keep = len(data) - excess - len(CUT) - 4
+        if keep <= 0:
+            setattr(error, name, "")
+            continue
+        kept = data[-keep:] if keep_tail else data[:keep]
+        setattr(error, name, CUT + kept.decode(errors="ignore") if keep_tail else kept.decode(errors="ignore") + CUT)
+    return error.ByteSize() <= limit

@@ -35,7 +35,7 @@ from herder.clients.context import CancelSignal, ProgressSink, TaskContext
 from herder.clients.descriptors import task_type_for
 from herder.clients.endpoints import Endpoints
 from herder.clients.engine import SHUTDOWN_REASON, SessionEngine, WorkerSettings
-from herder.clients.outcomes import BAD_OUTPUT, BAD_PAYLOAD, task_error
+from herder.clients.outcomes import BAD_OUTPUT, BAD_PAYLOAD, CUT, task_error
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.clients.runner import run as run_loop
 from herder.clients.worker_config import worker_arguments, worker_settings
@@ -376,9 +376,18 @@ def _result_of(
         result.error.CopyFrom(task_error(exc.type, exc.message, retryable=False, details=exc.details))
     else:
         _log.warning("attempt %s/%d failed: %s: %s", *ref, type(exc).__name__, exc, exc_info=exc)
-        details = "".join(traceback.format_exception(exc))[-_MAX_DETAILS:]
+        details = _traceback_text(exc)
         result.error.CopyFrom(task_error(type(exc).__name__, str(exc), retryable=True, details=details))
     return result
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """The formatted traceback, its tail kept within _MAX_DETAILS; each part (a frame, the final line
+    repeating the message) is cut to a share of it, so a huge message cannot push the frames out."""
+    parts = traceback.format_exception(exc)
+    share = _MAX_DETAILS // 4
+    text = "".join(part if len(part) <= share else part[:share] + CUT + "\n" for part in parts)
+    return text if len(text) <= _MAX_DETAILS else CUT + text[-_MAX_DETAILS:]
 
 
 def _message_types(

@@ -289,10 +289,14 @@ class Etcd:
         revision: int = 0,
         keys_only: bool = False,
         timeout: float | None = None,
+        descending: bool = False,
     ) -> tuple[list[KeyValue], bool, int]:
-        """Keys in [start, end) in key order: (kvs, more, revision). `timeout` defaults to at least 30 s
-        (a big page takes a while)."""
+        """Keys in [start, end) in key order (highest first when descending): (kvs, more, revision).
+        `timeout` defaults to at least 30 s (a big page takes a while)."""
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only)
+        if descending:
+            request.sort_order = rpc.RangeRequest.DESCEND
+            request.sort_target = rpc.RangeRequest.KEY
         reply = await self._call(self._kv.Range, request, timeout=timeout or max(self.timeout, 30.0))
         return [key_value(kv) for kv in reply.kvs], reply.more, reply.header.revision
 
@@ -309,7 +313,7 @@ class Etcd:
         reply = await self._call(self._kv.Range, request)
         return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
-    async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncIterator[KeyValue]:
+    async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncGenerator[KeyValue, None]:
         """Every key under prefix, read page by page at one revision (a consistent snapshot).
 
         The next page is read while the caller works through the current one (a rebuild would

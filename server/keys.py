@@ -1,4 +1,7 @@
-"""The etcd key layout of a namespace: /herder/<namespace>/{leader,members/,tasks/,idem/,types/,limits/,gc/,locks/}."""
+"""The etcd key layout of a namespace.
+
+/herder/<namespace>/{leader,members/,tasks/,idem/,types/,limits/,paused/,gc/,locks/}.
+"""
 
 from __future__ import annotations
 
@@ -51,13 +54,27 @@ def limit(ns: bytes, scope: int, name: str) -> bytes:
     return limits_prefix(ns) + f"{scope}/{name}".encode()
 
 
+def paused_prefix(ns: bytes) -> bytes:
+    """Paused queues: paused/<queue> exists while the queue is paused."""
+    return ns + b"paused/"
+
+
+def paused(ns: bytes, queue: str) -> bytes:
+    return paused_prefix(ns) + queue.encode()
+
+
 def gc_prefix(ns: bytes) -> bytes:
     """Finished tasks by deletion time: gc/<milliseconds, 16 hex digits>/<task id>."""
     return ns + b"gc/"
 
 
 def gc(ns: bytes, delete_at: float, task_id: str) -> bytes:
-    return gc_prefix(ns) + f"{int(delete_at * 1000):016x}/{task_id}".encode()
+    return gc_ms(ns, int(delete_at * 1000), task_id)
+
+
+def gc_ms(ns: bytes, delete_ms: int, task_id: str) -> bytes:
+    """The gc key of a task deleted at delete_ms milliseconds (Task.delete_time names it exactly)."""
+    return gc_prefix(ns) + f"{delete_ms:016x}/{task_id}".encode()
 
 
 def gc_until(ns: bytes, now: float) -> bytes:

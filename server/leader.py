@@ -18,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ from herder.server.sessions import Session, SessionSettings
 from herder.server.stats import QueueBook
 from herder.server.timers import Timers
 from herder.server.validation import Limits
+from herder.server.verbs import Verbs
 from herder.server.watchers import TaskFilter
 from herder.server.workers import Workers
 
@@ -119,6 +120,8 @@ class NamespaceLeader:
         self.book = QueueBook()
         # Scheduling settings by (scope, name), as stored.
         self.limits: dict[tuple[int, str], coordinator_pb2.Limit] = {}
+        # Paused queues, as stored (SetQueuePaused).
+        self.paused: set[str] = set()
         self.sequence = 0
         self.dispatcher = Dispatcher(self)
         self.timers = Timers(self)
@@ -126,6 +129,7 @@ class NamespaceLeader:
         self.unplaced = placement.Reasons(self.workers.sessions.values, self.scheduler.request, settings.placement)
         self.reports = Reports(self)
         self.retention = Retention(self)
+        self.verbs = Verbs(self)
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = asyncio.Event()
         # Set when a loop or callback of this leader failed: the replica steps down and campaigns again.
@@ -248,9 +252,14 @@ class NamespaceLeader:
     # ----------------------------------------------------------------- submit
 
     async def submit(
-        self, specs: list[task_pb2.TaskSpec], trace_context: dict[str, str] | None = None
+        self,
+        specs: list[task_pb2.TaskSpec],
+        trace_context: dict[str, str] | None = None,
+        retry_of: Sequence[str] = (),
     ) -> list[tuple[task_pb2.Task, bool]]:
         """Store validated specs; answers after every one is committed. Specs must be validated already.
+
+        retry_of: for copies made by RetryTask, the id each spec copies (in order).
 
         trace_context (W3C traceparent/tracestate of the submitter) is stored with each task, so
         the handler's span joins the submitter's trace.
@@ -261,7 +270,7 @@ class NamespaceLeader:
         # Per spec, in order: the task it created, or the id an idempotency key already names.
         answers: list[Entry | str] = []
         created: list[Entry] = []
-        for spec in specs:
+        for n, spec in enumerate(specs):
             key = spec.idempotency_key
             if key and key in self.idempotency:
                 answers.append(self.idempotency[key])
@@ -272,6 +281,8 @@ class NamespaceLeader:
             if not task.spec.queue:
                 task.spec.queue = "default"
             task.create_time.CopyFrom(now)
+            if retry_of:
+                task.retry_of = retry_of[n]
             if trace_context:
                 task.trace_context.update(trace_context)
             entry = Entry(task, fresh=True)
@@ -343,10 +354,16 @@ class NamespaceLeader:
                 await asyncio.sleep(0)
 
     async def list_unfinished(
-        self, task_filter: TaskFilter, after: str, limit: int
+        self, task_filter: TaskFilter, after: str, limit: int, newest_first: bool = False
     ) -> tuple[list[task_pb2.Task], bool]:
-        """Committed unfinished tasks matching the filter, in id (submission) order after `after`: (page, more)."""
-        ids = sorted(task_id for task_id in self.entries if task_id > after)
+        """Committed unfinished tasks matching the filter, in id (submission) order after `after`: (page, more).
+
+        newest_first: in reverse order, before `after` (every id when it is empty).
+        """
+        if newest_first:
+            ids = sorted((task_id for task_id in self.entries if not after or task_id < after), reverse=True)
+        else:
+            ids = sorted(task_id for task_id in self.entries if task_id > after)
         found: list[task_pb2.Task] = []
         for n, task_id in enumerate(ids):
             entry = self.entries.get(task_id)
@@ -465,7 +482,8 @@ class NamespaceLeader:
         limit = self.input_limits.max_history_message_length
         task.attempt_errors.add(type=error.type, message=error.message[:limit], retryable=error.retryable)
         policy = task.spec.retry
-        failures = sum(1 for e in task.attempt_errors if e.type != ACK_TIMEOUT)
+        # Counted from the latest RetryTask on: an operator's retry gives the task its attempts again.
+        failures = sum(1 for e in task.attempt_errors if e.type != ACK_TIMEOUT) - task.failures_before_retry
         max_attempts = policy.max_attempts or self.settings.retry.max_attempts
         if (
             task.cancel_requested
@@ -529,6 +547,21 @@ class NamespaceLeader:
             self.scheduler.set_key_weight(limit.name, limit.weight or 1)
         self.dispatcher.schedule()
 
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        """Pause or resume a queue, durably (beside the limits, so a new leader rebuilds it)."""
+        self.check()
+        key = keys.paused(self.prefix, queue)
+        await self.await_commit(self.committer.submit([Write(key, b"1" if paused else None)]))
+        self.apply_paused(queue, paused)
+
+    def apply_paused(self, queue: str, paused: bool) -> None:
+        if paused:
+            self.paused.add(queue)
+        else:
+            self.paused.discard(queue)
+        self.scheduler.set_queue_paused(queue, paused)
+        self.dispatcher.schedule()
+
     async def update_priority(self, task_id: str, priority: int) -> task_pb2.Task:
         """Change a PENDING or QUEUED task's priority, durably; the next dispatch uses it."""
         self.check()
@@ -562,6 +595,7 @@ class NamespaceLeader:
     def queue_stats(self) -> list[coordinator_pb2.QueueStats]:
         names = set(self.book.queues()) | set(self.scheduler.queues())
         names |= {name for scope, name in self.limits if scope == coordinator_pb2.LIMIT_SCOPE_QUEUE}
+        names |= self.paused
         found = []
         held_by_keys = self.scheduler.held_by_key_limits()
         for name in sorted(names):
@@ -578,6 +612,7 @@ class NamespaceLeader:
                 succeeded=counts.get(S.TASK_STATE_SUCCEEDED, 0),
                 failed=counts.get(S.TASK_STATE_FAILED, 0),
                 held=held_by_keys.get(name, 0),
+                paused=name in self.paused,
             )
             set_duration(stats.wait_p50, figures.wait_p50)
             set_duration(stats.wait_p99, figures.wait_p99)

@@ -26,16 +26,21 @@ if TYPE_CHECKING:
 
 
 async def _scan(
-    etcd: Etcd, tasks_prefix: bytes, start: bytes, task_filter: TaskFilter, page_size: int
+    etcd: Etcd, tasks_prefix: bytes, start: bytes, task_filter: TaskFilter, page_size: int, newest_first: bool = False
 ) -> tuple[list[task_pb2.Task], bool, bytes]:
-    """A page of stored tasks after the key `start`: (tasks, more, last key read). Raises EtcdError."""
+    """A page of stored tasks after the key `start` (before it, newest first): (tasks, more, last key read).
+
+    Raises EtcdError.
+    """
     found: list[task_pb2.Task] = []
     cursor = start + b"\0" if start else tasks_prefix
     end = prefix_end(tasks_prefix)
+    if newest_first:
+        cursor, end = tasks_prefix, start or end
     last_key = b""
     more = True
     while len(found) < page_size and more:
-        kvs, more, _ = await etcd.range(cursor, end, limit=max(page_size * 2, 100))
+        kvs, more, _ = await etcd.range(cursor, end, limit=max(page_size * 2, 100), descending=newest_first)
         for kv in kvs:
             last_key = kv.key
             task = task_pb2.Task.FromString(kv.value)
@@ -46,7 +51,10 @@ async def _scan(
                     break
         if not kvs:
             break
-        cursor = last_key + b"\0"
+        if newest_first:
+            end = last_key
+        else:
+            cursor = last_key + b"\0"
     return found, more, last_key
 
 
@@ -104,11 +112,14 @@ class StoredReads:
         return self.render(task, include_json, None)
 
     async def tasks(
-        self, start: bytes, task_filter: TaskFilter, page_size: int
+        self, start: bytes, task_filter: TaskFilter, page_size: int, newest_first: bool = False
     ) -> tuple[list[task_pb2.Task], bool, bytes]:
-        """A page of stored tasks after the key `start`: (tasks, more, last key read). The leader uses it too."""
+        """A page of stored tasks after the key `start` (before it, newest first): (tasks, more, last key read).
+
+        The leader uses it too.
+        """
         with _etcd_unavailable():
-            return await _scan(self._etcd, keys.tasks_prefix(self._prefix), start, task_filter, page_size)
+            return await _scan(self._etcd, keys.tasks_prefix(self._prefix), start, task_filter, page_size, newest_first)
 
     async def limits(self) -> list[coordinator_pb2.Limit]:
         """Every stored limit, ordered by (scope, name) as the leader lists them."""

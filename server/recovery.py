@@ -37,6 +37,8 @@ async def rebuild(leader: NamespaceLeader) -> None:
     started = time.monotonic()
     async for kv in etcd.scan_prefix(keys.limits_prefix(prefix)):
         leader.apply_limit(coordinator_pb2.Limit.FromString(kv.value))
+    async for kv in etcd.scan_prefix(keys.paused_prefix(prefix)):
+        leader.apply_paused(kv.key[len(keys.paused_prefix(prefix)) :].decode(), True)
     async for kv in etcd.scan_prefix(keys.types_prefix(prefix)):
         tt = task_pb2.TaskType.FromString(kv.value)
         with contextlib.suppress(errors.HerderError):
@@ -74,7 +76,8 @@ async def rebuild(leader: NamespaceLeader) -> None:
             leader.timers.arm_timeout(entry, timestamp_seconds(task.assign_time))
             # Its worker may still be running it: wait for it to reconnect and re-claim.
             leader.workers.orphan(entry, grace)
-        if task.attempt == 0 and task.spec.HasField("ttl"):
+        # A retried task's ttl has passed already: RetryTask asked for it to run anyway.
+        if task.attempt == 0 and not task.retries and task.spec.HasField("ttl"):
             leader.timers.expire(timestamp_seconds(task.create_time) + duration_seconds(task.spec.ttl), task.id)
     log.info(
         "namespace %s: rebuilt %d unfinished tasks from etcd in %.3fs",

@@ -50,7 +50,11 @@ class Retention:
         if task.spec.idempotency_key and not task.spec.idempotency_key.startswith(AUTO_KEY_PREFIX):
             delete_at = max(delete_at, timestamp_seconds(task.create_time) + self._leader.settings.idempotency_window)
         marker = f"{task.state}\n{task.spec.queue}\n{task.spec.idempotency_key}".encode()
-        return Write(keys.gc(self._leader.prefix, delete_at, task.id), marker)
+        # Recorded on the task, so that RetryTask can delete exactly this marker.
+        delete_ms = int(delete_at * 1000)
+        task.delete_time.seconds, task.delete_time.nanos = divmod(delete_ms, 1000)
+        task.delete_time.nanos *= 1_000_000
+        return Write(keys.gc_ms(self._leader.prefix, delete_ms, task.id), marker)
 
     async def run(self) -> None:
         """Delete finished tasks whose retention has passed, with their idempotency keys."""
@@ -74,6 +78,10 @@ class Retention:
         for kv in due:
             task_id = kv.key.rsplit(b"/", 1)[1].decode()
             state, queue, idempotency_key = kv.value.decode().split("\n", 2)
+            if task_id in leader.entries:
+                # Retried since it finished (a task finished before delete_time existed): only the marker goes.
+                deletions.append(leader.committer.submit([Write(kv.key, None)]))
+                continue
             # One task's keys go together: a crash never leaves a marker without its task or the reverse.
             writes = [Write(kv.key, None), Write(keys.task(leader.prefix, task_id), None)]
             if idempotency_key and leader.idempotency.get(idempotency_key) == task_id:

@@ -84,13 +84,14 @@ class _Key:
 
 
 class _Queue:
-    """A named queue: limit, counts, lanes parked at its limit, and its tasks oldest first."""
+    """A named queue: limit, pause, counts, lanes parked at its limit (or while paused), and its tasks oldest first."""
 
-    __slots__ = ("limit", "name", "oldest", "parked", "queued", "running")
+    __slots__ = ("limit", "name", "oldest", "parked", "paused", "queued", "running")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.limit = 0
+        self.paused = False
         self.queued = 0
         self.running = 0
         self.parked: dict[_Lane, None] = {}
@@ -267,6 +268,8 @@ class Scheduler:
             return ""
         _, _, _, queue, _, key, _, _ = task
         q = self._queues[queue]
+        if q.paused:
+            return f"queue {queue!r} is paused"
         if _full(q.limit, q.running):
             return f"queue {queue!r} is at its limit of {q.limit} running"
         k = self._keys[key]
@@ -443,7 +446,7 @@ class Scheduler:
         self._global_running -= 1
         q = self._queues[queue]
         q.running -= 1
-        if q.parked and not _full(q.limit, q.running):
+        if q.parked and not q.paused and not _full(q.limit, q.running):
             self._unpark_queue(q)
         k = self._keys[key]
         k.running -= 1
@@ -458,9 +461,21 @@ class Scheduler:
         _check_limit("a queue limit", n)
         q = self._queue(queue)
         q.limit = n
-        if q.parked and not _full(q.limit, q.running):
+        if q.parked and not q.paused and not _full(q.limit, q.running):
             self._unpark_queue(q)
         self._forget_queue(q)
+
+    def set_queue_paused(self, queue: str, paused: bool) -> None:
+        """A paused queue keeps its tasks queued and hands none out; resuming lets them be picked again."""
+        q = self._queue(queue)
+        q.paused = paused
+        if not paused and q.parked and not _full(q.limit, q.running):
+            self._unpark_queue(q)
+        self._forget_queue(q)
+
+    def queue_paused(self, queue: str) -> bool:
+        q = self._queues.get(queue)
+        return q is not None and q.paused
 
     def set_key_limit(self, key: str, n: int) -> None:
         """At most n tasks with this concurrency key run at once, across queues (0: no limit)."""
@@ -500,7 +515,7 @@ class Scheduler:
 
     def _forget_queue(self, q: _Queue) -> None:
         # Queue names come from users: keep no state for one that has nothing left.
-        if not (q.queued or q.running or q.limit):
+        if not (q.queued or q.running or q.limit or q.paused):
             del self._queues[q.name]
 
     def _forget_key(self, k: _Key) -> None:
@@ -701,7 +716,8 @@ class Scheduler:
                 heapq.heappop(heap)
                 continue
             q = lane.queue
-            if 0 < q.limit <= q.running:
+            # A paused queue parks its lanes like a full one: a pick never looks at them again until resumed.
+            if q.paused or 0 < q.limit <= q.running:
                 heapq.heappop(heap)
                 lane.head = None
                 lane.head_kq = None

@@ -19,11 +19,11 @@ from google.protobuf.message import Message
 
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
-from herder.server import keys, placement, validation
+from herder.server import keys, placement, validation, verbs
 from herder.server.contracts import resolve_payload
 from herder.server.entries import TERMINAL
 from herder.server.forwarding import Forwarder, is_forwarded
-from herder.server.horizon import set_timestamp
+from herder.server.horizon import set_timestamp, timestamp_seconds
 from herder.server.leader import NamespaceLeader
 from herder.server.reads import StoredReads
 from herder.server.unary import unary as _unary
@@ -51,6 +51,32 @@ def _trace_context(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str
         if key in _TRACE_HEADERS and isinstance(value, str) and len(value) <= 512:
             found[key] = value
     return found
+
+
+def _created(
+    request: coordinator_pb2.ListTasksRequest | coordinator_pb2.TaskFilter,
+) -> tuple[float | None, float | None]:
+    """The created-time bounds a request sets: (after, before), None where unset."""
+    after = timestamp_seconds(request.created_after) if request.HasField("created_after") else None
+    before = timestamp_seconds(request.created_before) if request.HasField("created_before") else None
+    return after, before
+
+
+def _task_filter(message: coordinator_pb2.TaskFilter) -> TaskFilter:
+    return TaskFilter(
+        queue=message.queue,
+        states=frozenset(message.states),
+        type=message.type,
+        tags=frozenset(message.tags),
+        created_after=_created(message)[0],
+        created_before=_created(message)[1],
+    )
+
+
+def _mode(mode: int) -> list[errors.FieldViolation]:
+    if mode not in coordinator_pb2.RetryMode.values():
+        return [errors.FieldViolation("mode", f"is not a known retry mode ({mode})")]
+    return []
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -169,20 +195,32 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 start = b"\xff"
             if not start.startswith(keys.tasks_prefix(self._coordinator.prefix)):
                 violations.append(errors.FieldViolation("page_token", "is not a token from an earlier page"))
-        task_filter = TaskFilter(
-            queue=request.queue, states=frozenset(request.states), type=request.type, tags=frozenset(request.tags)
+        violations += validation.validate_created(
+            request.created_after if request.HasField("created_after") else None,
+            request.created_before if request.HasField("created_before") else None,
         )
+        if request.order not in coordinator_pb2.TaskOrder.values():
+            violations.append(errors.FieldViolation("order", f"is not a known order ({request.order})"))
         validation.raise_if(violations, "invalid listing request")
+        task_filter = TaskFilter(
+            queue=request.queue,
+            states=frozenset(request.states),
+            type=request.type,
+            tags=frozenset(request.tags),
+            created_after=_created(request)[0],
+            created_before=_created(request)[1],
+        )
+        newest_first = request.order == coordinator_pb2.TASK_ORDER_NEWEST_FIRST
         leader = self._leading()
         page_size = request.page_size or self._limits.default_page_size
         tasks_prefix = keys.tasks_prefix(self._coordinator.prefix)
         if leader is not None and task_filter.states and not task_filter.states & TERMINAL:
             # Only unfinished tasks asked for: the leader holds every one of them (a follower reads etcd).
             after = start[len(tasks_prefix) :].decode() if start else ""
-            found, more = await leader.list_unfinished(task_filter, after, page_size)
+            found, more = await leader.list_unfinished(task_filter, after, page_size, newest_first)
             last_key = keys.task(self._coordinator.prefix, found[-1].id) if found else b""
         else:
-            found, more, last_key = await self._stored.tasks(start, task_filter, page_size)
+            found, more, last_key = await self._stored.tasks(start, task_filter, page_size, newest_first)
         token = base64.urlsafe_b64encode(last_key).decode() if more and last_key else ""
         return coordinator_pb2.ListTasksResponse(
             tasks=[self._render(task, False) for task in found], next_page_token=token
@@ -198,6 +236,62 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         validation.raise_if(violations, "invalid cancel request")
         task = await self._leader().cancel(request.id, request.reason)
         return coordinator_pb2.CancelTaskResponse(task=task)
+
+    @_unary
+    async def RetryTask(
+        self, request: coordinator_pb2.RetryTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.RetryTaskResponse:
+        violations = validation.validate_id(request.id, "id", self._limits)
+        violations += validation.validate_reason(request.reason)
+        violations += _mode(request.mode)
+        if len(request.idempotency_key) > self._limits.max_id_length:
+            violations.append(
+                errors.FieldViolation("idempotency_key", f"must be at most {self._limits.max_id_length} characters")
+            )
+        elif request.idempotency_key and request.mode != coordinator_pb2.RETRY_MODE_COPY:
+            violations.append(errors.FieldViolation("idempotency_key", "applies to RETRY_MODE_COPY only"))
+        validation.raise_if(violations, "invalid retry request")
+        task = await self._leader().verbs.retry(request.id, request.mode, request.reason, request.idempotency_key)
+        return coordinator_pb2.RetryTaskResponse(task=self._render(task, False))
+
+    @_unary
+    async def SetQueuePaused(
+        self, request: coordinator_pb2.SetQueuePausedRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.SetQueuePausedResponse:
+        validation.raise_if(validation.validate_name(request.queue, "queue", self._limits), "invalid queue")
+        await self._leader().set_paused(request.queue, request.paused)
+        return coordinator_pb2.SetQueuePausedResponse(queue=request.queue, paused=request.paused)
+
+    @_unary
+    async def CancelTasks(
+        self, request: coordinator_pb2.CancelTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.CancelTasksResponse:
+        violations = validation.validate_task_filter(request.filter, verbs.UNFINISHED, self._limits)
+        violations += validation.validate_bulk_limit(request.limit, verbs.MAX_BULK)
+        violations += validation.validate_reason(request.reason)
+        validation.raise_if(violations, "invalid bulk cancel")
+        outcome = await self._leader().verbs.cancel_many(
+            _task_filter(request.filter), request.reason, request.limit or verbs.MAX_BULK, request.dry_run
+        )
+        return coordinator_pb2.CancelTasksResponse(matched=outcome.matched, changed=outcome.changed, more=outcome.more)
+
+    @_unary
+    async def RetryTasks(
+        self, request: coordinator_pb2.RetryTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.RetryTasksResponse:
+        violations = validation.validate_task_filter(request.filter, verbs.RETRYABLE, self._limits)
+        violations += validation.validate_bulk_limit(request.limit, verbs.MAX_BULK)
+        violations += validation.validate_reason(request.reason)
+        violations += _mode(request.mode)
+        validation.raise_if(violations, "invalid bulk retry")
+        outcome = await self._leader().verbs.retry_many(
+            _task_filter(request.filter),
+            request.mode,
+            request.reason,
+            request.limit or verbs.MAX_BULK,
+            request.dry_run,
+        )
+        return coordinator_pb2.RetryTasksResponse(matched=outcome.matched, changed=outcome.changed, more=outcome.more)
 
     @_unary
     async def UpdateTaskPriority(

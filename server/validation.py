@@ -529,3 +529,55 @@ def validate_limit(limit: coordinator_pb2.Limit, limits: Limits, prefix: str = "
             if limit.retention.seconds > _MAX_RETENTION_SECONDS:
                 found.append(FieldViolation(f"{prefix}.retention", "must be at most 366 days"))
     return found
+
+
+def validate_created(
+    after: timestamp_pb2.Timestamp | None, before: timestamp_pb2.Timestamp | None, prefix: str = ""
+) -> list[FieldViolation]:
+    """created_after / created_before of a listing or a bulk filter: valid times, after before before."""
+    found: list[FieldViolation] = []
+    if after is not None:
+        found += _timestamp(after, f"{prefix}created_after")
+    if before is not None:
+        found += _timestamp(before, f"{prefix}created_before")
+    if (
+        not found
+        and after is not None
+        and before is not None
+        and (after.seconds, after.nanos)
+        >= (
+            before.seconds,
+            before.nanos,
+        )
+    ):
+        found.append(FieldViolation(f"{prefix}created_before", "must be later than created_after"))
+    return found
+
+
+def validate_task_filter(
+    task_filter: coordinator_pb2.TaskFilter, allowed_states: frozenset[int], limits: Limits, prefix: str = "filter"
+) -> list[FieldViolation]:
+    """A bulk operation's filter: names, tags, times, and only states the operation can change."""
+    found = validate_name(task_filter.queue, f"{prefix}.queue", limits, required=False)
+    found += validate_name(task_filter.type, f"{prefix}.type", limits, required=False)
+    found += validate_filter((), task_filter.states, task_filter.tags, limits)
+    allowed = ", ".join(sorted(task_pb2.TaskState.Name(s).removeprefix("TASK_STATE_") for s in allowed_states))  # type: ignore[arg-type]
+    for i, state in enumerate(task_filter.states):
+        if state not in allowed_states:
+            found.append(FieldViolation(f"{prefix}.states[{i}]", f"must be one of {allowed}"))
+    found += validate_created(
+        task_filter.created_after if task_filter.HasField("created_after") else None,
+        task_filter.created_before if task_filter.HasField("created_before") else None,
+        f"{prefix}.",
+    )
+    return found
+
+
+def validate_bulk_limit(value: int, most: int, field: str = "limit") -> list[FieldViolation]:
+    if not 0 <= value <= most:
+        return [FieldViolation(field, f"must be between 1 and {most} (0 for {most})")]
+    return []
+
+
+def validate_reason(value: str, field: str = "reason") -> list[FieldViolation]:
+    return [FieldViolation(field, "must be at most 1024 characters")] if len(value) > 1024 else []

@@ -59,6 +59,9 @@ class TaskFilter:
     states: frozenset[int] = frozenset()
     type: str = ""
     tags: frozenset[str] = frozenset()
+    # Seconds since the epoch: created at or after / before.
+    created_after: float | None = None
+    created_before: float | None = None
 
     def matches(self, task: task_pb2.Task) -> bool:
         if self.ids and task.id not in self.ids:
@@ -69,6 +72,12 @@ class TaskFilter:
             return False
         if self.type and task.spec.type != self.type:
             return False
+        if self.created_after is not None or self.created_before is not None:
+            created = task.create_time.seconds + task.create_time.nanos / 1e9
+            if self.created_after is not None and created < self.created_after:
+                return False
+            if self.created_before is not None and created >= self.created_before:
+                return False
         return not self.tags or self.tags.issubset(task.spec.tags)
 
 

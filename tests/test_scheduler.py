@@ -631,3 +631,33 @@ def test_random_operations_match_the_model(seed: int) -> None:
     assert set(model.running) == remaining
     assert picked_total == pushes
     assert len(s) == 0
+
+
+def test_a_paused_queue_keeps_its_tasks_and_lets_other_queues_run() -> None:
+    s = Scheduler()
+    f = Feed(s)
+    s.set_queue_paused("emails", True)
+    f.many("e", 2, queue="emails", priority=5)
+    f.many("r", 2, queue="reports")
+    assert [s.pick(ALL), s.pick(ALL), s.pick(ALL)] == ["r0", "r1", None]
+    assert s.hold_reason("e0") == "queue 'emails' is paused"
+    # A finished task frees a slot; the pause still holds, and a limit of 0 is still no limit.
+    s.finished("r0")
+    assert s.pick(ALL) is None and s.queue_limit("emails") == 0
+    s.set_queue_paused("emails", False)
+    assert [s.pick(ALL), s.pick(ALL)] == ["e0", "e1"]
+    assert not s.queue_paused("emails")
+
+
+def test_a_pause_outlives_an_empty_queue_and_a_limit_change() -> None:
+    s = Scheduler()
+    f = Feed(s)
+    s.set_queue_paused("emails", True)
+    assert s.queues() == ["emails"] and s.queue_paused("emails")
+    s.set_queue_limit("emails", 3)
+    f.push("e0", queue="emails")
+    assert s.pick(ALL) is None
+    s.set_queue_limit("emails", 0)
+    assert s.pick(ALL) is None
+    s.set_queue_paused("emails", False)
+    assert s.pick(ALL) == "e0"

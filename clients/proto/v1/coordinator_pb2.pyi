@@ -24,6 +24,26 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _TaskOrder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskOrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskOrder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_ORDER_UNSPECIFIED: _TaskOrder.ValueType  # 0
+    """Oldest first, as before order existed."""
+    TASK_ORDER_OLDEST_FIRST: _TaskOrder.ValueType  # 1
+    TASK_ORDER_NEWEST_FIRST: _TaskOrder.ValueType  # 2
+
+class TaskOrder(_TaskOrder, metaclass=_TaskOrderEnumTypeWrapper):
+    """The order ListTasks answers in (task ids are ordered by creation time)."""
+
+TASK_ORDER_UNSPECIFIED: TaskOrder.ValueType  # 0
+"""Oldest first, as before order existed."""
+TASK_ORDER_OLDEST_FIRST: TaskOrder.ValueType  # 1
+TASK_ORDER_NEWEST_FIRST: TaskOrder.ValueType  # 2
+Global___TaskOrder: _TypeAlias = TaskOrder  # noqa: Y015
+
 class _LimitScope:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -49,6 +69,38 @@ LIMIT_SCOPE_QUEUE: LimitScope.ValueType  # 2
 LIMIT_SCOPE_CONCURRENCY_KEY: LimitScope.ValueType  # 3
 """Tasks with one concurrency key (Limit.name), across queues."""
 Global___LimitScope: _TypeAlias = LimitScope  # noqa: Y015
+
+class _RetryMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RetryModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RetryMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETRY_MODE_UNSPECIFIED: _RetryMode.ValueType  # 0
+    """RETRY_MODE_NEW_ATTEMPT."""
+    RETRY_MODE_NEW_ATTEMPT: _RetryMode.ValueType  # 1
+    """The same task goes back to QUEUED for a new attempt; retry.max_attempts counts from here,
+    attempt_errors keeps the earlier errors.
+    """
+    RETRY_MODE_COPY: _RetryMode.ValueType  # 2
+    """A new task with the same spec and a new id (Task.retry_of names the original); the
+    original's idempotency key is not copied.
+    """
+
+class RetryMode(_RetryMode, metaclass=_RetryModeEnumTypeWrapper):
+    """How RetryTask runs a task again."""
+
+RETRY_MODE_UNSPECIFIED: RetryMode.ValueType  # 0
+"""RETRY_MODE_NEW_ATTEMPT."""
+RETRY_MODE_NEW_ATTEMPT: RetryMode.ValueType  # 1
+"""The same task goes back to QUEUED for a new attempt; retry.max_attempts counts from here,
+attempt_errors keeps the earlier errors.
+"""
+RETRY_MODE_COPY: RetryMode.ValueType  # 2
+"""A new task with the same spec and a new id (Task.retry_of names the original); the
+original's idempotency key is not copied.
+"""
+Global___RetryMode: _TypeAlias = RetryMode  # noqa: Y015
 
 @_typing.final
 class SubmitTaskRequest(_message.Message):
@@ -227,17 +279,28 @@ class ListTasksRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     type: _builtins.str
     page_size: _builtins.int
     """At most this many (default 100, at most 1000)."""
     page_token: _builtins.str
+    order: Global___TaskOrder.ValueType
+    """Oldest first unless NEWEST_FIRST; a page token continues in the order it was made with."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_task_pb2.TaskState.ValueType]: ...
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Every tag listed must be on the task."""
 
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Only tasks created at or after / before this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -247,10 +310,13 @@ class ListTasksRequest(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        order: Global___TaskOrder.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "queue", b"queue", "states", b"states", "tags", b"tags", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "order", b"order", "page_size", b"page_size", "page_token", b"page_token", "queue", b"queue", "states", b"states", "tags", b"tags", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -671,6 +737,7 @@ class QueueStats(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     WAITING_FOR_RESOURCES_FIELD_NUMBER: _builtins.int
     RESOURCES_REASON_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
     queued: _builtins.int
@@ -688,6 +755,8 @@ class QueueStats(_message.Message):
     """Queued tasks whose resource request no node can take now (see Task.waiting_reason)."""
     resources_reason: _builtins.str
     """Why, for the smallest such request; empty when there are none."""
+    paused: _builtins.bool
+    """Paused by SetQueuePaused: its tasks wait and none starts (a limit of 0 still means no limit)."""
     @_builtins.property
     def oldest_queued_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -717,10 +786,11 @@ class QueueStats(_message.Message):
         failed: _builtins.int = ...,
         waiting_for_resources: _builtins.int = ...,
         resources_reason: _builtins.str = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_time", b"oldest_queued_time", "retention", b"retention", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "dispatch_rate", b"dispatch_rate", "failed", b"failed", "held", b"held", "limit", b"limit", "name", b"name", "oldest_queued_time", b"oldest_queued_time", "pending", b"pending", "queued", b"queued", "resources_reason", b"resources_reason", "retention", b"retention", "running", b"running", "succeeded", b"succeeded", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99", "waiting_for_resources", b"waiting_for_resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "dispatch_rate", b"dispatch_rate", "failed", b"failed", "held", b"held", "limit", b"limit", "name", b"name", "oldest_queued_time", b"oldest_queued_time", "paused", b"paused", "pending", b"pending", "queued", b"queued", "resources_reason", b"resources_reason", "retention", b"retention", "running", b"running", "succeeded", b"succeeded", "wait_p50", b"wait_p50", "wait_p99", b"wait_p99", "waiting_for_resources", b"waiting_for_resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1542,3 +1612,264 @@ class ConnectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class RetryTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    mode: Global___RetryMode.ValueType
+    reason: _builtins.str
+    """Why, kept in Task.retry_reason (at most 1024 characters)."""
+    idempotency_key: _builtins.str
+    """COPY only: the copy's idempotency key, so that a repeated request (a double click, a
+    client retry) answers the same copy instead of making another.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        mode: Global___RetryMode.ValueType = ...,
+        reason: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "idempotency_key", b"idempotency_key", "mode", b"mode", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTaskRequest: _TypeAlias = RetryTaskRequest  # noqa: Y015
+
+@_typing.final
+class RetryTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> _task_pb2.Task:
+        """The task retried (NEW_ATTEMPT) or the copy (COPY)."""
+
+    def __init__(
+        self,
+        *,
+        task: _task_pb2.Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTaskResponse: _TypeAlias = RetryTaskResponse  # noqa: Y015
+
+@_typing.final
+class SetQueuePausedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    paused: _builtins.bool
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["paused", b"paused", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQueuePausedRequest: _TypeAlias = SetQueuePausedRequest  # noqa: Y015
+
+@_typing.final
+class SetQueuePausedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    paused: _builtins.bool
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["paused", b"paused", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQueuePausedResponse: _TypeAlias = SetQueuePausedResponse  # noqa: Y015
+
+@_typing.final
+class TaskFilter(_message.Message):
+    """Which tasks a bulk operation touches; empty fields match every task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    type: _builtins.str
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_task_pb2.TaskState.ValueType]: ...
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every tag listed must be on the task."""
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        type: _builtins.str = ...,
+        states: _abc.Iterable[_task_pb2.TaskState.ValueType] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "queue", b"queue", "states", b"states", "tags", b"tags", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskFilter: _TypeAlias = TaskFilter  # noqa: Y015
+
+@_typing.final
+class CancelTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Only count what would be canceled."""
+    reason: _builtins.str
+    limit: _builtins.int
+    """At most this many tasks per call (default and most 10000)."""
+    @_builtins.property
+    def filter(self) -> Global___TaskFilter:
+        """states, when given, may name only unfinished states."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___TaskFilter | None = ...,
+        dry_run: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "filter", b"filter", "limit", b"limit", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTasksRequest: _TypeAlias = CancelTasksRequest  # noqa: Y015
+
+@_typing.final
+class CancelTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    matched: _builtins.int
+    """Tasks that matched (at most limit)."""
+    changed: _builtins.int
+    """Tasks canceled, or a cancel requested on their worker; 0 for a dry run."""
+    more: _builtins.bool
+    """More tasks match than this call took: call again."""
+    def __init__(
+        self,
+        *,
+        matched: _builtins.int = ...,
+        changed: _builtins.int = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "matched", b"matched", "more", b"more"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTasksResponse: _TypeAlias = CancelTasksResponse  # noqa: Y015
+
+@_typing.final
+class RetryTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    mode: Global___RetryMode.ValueType
+    reason: _builtins.str
+    limit: _builtins.int
+    """At most this many tasks per call (default and most 10000)."""
+    @_builtins.property
+    def filter(self) -> Global___TaskFilter:
+        """states, when given, may name only FAILED, CANCELED and EXPIRED (the default is all three)."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___TaskFilter | None = ...,
+        dry_run: _builtins.bool = ...,
+        mode: Global___RetryMode.ValueType = ...,
+        reason: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "filter", b"filter", "limit", b"limit", "mode", b"mode", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTasksRequest: _TypeAlias = RetryTasksRequest  # noqa: Y015
+
+@_typing.final
+class RetryTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    matched: _builtins.int
+    changed: _builtins.int
+    more: _builtins.bool
+    def __init__(
+        self,
+        *,
+        matched: _builtins.int = ...,
+        changed: _builtins.int = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "matched", b"matched", "more", b"more"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTasksResponse: _TypeAlias = RetryTasksResponse  # noqa: Y015

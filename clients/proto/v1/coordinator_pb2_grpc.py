@@ -113,6 +113,26 @@ class CoordinatorServiceStub:
                 request_serializer=herder_dot_v1_dot_coordinator__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=herder_dot_v1_dot_coordinator__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.RetryTask = channel.unary_unary(
+                '/herder.v1.CoordinatorService/RetryTask',
+                request_serializer=herder_dot_v1_dot_coordinator__pb2.RetryTaskRequest.SerializeToString,
+                response_deserializer=herder_dot_v1_dot_coordinator__pb2.RetryTaskResponse.FromString,
+                _registered_method=True)
+        self.SetQueuePaused = channel.unary_unary(
+                '/herder.v1.CoordinatorService/SetQueuePaused',
+                request_serializer=herder_dot_v1_dot_coordinator__pb2.SetQueuePausedRequest.SerializeToString,
+                response_deserializer=herder_dot_v1_dot_coordinator__pb2.SetQueuePausedResponse.FromString,
+                _registered_method=True)
+        self.CancelTasks = channel.unary_unary(
+                '/herder.v1.CoordinatorService/CancelTasks',
+                request_serializer=herder_dot_v1_dot_coordinator__pb2.CancelTasksRequest.SerializeToString,
+                response_deserializer=herder_dot_v1_dot_coordinator__pb2.CancelTasksResponse.FromString,
+                _registered_method=True)
+        self.RetryTasks = channel.unary_unary(
+                '/herder.v1.CoordinatorService/RetryTasks',
+                request_serializer=herder_dot_v1_dot_coordinator__pb2.RetryTasksRequest.SerializeToString,
+                response_deserializer=herder_dot_v1_dot_coordinator__pb2.RetryTasksResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -220,6 +240,35 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryTask(self, request, context):
+        """Runs a FAILED, CANCELED or EXPIRED task again: a new attempt of the same task, or a copy
+        with a new id. Another state is FAILED_PRECONDITION naming it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQueuePaused(self, request, context):
+        """Pauses or resumes a queue, durably: a paused queue accepts tasks and starts none of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTasks(self, request, context):
+        """Cancels the unfinished tasks a filter matches, at most `limit` per call; or only counts them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryTasks(self, request, context):
+        """Retries the FAILED, CANCELED or EXPIRED tasks a filter matches, at most `limit` per call; or only counts them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +346,26 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=herder_dot_v1_dot_coordinator__pb2.ConnectRequest.FromString,
                     response_serializer=herder_dot_v1_dot_coordinator__pb2.ConnectResponse.SerializeToString,
+            ),
+            'RetryTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTask,
+                    request_deserializer=herder_dot_v1_dot_coordinator__pb2.RetryTaskRequest.FromString,
+                    response_serializer=herder_dot_v1_dot_coordinator__pb2.RetryTaskResponse.SerializeToString,
+            ),
+            'SetQueuePaused': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQueuePaused,
+                    request_deserializer=herder_dot_v1_dot_coordinator__pb2.SetQueuePausedRequest.FromString,
+                    response_serializer=herder_dot_v1_dot_coordinator__pb2.SetQueuePausedResponse.SerializeToString,
+            ),
+            'CancelTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTasks,
+                    request_deserializer=herder_dot_v1_dot_coordinator__pb2.CancelTasksRequest.FromString,
+                    response_serializer=herder_dot_v1_dot_coordinator__pb2.CancelTasksResponse.SerializeToString,
+            ),
+            'RetryTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTasks,
+                    request_deserializer=herder_dot_v1_dot_coordinator__pb2.RetryTasksRequest.FromString,
+                    response_serializer=herder_dot_v1_dot_coordinator__pb2.RetryTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -708,6 +777,114 @@ class CoordinatorService:
             '/herder.v1.CoordinatorService/Connect',
             herder_dot_v1_dot_coordinator__pb2.ConnectRequest.SerializeToString,
             herder_dot_v1_dot_coordinator__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herder.v1.CoordinatorService/RetryTask',
+            herder_dot_v1_dot_coordinator__pb2.RetryTaskRequest.SerializeToString,
+            herder_dot_v1_dot_coordinator__pb2.RetryTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQueuePaused(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herder.v1.CoordinatorService/SetQueuePaused',
+            herder_dot_v1_dot_coordinator__pb2.SetQueuePausedRequest.SerializeToString,
+            herder_dot_v1_dot_coordinator__pb2.SetQueuePausedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herder.v1.CoordinatorService/CancelTasks',
+            herder_dot_v1_dot_coordinator__pb2.CancelTasksRequest.SerializeToString,
+            herder_dot_v1_dot_coordinator__pb2.CancelTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herder.v1.CoordinatorService/RetryTasks',
+            herder_dot_v1_dot_coordinator__pb2.RetryTasksRequest.SerializeToString,
+            herder_dot_v1_dot_coordinator__pb2.RetryTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

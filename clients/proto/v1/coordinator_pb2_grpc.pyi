@@ -62,6 +62,16 @@ class CoordinatorServiceStub:
     """One worker session: hello, welcome, then assignments, acknowledgements,
     progress, results and heartbeats on the same stream.
     """
+    RetryTask: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RetryTaskRequest, _coordinator_pb2.RetryTaskResponse]
+    """Runs a FAILED, CANCELED or EXPIRED task again: a new attempt of the same task, or a copy
+    with a new id. Another state is FAILED_PRECONDITION naming it.
+    """
+    SetQueuePaused: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SetQueuePausedRequest, _coordinator_pb2.SetQueuePausedResponse]
+    """Pauses or resumes a queue, durably: a paused queue accepts tasks and starts none of them."""
+    CancelTasks: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CancelTasksRequest, _coordinator_pb2.CancelTasksResponse]
+    """Cancels the unfinished tasks a filter matches, at most `limit` per call; or only counts them."""
+    RetryTasks: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RetryTasksRequest, _coordinator_pb2.RetryTasksResponse]
+    """Retries the FAILED, CANCELED or EXPIRED tasks a filter matches, at most `limit` per call; or only counts them."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -97,6 +107,16 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """One worker session: hello, welcome, then assignments, acknowledgements,
     progress, results and heartbeats on the same stream.
     """
+    RetryTask: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RetryTaskRequest, _coordinator_pb2.RetryTaskResponse]  # type: ignore[assignment]
+    """Runs a FAILED, CANCELED or EXPIRED task again: a new attempt of the same task, or a copy
+    with a new id. Another state is FAILED_PRECONDITION naming it.
+    """
+    SetQueuePaused: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SetQueuePausedRequest, _coordinator_pb2.SetQueuePausedResponse]  # type: ignore[assignment]
+    """Pauses or resumes a queue, durably: a paused queue accepts tasks and starts none of them."""
+    CancelTasks: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CancelTasksRequest, _coordinator_pb2.CancelTasksResponse]  # type: ignore[assignment]
+    """Cancels the unfinished tasks a filter matches, at most `limit` per call; or only counts them."""
+    RetryTasks: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RetryTasksRequest, _coordinator_pb2.RetryTasksResponse]  # type: ignore[assignment]
+    """Retries the FAILED, CANCELED or EXPIRED tasks a filter matches, at most `limit` per call; or only counts them."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator: submit, inspect and cancel tasks, register typed task
@@ -219,5 +239,39 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """One worker session: hello, welcome, then assignments, acknowledgements,
         progress, results and heartbeats on the same stream.
         """
+
+    @_abc_1.abstractmethod
+    def RetryTask(
+        self,
+        request: _coordinator_pb2.RetryTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RetryTaskResponse, _abc.Awaitable[_coordinator_pb2.RetryTaskResponse]]:
+        """Runs a FAILED, CANCELED or EXPIRED task again: a new attempt of the same task, or a copy
+        with a new id. Another state is FAILED_PRECONDITION naming it.
+        """
+
+    @_abc_1.abstractmethod
+    def SetQueuePaused(
+        self,
+        request: _coordinator_pb2.SetQueuePausedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SetQueuePausedResponse, _abc.Awaitable[_coordinator_pb2.SetQueuePausedResponse]]:
+        """Pauses or resumes a queue, durably: a paused queue accepts tasks and starts none of them."""
+
+    @_abc_1.abstractmethod
+    def CancelTasks(
+        self,
+        request: _coordinator_pb2.CancelTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.CancelTasksResponse, _abc.Awaitable[_coordinator_pb2.CancelTasksResponse]]:
+        """Cancels the unfinished tasks a filter matches, at most `limit` per call; or only counts them."""
+
+    @_abc_1.abstractmethod
+    def RetryTasks(
+        self,
+        request: _coordinator_pb2.RetryTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RetryTasksResponse, _abc.Awaitable[_coordinator_pb2.RetryTasksResponse]]:
+        """Retries the FAILED, CANCELED or EXPIRED tasks a filter matches, at most `limit` per call; or only counts them."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -339,6 +339,11 @@ class Task(_message.Message):
     ATTEMPT_ERRORS_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    RETRY_OF_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    FAILURES_BEFORE_RETRY_FIELD_NUMBER: _builtins.int
+    DELETE_TIME_FIELD_NUMBER: _builtins.int
+    RETRY_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     namespace: _builtins.str
     state: Global___TaskState.ValueType
@@ -355,6 +360,16 @@ class Task(_message.Message):
     """Set when a cancellation was requested for a running task."""
     sequence: _builtins.int
     """The coordinator's sequence number for FIFO order within a priority."""
+    retry_of: _builtins.str
+    """A copy made by RetryTask (RETRY_MODE_COPY): the id of the task it copies."""
+    retries: _builtins.int
+    """How many times RetryTask ran this task again as a new attempt."""
+    failures_before_retry: _builtins.int
+    """Failed attempts before the latest RetryTask: retry.max_attempts counts from the retry on,
+    while attempt_errors keeps the whole history.
+    """
+    retry_reason: _builtins.str
+    """The reason given to the latest RetryTask."""
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -385,6 +400,10 @@ class Task(_message.Message):
     def attempt_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskError]:
         """Errors of earlier attempts, oldest first."""
 
+    @_builtins.property
+    def delete_time(self) -> _timestamp_pb2.Timestamp:
+        """A finished task: when retention deletes it."""
+
     def __init__(
         self,
         *,
@@ -410,10 +429,15 @@ class Task(_message.Message):
         attempt_errors: _abc.Iterable[Global___TaskError] | None = ...,
         cancel_requested: _builtins.bool = ...,
         sequence: _builtins.int = ...,
+        retry_of: _builtins.str = ...,
+        retries: _builtins.int = ...,
+        failures_before_retry: _builtins.int = ...,
+        delete_time: _timestamp_pb2.Timestamp | None = ...,
+        retry_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "next_run_time", b"next_run_time", "progress", b"progress", "queue_time", b"queue_time", "result", b"result", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "create_time", b"create_time", "delete_time", b"delete_time", "error", b"error", "finish_time", b"finish_time", "next_run_time", b"next_run_time", "progress", b"progress", "queue_time", b"queue_time", "result", b"result", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "attempt_errors", b"attempt_errors", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "namespace", b"namespace", "next_run_time", b"next_run_time", "progress", b"progress", "queue_time", b"queue_time", "result", b"result", "result_json", b"result_json", "sequence", b"sequence", "session_id", b"session_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "trace_context", b"trace_context", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "attempt_errors", b"attempt_errors", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "delete_time", b"delete_time", "error", b"error", "failures_before_retry", b"failures_before_retry", "finish_time", b"finish_time", "id", b"id", "namespace", b"namespace", "next_run_time", b"next_run_time", "progress", b"progress", "queue_time", b"queue_time", "result", b"result", "result_json", b"result_json", "retries", b"retries", "retry_of", b"retry_of", "retry_reason", b"retry_reason", "sequence", b"sequence", "session_id", b"session_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "trace_context", b"trace_context", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
