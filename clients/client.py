@@ -530,17 +530,39 @@ class Client:
     # --- task types and queues ---
 
     async def register_task_type(
-        self, name: str, input_class: MessageType, output_class: MessageType, description: str = ""
+        self,
+        name: str,
+        input_class: MessageType,
+        output_class: MessageType,
+        description: str = "",
+        *,
+        force: bool = False,
     ) -> task_pb2.TaskType:
-        """Register (or update) a task type with its input and output messages and their descriptors;
-        registering the same type again changes nothing, so a retry on UNAVAILABLE is safe."""
+        """Register a task type with its input and output messages and their descriptors, or a new
+        version of it; returns the type as registered (`version`, `registered_by`, ...).
+
+        Registering the same messages again changes nothing (an empty description keeps the registered
+        one), so a retry on UNAVAILABLE is safe. Messages that are not wire- and JSON-compatible with
+        the registered version raise FailedPreconditionError with a violation per breaking change,
+        unless `force` (logged by the coordinator; workers of earlier versions are then refused).
+        """
         task_type = task_type_for(name, input_class, output_class, description=description)
-        request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type)
+        request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type, force=force)
         return (await self._unary(lambda s: s.RegisterTaskType, request)).task_type
 
     async def task_types(self) -> builtins.list[task_pb2.TaskType]:
         response = await self._unary(lambda s: s.ListTaskTypes, coordinator_pb2.ListTaskTypesRequest())
         return builtins.list(response.task_types)
+
+    async def get_task_type(self, name: str, *, include_versions: bool = True) -> task_pb2.TaskType:
+        """The registered type called `name`, with its kept versions (newest first, each with its
+        descriptors) unless `include_versions` is false. Raises NotFoundError when it is not registered."""
+        request = coordinator_pb2.ListTaskTypesRequest(names=[name], include_versions=include_versions)
+        response = await self._unary(lambda s: s.ListTaskTypes, request)
+        for task_type in response.task_types:
+            if task_type.name == name:
+                return task_type
+        raise errors.NotFoundError(f"task type {name} is not registered")
 
     async def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
         """Every queue with its backlog by state, the tasks a limit holds back, its limit and retention,
@@ -999,12 +1021,21 @@ class SyncClient:
         )
 
     def register_task_type(
-        self, name: str, input_class: MessageType, output_class: MessageType, description: str = ""
+        self,
+        name: str,
+        input_class: MessageType,
+        output_class: MessageType,
+        description: str = "",
+        *,
+        force: bool = False,
     ) -> task_pb2.TaskType:
-        return self.run(self._client.register_task_type(name, input_class, output_class, description))
+        return self.run(self._client.register_task_type(name, input_class, output_class, description, force=force))
 
     def task_types(self) -> builtins.list[task_pb2.TaskType]:
         return self.run(self._client.task_types())
+
+    def get_task_type(self, name: str, *, include_versions: bool = True) -> task_pb2.TaskType:
+        return self.run(self._client.get_task_type(name, include_versions=include_versions))
 
     def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
         return self.run(self._client.queues())
