@@ -6,7 +6,8 @@ import tempfile
 from pathlib import Path
 
 import grpc_tools
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
 from grpc_tools import protoc
 
 from herder.clients.proto.v1 import task_pb2
@@ -33,4 +34,18 @@ def task_type(
     """A TaskType whose messages are defined by `text` (package img.v1 by default)."""
     return task_pb2.TaskType(
         name=name, input_type=input_type, output_type=output_type, descriptors=descriptor_set(text)
+    )
+
+
+def message_classes(
+    text: str, input_type: str = "img.v1.In", output_type: str = "img.v1.Out"
+) -> tuple[type[Message], type[Message]]:
+    """The input and output message classes of `text`, from a pool of their own (so two versions of
+    the same messages live side by side in one process)."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in descriptor_set(text).file:
+        pool.Add(file)
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(input_type)),
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(output_type)),
     )

@@ -1,0 +1,212 @@
+"""Task type versions against a real etcd and coordinator: no-op re-registration, compatible changes,
+refused and forced incompatible ones, the version a task records, workers refused, `herder types get`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from _cluster import Coordinator
+from _protos import message_classes, task_type
+from _timing import eventually
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from herder.clients import errors
+from herder.clients.backoff import Backoff
+from herder.clients.cli import main
+from herder.clients.client import Client
+from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
+from herder.clients.worker import TaskContext, Worker, WorkerSettings
+
+pytestmark = pytest.mark.timeout(60)
+
+NAME = "images.resize"
+V1 = 'syntax = "proto3";\npackage img.v1;\nmessage In { int32 width = 1; }\nmessage Out { bytes data = 1; }\n'
+V2 = V1.replace("int32 width = 1;", "int32 width = 1; int32 height = 2;")
+BROKEN = V1.replace("int32 width = 1;", "string width = 1;")
+FAST = WorkerSettings(backoff=Backoff(initial=0.05, max=0.3), connect_timeout=5.0)
+
+
+async def register(client: Client, text: str, description: str = "", *, force: bool = False) -> task_pb2.TaskType:
+    input_class, output_class = message_classes(text)
+    return await client.register_task_type(NAME, input_class, output_class, description, force=force)
+
+
+async def test_registering_the_same_messages_again_keeps_version_and_description(coordinator: Coordinator) -> None:
+    async with Client(coordinator.address) as client:
+        first = await register(client, V1, "resizes images")
+        again = await register(client, V1)  # a restarting worker registers without a description
+
+        stored = await client.get_task_type(NAME)
+
+    assert again == first
+    assert (stored.version, stored.description) == (1, "resizes images")
+    assert stored.register_time == first.register_time
+    assert [v.version for v in stored.versions] == [1]
+
+
+async def test_a_compatible_change_is_a_new_version_and_tasks_record_it(coordinator: Coordinator) -> None:
+    async with Client(coordinator.address) as client:
+        await register(client, V1, "resizes images")
+        await register(client, V2)
+        handle = await client.submit(NAME, json={"width": 3, "height": 4})
+
+        stored = await client.get_task_type(NAME)
+
+    assert (stored.version, stored.description, stored.compatible_since, stored.forced) == (
+        2,
+        "resizes images",
+        1,
+        False,
+    )
+    assert list(stored.changes) == ["input_type:img.v1.In.height: field 2 (int32) added"]
+    assert [v.version for v in stored.versions] == [2, 1]
+    assert all(v.registered_by for v in stored.versions)
+    assert handle.task.type_version == 2
+
+
+async def test_an_incompatible_change_is_refused_with_a_violation_per_breaking_change(
+    coordinator: Coordinator,
+) -> None:
+    async with Client(coordinator.address) as client:
+        await register(client, V1)
+        with pytest.raises(errors.FailedPreconditionError) as refused:
+            await register(client, BROKEN)
+        stored = await client.get_task_type(NAME)
+
+    assert [(v.field, v.description) for v in refused.value.violations] == [
+        ("task_type.input_type:img.v1.In.width", "field 1's type changed from int32 to string")
+    ]
+    assert "register with force" in refused.value.message
+    assert stored.version == 1 and len(stored.versions) == 1
+
+
+async def test_the_violations_are_readable_with_grpc_status(coordinator: Coordinator) -> None:
+    async with Client(coordinator.address) as client:
+        await register(client, V1)
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type(BROKEN, name=NAME))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.RegisterTaskType(request, timeout=10)
+
+    status = rpc_status.from_call(failed.value)
+    assert status is not None and failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(details)
+    assert [v.field for v in details.field_violations] == ["task_type.input_type:img.v1.In.width"]
+
+
+async def test_force_accepts_an_incompatible_change_and_logs_it(coordinator: Coordinator) -> None:
+    async with Client(coordinator.address) as client:
+        await register(client, V1)
+        forced = await register(client, BROKEN, force=True)
+
+    assert (forced.version, forced.forced, forced.compatible_since) == (2, True, 2)
+    assert list(forced.changes) == ["breaking: input_type:img.v1.In.width: field 1's type changed from int32 to string"]
+    await eventually(lambda: _logged(coordinator, "version 2 forced by"), what="the forced registration's warning")
+
+
+async def _logged(coordinator: Coordinator, text: str) -> bool:
+    return text in coordinator.log_tail(20000)
+
+
+async def test_a_hello_declaring_a_version_before_a_forced_change_is_refused(coordinator: Coordinator) -> None:
+    async with Client(coordinator.address) as client:
+        await register(client, V1)
+        await register(client, BROKEN, force=True)
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        call = coordinator_pb2_grpc.CoordinatorServiceStub(channel).Connect(timeout=10)
+        hello = coordinator_pb2.WorkerHello(worker_id="old", task_types=[NAME], slots=1, type_versions={NAME: 1})
+        await call.write(coordinator_pb2.ConnectRequest(hello=hello))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    error = errors.from_rpc_error(refused.value)
+    assert [v.field for v in error.violations] == [f"hello.type_versions[{NAME}]"]
+    assert "version 2 was forced" in error.violations[0].description
+
+
+async def test_a_worker_whose_messages_are_incompatible_stops_with_a_clear_error(coordinator: Coordinator) -> None:
+    async with Client(coordinator.address) as client:
+        await register(client, V1)
+    input_class, output_class = message_classes(BROKEN)
+    worker = Worker(coordinator.address, settings=FAST)
+
+    async def resize(request: object, ctx: TaskContext) -> object:
+        return output_class()
+
+    worker.add_task(NAME, resize, input_type=input_class, output_type=output_class)
+
+    with pytest.raises(errors.FailedPreconditionError) as refused:
+        await asyncio.wait_for(worker.run(), 20)
+
+    assert "not wire- and JSON-compatible" in str(refused.value)
+    assert "img.v1.In.width: field 1's type changed from int32 to string" in str(refused.value)
+
+
+async def test_a_connected_worker_is_refused_after_a_forced_change_when_it_reconnects(
+    coordinator: Coordinator,
+) -> None:
+    input_class, output_class = message_classes(V1)
+    worker = Worker(coordinator.address, settings=FAST)
+
+    async def resize(request: object, ctx: TaskContext) -> object:
+        return output_class()
+
+    worker.add_task(NAME, resize, input_type=input_class, output_type=output_class)
+    running = asyncio.create_task(worker.run())
+    try:
+        await worker.wait_connected(15)
+        async with Client(coordinator.address) as client:
+            await register(client, BROKEN, force=True)
+        coordinator.restart()  # the worker reconnects, declaring version 1
+
+        with pytest.raises(errors.FailedPreconditionError) as refused:
+            await asyncio.wait_for(running, 30)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    assert [v.field for v in refused.value.violations] == [f"hello.type_versions[{NAME}]"]
+
+
+async def test_herder_types_get_shows_versions_and_messages(
+    coordinator: Coordinator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with Client(coordinator.address) as client:
+        await register(client, V1, "resizes images")
+        await register(client, V2)
+
+    code = await asyncio.to_thread(main, ["--coordinator", coordinator.address, "types", "get", NAME])
+    out, err = capsys.readouterr()
+
+    assert code == 0, err
+    assert "resizes images" in out
+    assert "input_type:img.v1.In.height: field 2 (int32) added" in out
+    assert "messages (version 2)" in out
+    assert "message In {\n  int32 width = 1;\n  int32 height = 2;\n}" in out
+
+    code = await asyncio.to_thread(
+        main, ["--coordinator", coordinator.address, "--output", "json", "types", "get", NAME, "--version", "1"]
+    )
+    document = json.loads(capsys.readouterr().out)
+
+    assert code == 0
+    assert [v["version"] for v in document["versions"]] == [2, 1]
+    assert "int32 height" not in document["proto"]
+    assert "descriptors" not in document
+
+
+async def test_herder_types_get_of_an_unknown_type_is_one_line(
+    coordinator: Coordinator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await asyncio.to_thread(main, ["--coordinator", coordinator.address, "types", "get", "nope"])
+    _, err = capsys.readouterr()
+
+    assert code == 1
+    assert err == "herder: task type nope is not registered\n"
