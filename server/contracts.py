@@ -137,6 +137,8 @@ def hello_versions_refused(hello: coordinator_pb2.WorkerHello, registry: TaskTyp
     a version before the latest forced (incompatible) one, one never registered, or a type not registered."""
     found: list[FieldViolation] = []
     for name, declared in sorted(hello.type_versions.items()):
+        if not declared:
+            continue  # 0: no version known, as for a type left out
         where = f"hello.type_versions[{name}]"
         current = registry.get(name)
         if current is None:
