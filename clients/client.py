@@ -43,7 +43,7 @@ from opentelemetry import propagate
 
 from herder.clients import errors
 from herder.clients.backoff import Backoff
-from herder.clients.descriptors import MessageType, task_type_for
+from herder.clients.descriptors import MessageType, caller_metadata, task_type_for
 from herder.clients.endpoints import AUTO_KEY_PREFIX, DEFAULT_ADDRESS, Endpoints, new_idempotency_key
 from herder.clients.locks import Lock, default_owner
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
@@ -548,7 +548,9 @@ class Client:
         """
         task_type = task_type_for(name, input_class, output_class, description=description)
         request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type, force=force)
-        return (await self._unary(lambda s: s.RegisterTaskType, request)).task_type
+        # Names this process as who registered the version (else the coordinator records its address).
+        response = await self._unary(lambda s: s.RegisterTaskType, request, caller_metadata("client"))
+        return response.task_type
 
     async def task_types(self) -> builtins.list[task_pb2.TaskType]:
         response = await self._unary(lambda s: s.ListTaskTypes, coordinator_pb2.ListTaskTypesRequest())
@@ -682,11 +684,12 @@ class Client:
         self,
         method: Callable[[CoordinatorServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]],
         request: Req,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> Resp:
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Resp:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             with _herder_errors():
-                return await method(stub)(request, timeout=timeout, metadata=_trace_metadata())
+                return await method(stub)(request, timeout=timeout, metadata=_trace_metadata() + metadata)
 
         return await self._endpoints.call(attempt, timeout=self._timeout, backoff=self.retry_backoff)
 

@@ -253,9 +253,15 @@ class NamespaceLeader:
     # ----------------------------------------------------------------- submit
 
     async def submit(
-        self, specs: list[task_pb2.TaskSpec], trace_context: dict[str, str] | None = None
+        self,
+        specs: list[task_pb2.TaskSpec],
+        trace_context: dict[str, str] | None = None,
+        type_versions: list[int] | None = None,
     ) -> list[tuple[task_pb2.Task, bool]]:
         """Store validated specs; answers after every one is committed. Specs must be validated already.
+
+        type_versions, one per spec, is the version of its task type it was checked against (recorded
+        as `Task.type_version`); by default the version registered now.
 
         trace_context (W3C traceparent/tracestate of the submitter) is stored with each task, so
         the handler's span joins the submitter's trace.
@@ -266,7 +272,7 @@ class NamespaceLeader:
         # Per spec, in order: the task it created, or the id an idempotency key already names.
         answers: list[Entry | str] = []
         created: list[Entry] = []
-        for spec in specs:
+        for index, spec in enumerate(specs):
             key = spec.idempotency_key
             if key and key in self.idempotency:
                 answers.append(self.idempotency[key])
@@ -274,8 +280,7 @@ class NamespaceLeader:
             self.sequence += 1
             task = task_pb2.Task(id=new_task_id(), namespace=self.namespace, sequence=self.sequence)
             task.spec.CopyFrom(spec)
-            # The version its payload was just checked against (submit follows validation without a wait).
-            task.type_version = self.registry.version(spec.type)
+            task.type_version = type_versions[index] if type_versions is not None else self.registry.version(spec.type)
             if not task.spec.queue:
                 task.spec.queue = "default"
             task.create_time.CopyFrom(now)

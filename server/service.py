@@ -115,7 +115,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         # Fields this version does not know would be stored and grow the record unseen: dropped here.
         spec.DiscardUnknownFields()
         validation.raise_if(self._prepare(leader, spec, "spec"), "invalid task spec")
-        [(task, created)] = await leader.submit([spec], _trace_context(context))
+        versions = [leader.registry.version(spec.type)]
+        [(task, created)] = await leader.submit([spec], _trace_context(context), versions)
         return coordinator_pb2.SubmitTaskResponse(task=task, created=created)
 
     @_unary
@@ -127,6 +128,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         request.DiscardUnknownFields()
         results = [coordinator_pb2.SubmitTaskResult() for _ in request.specs]
         accepted: list[tuple[int, task_pb2.TaskSpec]] = []
+        # The type version each accepted spec was checked against (a registration may land between turns).
+        versions: list[int] = []
         turn = time.monotonic()
         for i, spec in enumerate(request.specs):
             if time.monotonic() - turn > _TURN:
@@ -142,7 +145,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 results[i].details.extend(status.details)
             else:
                 accepted.append((i, spec))
-        stored = await leader.submit([spec for _, spec in accepted], _trace_context(context))
+                versions.append(leader.registry.version(spec.type))
+        stored = await leader.submit([spec for _, spec in accepted], _trace_context(context), versions)
         for (i, _), (task, created) in zip(accepted, stored, strict=True):
             results[i].task.CopyFrom(task)
             results[i].created = created

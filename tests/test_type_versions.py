@@ -20,6 +20,7 @@ from herder.clients.cli import main
 from herder.clients.client import Client
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.clients.worker import TaskContext, Worker, WorkerSettings
+from herder.server.contracts import TaskTypeRegistry, hello_versions_refused
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,7 +65,7 @@ async def test_a_compatible_change_is_a_new_version_and_tasks_record_it(coordina
     )
     assert list(stored.changes) == ["input_type:img.v1.In.height: field 2 (int32) added"]
     assert [v.version for v in stored.versions] == [2, 1]
-    assert all(v.registered_by for v in stored.versions)
+    assert all(v.registered_by.startswith("client ") for v in stored.versions)
     assert handle.task.type_version == 2
 
 
@@ -129,6 +130,32 @@ async def test_a_hello_declaring_a_version_before_a_forced_change_is_refused(coo
     error = errors.from_rpc_error(refused.value)
     assert [v.field for v in error.violations] == [f"hello.type_versions[{NAME}]"]
     assert "version 2 was forced" in error.violations[0].description
+
+
+@pytest.mark.parametrize(
+    ("declared", "refused"),
+    [
+        (0, ""),
+        (
+            1,
+            "images.resize version 1 is incompatible with the registered version 3:"
+            " version 2 was forced over breaking changes",
+        ),
+        (2, ""),
+        (3, ""),
+        (4, "version 4 of images.resize was never registered (latest: 3)"),
+    ],
+)
+def test_which_declared_versions_a_hello_is_refused_for(declared: int, refused: str) -> None:
+    registry = TaskTypeRegistry()
+    current = task_type(V2, name=NAME)
+    current.version, current.compatible_since = 3, 2
+    registry.put(current)
+    hello = coordinator_pb2.WorkerHello(worker_id="w", task_types=[NAME], slots=1, type_versions={NAME: declared})
+
+    found = hello_versions_refused(hello, registry)
+
+    assert [v.description for v in found] == ([refused] if refused else [])
 
 
 async def test_a_worker_whose_messages_are_incompatible_stops_with_a_clear_error(coordinator: Coordinator) -> None:
