@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
 from _cluster import Coordinator
+from _helpers import process_group
 from _protos import message_classes, task_type
 from _timing import eventually
 from google.rpc import error_details_pb2
@@ -18,6 +23,7 @@ from herder.clients import errors
 from herder.clients.backoff import Backoff
 from herder.clients.cli import main
 from herder.clients.client import Client
+from herder.clients.embedded_etcd import free_port
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.clients.worker import TaskContext, Worker, WorkerSettings
 from herder.server.contracts import TaskTypeRegistry, hello_versions_refused
@@ -237,3 +243,48 @@ async def test_herder_types_get_of_an_unknown_type_is_one_line(
 
     assert code == 1
     assert err == "herder: task type nope is not registered\n"
+
+
+async def _register_conflicting_echo(address: str) -> None:
+    """examples.echo registered with `text` as an int32, where the example messages have a string."""
+    echo = V1.replace("package img.v1;", "package herder.examples.v1;").replace("int32 width = 1;", "int32 text = 1;")
+    contract = task_type(echo, name="examples.echo")
+    contract.descriptors.file[0].message_type[0].name = "EchoRequest"
+    contract.descriptors.file[0].message_type[1].name = "EchoResponse"
+    contract.input_type, contract.output_type = "herder.examples.v1.EchoRequest", "herder.examples.v1.EchoResponse"
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        await stub.RegisterTaskType(coordinator_pb2.RegisterTaskTypeRequest(task_type=contract), timeout=10)
+
+
+async def test_a_supervisor_whose_handler_is_incompatible_exits_with_one_line(coordinator: Coordinator) -> None:
+    await _register_conflicting_echo(coordinator.address)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
+    handler = [sys.executable, str(Path(__file__).with_name("_plain_handler.py")), "--port", str(port)]
+    command = [sys.executable, "-m", "herder.supervisor", "--coordinator", coordinator.address]
+    command += ["--handler", f"127.0.0.1:{port}", "--log-level", "error"]
+    with process_group(handler), process_group(command, env=env, stdout=subprocess.PIPE) as process:
+        output, _ = await asyncio.to_thread(process.communicate, timeout=30)
+
+    text = output.decode()
+    assert process.returncode == 1, text
+    assert "Traceback" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("herder supervisor: the coordinator refused: task type examples.echo:")
+    assert "herder.examples.v1.EchoRequest.text: field 1's type changed from int32 to string" in last
+
+
+async def test_herder_worker_with_incompatible_messages_exits_with_one_line(coordinator: Coordinator) -> None:
+    await _register_conflicting_echo(coordinator.address)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
+    herder = str(Path(sys.executable).parent / "herder")
+    command = [herder, "worker", "--coordinator", coordinator.address]
+    with process_group(command, env=env, stdout=subprocess.PIPE) as process:
+        output, _ = await asyncio.to_thread(process.communicate, timeout=30)
+
+    text = output.decode()
+    assert process.returncode == 1, text
+    assert "Traceback" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("herder: task type examples.echo: the new messages are not wire- and JSON-compatible")
