@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from herder.clients import errors, quantities
+from herder.clients import errors, quantities, types_cli
 from herder.clients.client import (
     Client,
     Retry,
@@ -52,6 +52,7 @@ from herder.clients.descriptors import add_files
 from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, address_setting
 from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
+from herder.clients.proto_sources import ProtoSourceError
 from herder.clients.proto_text import render_task_type
 from herder.clients.settings import Setting, SettingsError, add_flags, choice, resolve, seconds
 from herder.clients.worker_config import worker_arguments, worker_settings
@@ -103,7 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     head, passthrough = _split_passthrough(args_list)
     # `herder lock NAME -- COMMAND ...`: everything after the first -- is the command, untouched.
     head, command = (head[: head.index("--")], head[head.index("--") + 1 :]) if "--" in head else (head, [])
-    args = parser.parse_args(head)
+    args, stray = parser.parse_known_args(head)
+    # `types register NAME --input M ... a.proto b.proto`: argparse takes positionals once, before the options.
+    if stray and hasattr(args, "protos") and not any(a.startswith("-") for a in stray):
+        args.protos = [*args.protos, *stray]
+    elif stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if command and not getattr(args, "takes_command", False):
         parser.error(f"unrecognized arguments: -- {' '.join(command)}")
     args.argv = command
@@ -125,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C on a stream (tasks watch, worker) is the normal way to stop it.
         return 0 if getattr(args, "interrupt_ok", False) else 130
-    except UsageError as exc:
+    except (UsageError, ProtoSourceError) as exc:
         _error(str(exc))
         return 2
     except errors.HerderError as exc:
@@ -152,9 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_flags(parser, SETTINGS)
-    # The same options after the command; SUPPRESS keeps them from resetting what came before it.
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    add_flags(common, SETTINGS, absent=argparse.SUPPRESS)
+    common = _common_options()
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -247,8 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     priority.add_argument("id")
     priority.add_argument("priority", type=int)
 
-    types = command("types", "list registered task types (or: types get NAME)", _async(_types))
-    _add_types_commands(command, types)
+    types = command(
+        "types",
+        "list registered task types; `types get NAME` shows one, `types register` registers one",
+        _async(_types),
+    )
+    type_commands = types.add_subparsers(dest="types_command", metavar="SUBCOMMAND")
+    # Its --output names the output message, so the format flag goes before the command there.
+    register = type_commands.add_parser(
+        "register",
+        help=types_cli.HELP,
+        description=types_cli.HELP,
+        parents=[_common_options("output")],
+        allow_abbrev=False,
+    )
+    register.set_defaults(run=_async(types_cli.register))
+    types_cli.add_register_arguments(register)
+    _add_types_commands(command, type_commands)
 
     queues = command(
         "queues",
@@ -305,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     lock.add_argument("--owner", default="", help="shown as the holder (default host:pid)")
     lock.set_defaults(takes_command=True)
     return parser
+
+
+def _common_options(*leave_out: str) -> argparse.ArgumentParser:
+    """The global options again, for after the command; SUPPRESS keeps them from resetting what came before it."""
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    add_flags(common, [s for s in SETTINGS if s.name not in leave_out], absent=argparse.SUPPRESS)
+    return common
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -677,9 +703,8 @@ async def _types(client: Client, out: Output, args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_types_commands(command: Callable[..., argparse.ArgumentParser], types: argparse.ArgumentParser) -> None:
+def _add_types_commands(command: Callable[..., argparse.ArgumentParser], type_commands: Any) -> None:
     """`herder types list` and `herder types get NAME` (versions, messages as .proto text)."""
-    type_commands = types.add_subparsers(dest="types_command", metavar="SUBCOMMAND")
     command("list", "list registered task types with their current version", _async(_types), type_commands)
     get = command(
         "get",

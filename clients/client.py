@@ -36,7 +36,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, overload
 
 import grpc
-from google.protobuf import any_pb2, descriptor_pool, duration_pb2, message_factory, timestamp_pb2
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from opentelemetry import propagate
@@ -532,21 +532,39 @@ class Client:
     async def register_task_type(
         self,
         name: str,
-        input_class: MessageType,
-        output_class: MessageType,
+        input_class: MessageType | str,
+        output_class: MessageType | str,
         description: str = "",
         *,
+        descriptors: descriptor_pb2.FileDescriptorSet | None = None,
         force: bool = False,
     ) -> task_pb2.TaskType:
         """Register a task type with its input and output messages and their descriptors, or a new
-        version of it; returns the type as registered (`version`, `registered_by`, ...).
+        version of it; returns the type as registered (`version`, `registered_by`, ...). No worker
+        needs to run: tasks of the type are accepted (and wait) from now on.
+
+        Give the generated message classes (their descriptors are sent along), or their full names
+        (`"images.v1.ResizeRequest"`) with the `descriptors` that define them: a set from
+        `herder.clients.proto_sources` (`.proto` files, `buf build -o FILE`). Raises
+        InvalidArgumentError, naming the field, when the coordinator refuses the contract.
 
         Registering the same messages again changes nothing (an empty description keeps the registered
         one), so a retry on UNAVAILABLE is safe. Messages that are not wire- and JSON-compatible with
         the registered version raise FailedPreconditionError with a violation per breaking change,
         unless `force` (logged by the coordinator; workers of earlier versions are then refused).
         """
-        task_type = task_type_for(name, input_class, output_class, description=description)
+        if isinstance(input_class, str) or isinstance(output_class, str):
+            if not (isinstance(input_class, str) and isinstance(output_class, str)) or descriptors is None:
+                raise TypeError("message names need `descriptors`, and both input and output given as names")
+            task_type = task_pb2.TaskType(
+                name=name,
+                input_type=input_class,
+                output_type=output_class,
+                descriptors=descriptors,
+                description=description,
+            )
+        else:
+            task_type = task_type_for(name, input_class, output_class, description=description)
         request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type, force=force)
         # Names this process as who registered the version (else the coordinator records its address).
         response = await self._unary(lambda s: s.RegisterTaskType, request, caller_metadata("client"))
@@ -1026,13 +1044,19 @@ class SyncClient:
     def register_task_type(
         self,
         name: str,
-        input_class: MessageType,
-        output_class: MessageType,
+        input_class: MessageType | str,
+        output_class: MessageType | str,
         description: str = "",
         *,
+        descriptors: descriptor_pb2.FileDescriptorSet | None = None,
         force: bool = False,
     ) -> task_pb2.TaskType:
-        return self.run(self._client.register_task_type(name, input_class, output_class, description, force=force))
+        """See `Client.register_task_type`."""
+        return self.run(
+            self._client.register_task_type(
+                name, input_class, output_class, description, descriptors=descriptors, force=force
+            )
+        )
 
     def task_types(self) -> builtins.list[task_pb2.TaskType]:
         return self.run(self._client.task_types())

@@ -50,7 +50,9 @@ class Setting:
     raising ValueError saying what is wrong. The flag is --NAME-WITH-DASHES and the variable
     HERDER_NAME unless given; None means there is none (a password has no flag: flags show in `ps`).
     A `switch` is a flag without a value; a `repeated` setting is a list: the flag repeats, the
-    variable is comma-separated and the file value an array.
+    variable is comma-separated and the file value an array. A `structured` setting lives in the
+    file only (an array of tables, say): `parse` gets the TOML value as it is, and what it returns
+    is shown item by item with str().
     """
 
     name: str
@@ -63,6 +65,7 @@ class Setting:
     secret: bool = False
     switch: bool = False
     repeated: bool = False
+    structured: bool = False
     metavar: str | None = None
 
     @property
@@ -129,7 +132,8 @@ def add_flags(parser: argparse.ArgumentParser, settings: Sequence[Setting], *, a
         if setting.flag_name is None:
             continue
         where = f" (env {setting.env_name})" if setting.env_name else ""
-        default = f"; default {setting.default}" if setting.default not in (None, "", [], (), False) else ""
+        shown = Value(setting, setting.default, "default").shown
+        default = f"; default {shown}" if setting.default not in (None, "", [], (), False) else ""
         help_text = f"{setting.help}{where}{default}"
         if setting.switch:
             parser.add_argument(
@@ -189,6 +193,11 @@ def _resolve_one(
     if setting.name in table:
         source = f"file {path} [{command}] {setting.name}"
         raw = table[setting.name]
+        if setting.structured:
+            try:
+                return Value(setting, setting.parse(raw), source)
+            except ValueError as exc:
+                raise SettingsError(f"{setting.name} ({source}): {exc}") from None
         try:
             if setting.repeated and not isinstance(raw, list):
                 raise ValueError("must be an array")

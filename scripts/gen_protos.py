@@ -9,6 +9,10 @@ The example gets its own copy of the Herder contracts it implements (handler.pro
 task.proto) under the package `gen`, so it imports nothing from `herder`, as a
 service in another language would.
 
+It also writes clients/proto/v1/descriptors.binpb: herder/v1's files as a FileDescriptorSet
+WITH source info (the comments), which the _pb2 modules' embedded descriptors leave out;
+Herder's server reflection serves it, so `grpcurl describe` shows the documentation.
+
     python scripts/gen_protos.py           # regenerate
     python scripts/gen_protos.py --check   # exit 1 when clients/proto or examples/invoice/gen is stale
 """
@@ -32,6 +36,8 @@ TARGET = ROOT / "clients" / "proto"
 EXAMPLE = ROOT / "examples" / "invoice"
 EXAMPLE_PROTOS = EXAMPLE / "protos"
 EXAMPLE_TARGET = EXAMPLE / "gen"
+# herder/v1 with source info, beside the generated modules (package data of herder.clients.proto.v1).
+SOURCE_INFO = "v1/descriptors.binpb"
 # The Herder contracts a handler service implements: handler.proto and what it imports.
 EXAMPLE_HERDER_FILES = ["herder/v1/handler.proto", "herder/v1/task.proto"]
 # herder.v1 -> herder.clients.proto.v1, herder.examples.v1 -> herder.clients.proto.examples.v1
@@ -40,16 +46,20 @@ _IMPORT = re.compile(r"(?<![\w.])herder\.(v1|examples\.v1)(?= import|\.\w+_pb2\b
 _EXAMPLE_IMPORT = re.compile(r"(?<![\w.])(herder\.v1|invoices\.v1)(?= import|\.\w+_pb2\b)")
 
 
-def _protoc(out: Path, includes: list[Path], files: list[str]) -> None:
+def _protoc(out: Path, includes: list[Path], files: list[str], outputs: list[str] | None = None) -> None:
     include = str(Path(protoc.__file__).parent / "_proto")
+    if outputs is None:
+        outputs = [
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
+        ]
     args = [
         "grpc_tools.protoc",
         *(f"-I{path}" for path in includes),
         f"-I{include}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        f"--mypy_out={out}",
-        f"--mypy_grpc_out={out}",
+        *outputs,
         *files,
     ]
     # protoc finds the mypy plugins on PATH; they sit beside this interpreter.
@@ -71,6 +81,9 @@ def _generate(out: Path) -> None:
     for directory in [staged, *[d for d in staged.rglob("*") if d.is_dir()]]:
         (directory / "__init__.py").write_text('"""Generated from protos/ by scripts/gen_protos.py; do not edit."""\n')
     (staged / "py.typed").write_text("")
+    # Imports (well-known types) are left out: reflection serves the runtime's own copies.
+    herder_files = [f for f in files if f.startswith("herder/v1/")]
+    _protoc(out, [PROTOS], herder_files, [f"--descriptor_set_out={staged / SOURCE_INFO}", "--include_source_info"])
 
 
 def _generate_example(out: Path) -> None:

@@ -18,6 +18,7 @@ from herder.server import election, validation
 from herder.server._etcd import EtcdAuthError, EtcdCredentials, EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
 from herder.server.committer import CommitLimits
+from herder.server.declared_types import parse_declarations
 from herder.server.horizon import MAX_DELAY_SECONDS
 from herder.server.leader import LeaderSettings
 from herder.server.placement import PlacementSettings
@@ -198,6 +199,16 @@ SETTINGS: list[Setting] = [
         "changes a watcher may fall behind before it is ended",
         metavar="N",
     ),
+    Setting(
+        "task_types",
+        parse_declarations,
+        (),
+        "task types registered when a leader takes office, before any worker: [[coordinator.task_types]]"
+        " tables (name, input, output, protos + proto_path or descriptor_set; file only)",
+        flag=None,
+        env=None,
+        structured=True,
+    ),
     *log_settings(),
 ]
 
@@ -298,6 +309,7 @@ def config_of(settings: Settings) -> CoordinatorConfig:
         ),
         limits=_limits(settings),
         watch=WatchSettings(max_watchers=settings["max_watchers"], max_backlog=settings["watch_backlog"]),
+        task_types=tuple(declared.task_type for declared in settings["task_types"]),
     )
 
 

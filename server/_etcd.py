@@ -281,11 +281,19 @@ class Etcd:
         return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
     async def range(
-        self, start: bytes, end: bytes, *, limit: int = 0, revision: int = 0, keys_only: bool = False
+        self,
+        start: bytes,
+        end: bytes,
+        *,
+        limit: int = 0,
+        revision: int = 0,
+        keys_only: bool = False,
+        timeout: float | None = None,
     ) -> tuple[list[KeyValue], bool, int]:
-        """Keys in [start, end) in key order: (kvs, more, revision)."""
+        """Keys in [start, end) in key order: (kvs, more, revision). `timeout` defaults to at least 30 s
+        (a big page takes a while)."""
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only)
-        reply = await self._call(self._kv.Range, request, timeout=max(self.timeout, 30.0))
+        reply = await self._call(self._kv.Range, request, timeout=timeout or max(self.timeout, 30.0))
         return [key_value(kv) for kv in reply.kvs], reply.more, reply.header.revision
 
     async def last_created_before(self, prefix: bytes, revision: int) -> tuple[KeyValue | None, int]:

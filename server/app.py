@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, lock_pb2, lock_pb2_grpc, task_pb2
+from herder.clients.reflection import enable_reflection
 from herder.server import election, keys, membership, validation
 from herder.server._etcd import Etcd, EtcdCredentials, EtcdError
 from herder.server.contracts import TaskTypeRegistry
@@ -66,6 +68,8 @@ class CoordinatorConfig:
     etcd_timeout: float = 5.0
     # etcd with authentication on: the user and password every request is made as (never in repr).
     credentials: EtcdCredentials | None = field(default=None, repr=False)
+    # Declared in the config file (declared_types.py): registered by each new leader, before any worker.
+    task_types: tuple[task_pb2.TaskType, ...] = ()
 
 
 class Coordinator:
@@ -80,7 +84,7 @@ class Coordinator:
         self.leader: NamespaceLeader | None = None
         # WatchTasks on this replica, leader or not, reads task changes from here.
         self.feed = Feed(self.etcd, self.prefix)
-        self.reflection = ContractReflection()
+        self.reflection = ContractReflection(self.etcd, self.prefix)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -128,8 +132,10 @@ class Coordinator:
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self), server)
         lock_pb2_grpc.add_LockServiceServicer_to_server(LockServicer(self.etcd, self.prefix, self.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.reflection.enable(
-            server, (SERVICE_NAME, LOCK_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        enable_reflection(
+            server,
+            (SERVICE_NAME, LOCK_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+            self.reflection.catalog,
         )
         try:
             self.port = server.add_insecure_port(self.config.listen)
@@ -227,8 +233,11 @@ class Coordinator:
             except EtcdError as exc:
                 log.error("could not rebuild state from etcd: %s", exc)
                 return
-            for task_type in leader.registry.all():
-                self.reflection.add(task_type.descriptors)
+            try:
+                await self._register_declared(leader)
+            except EtcdError as exc:
+                log.error("could not register the declared task types: %s", exc)
+                return
             self.leader = leader
             self._leader_address = self.address
             await self._set_health()
@@ -251,6 +260,22 @@ class Coordinator:
             self._leader_address = ""
             await self._set_health()
             await leader.stop()
+
+    async def _register_declared(self, leader: NamespaceLeader) -> None:
+        """Register the config file's task types, before workers are served, unless etcd already holds
+        the same contract (a restart or a new leader then writes nothing)."""
+        for declared in self.config.task_types:
+            stored = leader.registry.get(declared.name)
+            if stored is not None and _same_contract(stored, declared):
+                continue
+            task_type = task_pb2.TaskType()
+            task_type.CopyFrom(declared)
+            try:
+                await leader.register_type(task_type, registered_by="the coordinator's config file")
+            except errors.HerderError as exc:  # e.g. refused as an incompatible change: say so, serve the rest
+                log.error("declared task type %s was not registered: %s", declared.name, exc)
+                continue
+            log.info("registered declared task type %s", declared.name)
 
     async def _reconnect(self) -> None:
         """Connect again, to the next etcd endpoint first; waits a moment when none answers."""
@@ -339,6 +364,15 @@ class Coordinator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _same_contract(stored: task_pb2.TaskType, declared: task_pb2.TaskType) -> bool:
+    return (
+        stored.input_type == declared.input_type
+        and stored.output_type == declared.output_type
+        and stored.description == declared.description
+        and stored.descriptors == declared.descriptors
+    )
 
 
 def _version() -> str:

@@ -71,9 +71,6 @@ class TaskTypeRegistry:
             raise errors.InvalidArgumentError(
                 f"task type {task_type.name!r} has an invalid contract", violations=violations
             )
-        if not contract.task_type.version:
-            # Stored before versions were kept: its first version.
-            contract.task_type.version = contract.task_type.compatible_since = 1
         self._contracts[task_type.name] = contract
 
     def discard(self, name: str) -> None:

@@ -458,6 +458,9 @@ class NamespaceLeader:
         if current is None or changes is None:
             candidate.version = candidate.compatible_since = 1
         elif not changes:
+            # A type stored before versions were kept is its version 1.
+            current.version = current.version or 1
+            current.compatible_since = current.compatible_since or 1
             if not candidate.description or candidate.description == current.description:
                 return current, False
             # A description is not part of the contract: updated in place, same version.

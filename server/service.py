@@ -268,7 +268,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         validation.raise_if(violations, "invalid task type")
         stored, created = await leader.register_type(task_type, force=request.force, registered_by=_caller(context))
         if created:
-            self._coordinator.reflection.add(stored.descriptors)
+            self._coordinator.reflection.invalidate()
         return coordinator_pb2.RegisterTaskTypeResponse(task_type=stored, new_version=created)
 
     @_unary

@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from herder.clients.alerts import to_proto
 from herder.clients.proto.v1 import supervisor_pb2, supervisor_pb2_grpc
+from herder.clients.reflection import enable_reflection, static_catalog
 from herder.clients.resources import ResourceSampler
 from herder.supervisor.alerting import Alerter, FellBehind
 
@@ -149,9 +149,8 @@ class AdminServer:
             _Servicer(status, drain, sampler, alerter), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server,
+        enable_reflection(
+            self._server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), static_catalog()
         )
         self._updater: asyncio.Task[None] | None = None
         self.port = 0

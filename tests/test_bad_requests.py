@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import task_pb2
+from herder.clients.reflection import V1ServerReflectionRequest, V1ServerReflectionResponse
 from herder.server.decoding import LogLimiter
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 SERVICE = "/herder.v1.CoordinatorService/"
 HEALTH = "/grpc.health.v1.Health/"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+REFLECTION_V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 LOG_LINE = "undecodable request"
 
@@ -111,14 +113,24 @@ async def test_an_undecodable_watch_request_is_invalid_argument(coordinator: Coo
     decode_lines(coordinator)
 
 
-async def test_an_undecodable_reflection_request_is_invalid_argument(coordinator: Coordinator, channel) -> None:
-    call = channel.stream_stream(REFLECTION)(timeout=10)
-    await call.write(reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString())
-    listed = reflection_pb2.ServerReflectionResponse.FromString(await call.read())
+@pytest.mark.parametrize(
+    ("method", "request_type", "response_type"),
+    [
+        (REFLECTION, reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse),
+        (REFLECTION_V1, V1ServerReflectionRequest, V1ServerReflectionResponse),
+    ],
+    ids=["v1alpha", "v1"],
+)
+async def test_an_undecodable_reflection_request_is_invalid_argument(
+    coordinator: Coordinator, channel, method: str, request_type: type[Message], response_type: type[Message]
+) -> None:
+    call = channel.stream_stream(method)(timeout=10)
+    await call.write(request_type(list_services="").SerializeToString())
+    listed = response_type.FromString(await call.read())
     assert "herder.v1.CoordinatorService" in {s.name for s in listed.list_services_response.service}
-    await call.write(undecodable(reflection_pb2.ServerReflectionRequest, RANDOM))
+    await call.write(undecodable(request_type, RANDOM))
     assert await call.code() == INVALID
-    assert "grpc.reflection.v1alpha.ServerReflectionRequest" in await call.details()
+    assert request_type.DESCRIPTOR.full_name in await call.details()
     await still_serves(channel)
     decode_lines(coordinator)
 

@@ -153,3 +153,25 @@ async def test_a_small_commit_batch_still_stores_a_big_submission(etcd: Embedded
     finally:
         node.kill()
         node.log_path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("module", ["herder.server", "herder.supervisor"])
+def test_help_describes_every_flag_with_its_variable_and_default(module: str) -> None:
+    settings = __import__(f"{module}.__main__", fromlist=["SETTINGS"]).SETTINGS
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    # argparse wraps lines: compare with single spaces.
+    text = " ".join(done.stdout.split())
+    for setting in settings:
+        if setting.flag_name is None:
+            continue
+        start = text.index(f" {setting.flag_name} ", text.index("options:"))
+        entry = text[start : start + 600]
+        assert setting.help.split()[0] in entry, setting.name
+        if setting.env_name:
+            assert f"env {setting.env_name}" in entry, setting.name
+        if setting.default not in (None, "", [], (), False, 0):
+            assert "; default " in entry, setting.name
+    assert "default ('" not in text  # a list default reads as a flag value would, not as a Python tuple

@@ -118,8 +118,22 @@ def test_base_dependencies_leave_the_server_out_and_the_extras_hold_it() -> None
     # `make setup` installs `.[dev,server]`, and `dev` alone still brings the server extra.
     assert "herder[server]" in extras["dev"]
     assert "'.[dev,server]'" in (ROOT / "Makefile").read_text()
-    # The one image runs the coordinator too.
-    assert '".[server]"' in (ROOT / "deploy" / "Dockerfile").read_text()
+    # The one image runs the coordinator too, and compiles declared .proto files.
+    assert '".[server,protoc]"' in (ROOT / "deploy" / "Dockerfile").read_text()
+    assert _names(extras["protoc"]) == {"grpcio-tools"} and "grpcio-tools" not in base
+
+
+def test_types_register_from_proto_files_without_grpcio_tools_names_the_install(tmp_path: Path) -> None:
+    proto = tmp_path / "a.proto"
+    proto.write_text('syntax = "proto3";\nmessage A {}\n')
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI, "--coordinator", "127.0.0.1:1", "types", "register", "a", "--input", "A",
+         "--output", "A", "--proto-path", str(tmp_path), "a.proto"],
+        env={**os.environ, "HERDER_TEST_UNINSTALLED": "grpc_tools"},
+        check=False, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "pip install 'herder[protoc]'" in done.stderr, done.stderr
 
 
 def test_sdk_cli_and_supervisor_work_without_the_server_extra(coordinator: Coordinator) -> None:

@@ -77,3 +77,20 @@ def test_file_problems_name_the_file(tmp_path: Path) -> None:
 def test_a_masked_value_is_shown_as_stars() -> None:
     settings = resolve("supervisor", SETTINGS, None, environ={"HERDER_TOKEN": "7"})
     assert ("token", MASK, "env HERDER_TOKEN") in settings.rows()
+
+
+def _names(raw: object) -> list[str]:
+    if not isinstance(raw, list) or not all(isinstance(t, dict) and "name" in t for t in raw):
+        raise ValueError("must be tables with a name")
+    return [str(t["name"]) for t in raw]
+
+
+def test_a_structured_setting_gets_the_toml_value_from_the_file_only(tmp_path: Path) -> None:
+    declared = [Setting("kinds", _names, [], "tables", flag=None, env=None, structured=True)]
+    config = tmp_path / "herder.toml"
+    config.write_text('[[coordinator.kinds]]\nname = "a"\n[[coordinator.kinds]]\nname = "b"\n')
+    settings = resolve("coordinator", declared, {}, environ={"HERDER_KINDS": "x"}, config_file=str(config))
+    assert settings["kinds"] == ["a", "b"] and settings.where("kinds") == f"kinds (file {config} [coordinator] kinds)"
+    config.write_text('[coordinator]\nkinds = "a"\n')
+    with pytest.raises(SettingsError, match=r"^kinds \(file .*\[coordinator\] kinds\): must be tables with a name$"):
+        resolve("coordinator", declared, {}, environ={}, config_file=str(config))
