@@ -288,3 +288,29 @@ async def test_herder_worker_with_incompatible_messages_exits_with_one_line(coor
     assert "Traceback" not in text
     last = text.strip().splitlines()[-1]
     assert last.startswith("herder: task type examples.echo: the new messages are not wire- and JSON-compatible")
+
+
+async def test_herder_types_register_refuses_an_incompatible_change_unless_forced(
+    coordinator: Coordinator, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    source = tmp_path / "img.proto"
+
+    async def register_file(text: str, *extra: str) -> tuple[int, str, str]:
+        await asyncio.to_thread(source.write_text, text)
+        args = ["--coordinator", coordinator.address, "types", "register", NAME, "--input", "img.v1.In"]
+        args += ["--output", "img.v1.Out", "--proto-path", str(tmp_path), "img.proto", *extra]
+        code = await asyncio.to_thread(main, args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert (await register_file(V1))[0] == 0
+    code, _, err = await register_file(BROKEN)
+    assert code == 1
+    assert err.startswith(f"herder: task type {NAME}: the new messages are not wire- and JSON-compatible")
+    assert "task_type.input_type:img.v1.In.width: field 1's type changed from int32 to string" in err
+    assert err.count("\n") == 1
+
+    code, out, err = await register_file(BROKEN, "--force")
+
+    assert code == 0, err
+    assert f"registered task type {NAME} version 2" in out
