@@ -54,6 +54,7 @@ from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, address_setti
 from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
 from herder.clients.proto_sources import ProtoSourceError
+from herder.clients.proto_text import render_task_type
 from herder.clients.settings import Setting, SettingsError, add_flags, choice, resolve, seconds
 from herder.clients.worker_config import worker_arguments, worker_settings
 
@@ -259,9 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     priority.add_argument("priority", type=_int32)
 
     _add_operator_commands(command, task_commands)
-    types = command("types", "list registered task types; `types register` registers one", _async(_types))
+    types = command(
+        "types",
+        "list registered task types; `types get NAME` shows one, `types register` registers one",
+        _async(_types),
+    )
+    type_commands = types.add_subparsers(dest="types_command", metavar="SUBCOMMAND")
     # Its --output names the output message, so the format flag goes before the command there.
-    register = types.add_subparsers(dest="types_command", metavar="SUBCOMMAND").add_parser(
+    register = type_commands.add_parser(
         "register",
         help=types_cli.HELP,
         description=types_cli.HELP,
@@ -270,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     register.set_defaults(run=_async(types_cli.register))
     types_cli.add_register_arguments(register)
+    _add_types_commands(command, type_commands)
 
     queues = command(
         "queues",
@@ -839,10 +846,11 @@ async def _types(client: Client, out: Output, args: argparse.Namespace) -> int:
             task_type.ClearField("descriptors")  # bulky and only useful to programs that fetch them via the API
         await out.print_json_list(task_types)
         return 0
-    table = _table("NAME", "INPUT", "OUTPUT", "DESCRIPTION", "REGISTERED")
+    table = _table("NAME", "VERSION", "INPUT", "OUTPUT", "DESCRIPTION", "REGISTERED")
     for task_type in task_types:
         table.add_row(
             task_type.name,
+            str(task_type.version or 1),
             task_type.input_type,
             task_type.output_type,
             task_type.description,
@@ -851,6 +859,66 @@ async def _types(client: Client, out: Output, args: argparse.Namespace) -> int:
     out.console.print(table)
     if not task_types:
         out.console.print("no task types registered", style="dim")
+    return 0
+
+
+def _add_types_commands(command: Callable[..., argparse.ArgumentParser], type_commands: Any) -> None:
+    """`herder types list` and `herder types get NAME` (versions, messages as .proto text)."""
+    command("list", "list registered task types with their current version", _async(_types), type_commands)
+    get = command(
+        "get",
+        "show a task type: its versions (who registered each, when, what changed) and its messages as .proto text",
+        _async(_types_get),
+        type_commands,
+    )
+    get.add_argument("name", help="task type, such as examples.echo")
+    get.add_argument("--version", type=_positive_int, metavar="N", help="show version N's messages")
+
+
+async def _types_get(client: Client, out: Output, args: argparse.Namespace) -> int:
+    task_type = await client.get_task_type(args.name)
+    versions = list(task_type.versions)
+    shown = versions[0] if versions else task_type
+    if args.version is not None:
+        chosen = [v for v in versions if v.version == args.version]
+        if not chosen:
+            kept = ", ".join(str(v.version) for v in versions)
+            raise UsageError(f"task type {args.name} has no version {args.version} kept (kept: {kept})")
+        shown = chosen[0]
+    if out.json:
+        document = json_format.MessageToDict(task_type, preserving_proto_field_name=True)
+        document.pop("descriptors", None)
+        for entry, version in zip(document.get("versions", []), versions, strict=True):
+            entry.pop("descriptors", None)
+            entry["proto"] = render_task_type(version)
+        document["proto"] = render_task_type(shown)
+        print(json.dumps(document, indent=2))
+        return 0
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    state = f"{task_type.version or 1}"
+    if (task_type.compatible_since or 1) > 1:
+        state += f" (workers of versions before {task_type.compatible_since} are refused: it was forced)"
+    for name, value in (
+        ("name", task_type.name),
+        ("description", task_type.description),
+        ("version", state),
+        ("input", task_type.input_type),
+        ("output", task_type.output_type),
+    ):
+        if value:
+            grid.add_row(name, value)
+    out.console.print(grid, highlight=False)
+    table = _table("VERSION", "REGISTERED", "BY", "INPUT -> OUTPUT", "CHANGES", title="\nversions")
+    for version in versions:
+        changes = "\n".join(version.changes) or ("first version" if version.version == 1 else "")
+        number = f"{version.version}" + (" forced" if version.forced else "")
+        io = f"{version.input_type} -> {version.output_type}"
+        table.add_row(number, _time(version.register_time), version.registered_by, io, changes)
+    out.console.print(table, highlight=False)
+    out.console.print(f"\n[bold]messages (version {shown.version or 1})[/]", highlight=False)
+    out.console.print(render_task_type(shown) or "(no descriptors)", markup=False, highlight=False)
     return 0
 
 

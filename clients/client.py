@@ -43,7 +43,7 @@ from opentelemetry import propagate
 
 from herder.clients import errors
 from herder.clients.backoff import Backoff
-from herder.clients.descriptors import MessageType, task_type_for
+from herder.clients.descriptors import MessageType, caller_metadata, task_type_for
 from herder.clients.endpoints import AUTO_KEY_PREFIX, DEFAULT_ADDRESS, Endpoints, new_idempotency_key
 from herder.clients.locks import Lock, default_owner
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
@@ -635,15 +635,21 @@ class Client:
         description: str = "",
         *,
         descriptors: descriptor_pb2.FileDescriptorSet | None = None,
+        force: bool = False,
     ) -> task_pb2.TaskType:
-        """Register (or update) a task type with its input and output messages and their descriptors;
-        registering the same type again changes nothing, so a retry on UNAVAILABLE is safe. No worker
+        """Register a task type with its input and output messages and their descriptors, or a new
+        version of it; returns the type as registered (`version`, `registered_by`, ...). No worker
         needs to run: tasks of the type are accepted (and wait) from now on.
 
         Give the generated message classes (their descriptors are sent along), or their full names
         (`"images.v1.ResizeRequest"`) with the `descriptors` that define them: a set from
         `herder.clients.proto_sources` (`.proto` files, `buf build -o FILE`). Raises
         InvalidArgumentError, naming the field, when the coordinator refuses the contract.
+
+        Registering the same messages again changes nothing (an empty description keeps the registered
+        one), so a retry on UNAVAILABLE is safe. Messages that are not wire- and JSON-compatible with
+        the registered version raise FailedPreconditionError with a violation per breaking change,
+        unless `force` (logged by the coordinator; workers of earlier versions are then refused).
         """
         if isinstance(input_class, str) or isinstance(output_class, str):
             if not (isinstance(input_class, str) and isinstance(output_class, str)) or descriptors is None:
@@ -657,12 +663,24 @@ class Client:
             )
         else:
             task_type = task_type_for(name, input_class, output_class, description=description)
-        request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type)
-        return (await self._unary(lambda s: s.RegisterTaskType, request)).task_type
+        request = coordinator_pb2.RegisterTaskTypeRequest(task_type=task_type, force=force)
+        # Names this process as who registered the version (else the coordinator records its address).
+        response = await self._unary(lambda s: s.RegisterTaskType, request, caller_metadata("client"))
+        return response.task_type
 
     async def task_types(self) -> builtins.list[task_pb2.TaskType]:
         response = await self._unary(lambda s: s.ListTaskTypes, coordinator_pb2.ListTaskTypesRequest())
         return builtins.list(response.task_types)
+
+    async def get_task_type(self, name: str, *, include_versions: bool = True) -> task_pb2.TaskType:
+        """The registered type called `name`, with its kept versions (newest first, each with its
+        descriptors) unless `include_versions` is false. Raises NotFoundError when it is not registered."""
+        request = coordinator_pb2.ListTaskTypesRequest(names=[name], include_versions=include_versions)
+        response = await self._unary(lambda s: s.ListTaskTypes, request)
+        for task_type in response.task_types:
+            if task_type.name == name:
+                return task_type
+        raise errors.NotFoundError(f"task type {name} is not registered")
 
     async def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
         """Every queue with its backlog by state, the tasks a limit holds back, its limit and retention,
@@ -782,11 +800,12 @@ class Client:
         self,
         method: Callable[[CoordinatorServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]],
         request: Req,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> Resp:
         async def attempt(channel: grpc.aio.Channel, timeout: float) -> Resp:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             with _herder_errors():
-                return await method(stub)(request, timeout=timeout, metadata=_trace_metadata())
+                return await method(stub)(request, timeout=timeout, metadata=_trace_metadata() + metadata)
 
         return await self._endpoints.call(attempt, timeout=self._timeout, backoff=self.retry_backoff)
 
@@ -1172,14 +1191,20 @@ class SyncClient:
         description: str = "",
         *,
         descriptors: descriptor_pb2.FileDescriptorSet | None = None,
+        force: bool = False,
     ) -> task_pb2.TaskType:
         """See `Client.register_task_type`."""
         return self.run(
-            self._client.register_task_type(name, input_class, output_class, description, descriptors=descriptors)
+            self._client.register_task_type(
+                name, input_class, output_class, description, descriptors=descriptors, force=force
+            )
         )
 
     def task_types(self) -> builtins.list[task_pb2.TaskType]:
         return self.run(self._client.task_types())
+
+    def get_task_type(self, name: str, *, include_versions: bool = True) -> task_pb2.TaskType:
+        return self.run(self._client.get_task_type(name, include_versions=include_versions))
 
     def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
         return self.run(self._client.queues())

@@ -7,6 +7,8 @@ encode and decode them without the generated code at hand.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterable
 from typing import cast
 
@@ -27,6 +29,7 @@ from google.protobuf import (
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 from google.protobuf.message import Message
 
+from herder.clients.errors import CLIENT_METADATA_KEY
 from herder.clients.proto.v1 import task_pb2
 
 MessageType = type[Message] | Descriptor
@@ -100,6 +103,12 @@ def task_type_for(
     )
 
 
+def caller_metadata(kind: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata naming this process ("worker host pid 12"): the coordinator records it as who
+    registered a task type version."""
+    return ((CLIENT_METADATA_KEY, f"{kind} {socket.gethostname()} pid {os.getpid()}"),)
+
+
 def add_files(pool: descriptor_pool.DescriptorPool, files: Iterable[descriptor_pb2.FileDescriptorProto]) -> list[str]:
     """Add the files the pool does not know yet, each after its imports; returns those that could not be added.
 
@@ -138,4 +147,4 @@ def add_files(pool: descriptor_pool.DescriptorPool, files: Iterable[descriptor_p
     return skipped
 
 
-__all__ = ["WELL_KNOWN_FILES", "MessageType", "add_files", "descriptor_set_for", "task_type_for"]
+__all__ = ["WELL_KNOWN_FILES", "MessageType", "add_files", "caller_metadata", "descriptor_set_for", "task_type_for"]

@@ -67,11 +67,15 @@ class AttemptRunner(Protocol):
         """The task types served; read once, when the engine starts."""
         ...
 
-    async def prepare(self, stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub, timeout: float) -> None:
+    async def prepare(
+        self, stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub, timeout: float
+    ) -> Mapping[str, int] | None:
         """Register the task types with the coordinator; called before the first session until it succeeds.
 
-        A grpc error it raises is handled like a failed session: retried with backoff, or fatal
-        (InvalidArgument for a conflicting contract, ...).
+        Returns the registered version of each type (sent in every hello, so a session is refused once
+        a type changed incompatibly), or None to declare none. A grpc error it raises is handled like
+        a failed session: retried with backoff, or fatal (FailedPrecondition for messages that are
+        incompatible with the registered ones, InvalidArgument for an invalid contract, ...).
         """
         ...
 
@@ -356,6 +360,8 @@ class SessionEngine:
         self._slots = asyncio.Semaphore(slots)
         self._session: _Session | None = None
         self._prepared = False
+        # The registered version of each served type, as prepare() found it; declared in each hello.
+        self._type_versions: dict[str, int] = {}
         self._tries = 0
         self._welcomed_at: float | None = None
         # What the coordinator stores (from the last welcome): bigger results are refused here, before sending.
@@ -656,7 +662,8 @@ class SessionEngine:
             )
             try:
                 if not self._prepared:
-                    await self._runner.prepare(stub, self._settings.connect_timeout)
+                    versions = await self._runner.prepare(stub, self._settings.connect_timeout)
+                    self._type_versions = dict(versions or {})
                     self._prepared = True
                 call = stub.Connect()
                 welcome = await self._hello(call)
@@ -697,6 +704,7 @@ class SessionEngine:
             running=[_ref_proto(ref) for ref, a in self._attempts.items() if not a.abandoned],
             labels=self._labels,
             capacity=self._capacity,
+            type_versions=self._type_versions,
         )
         try:
             await call.write(coordinator_pb2.ConnectRequest(hello=hello))

@@ -19,6 +19,8 @@ from grpc_status import rpc_status
 # Trailing metadata a follower sends with UNAVAILABLE: where the leader listens.
 LEADER_METADATA_KEY = "herder-leader"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Request metadata naming the caller ("worker host pid 12"), recorded with the task type versions it registers.
+CLIENT_METADATA_KEY = "x-herder-client"
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +280,7 @@ def _code_of(value: int) -> grpc.StatusCode:
 
 
 __all__ = [
+    "CLIENT_METADATA_KEY",
     "LEADER_METADATA_KEY",
     "AlreadyExistsError",
     "CancelledError",

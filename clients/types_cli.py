@@ -55,6 +55,12 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
         "--descriptor-set", default="", metavar="FILE", help="a FileDescriptorSet file instead of .proto files"
     )
     parser.add_argument("--description", default="", metavar="TEXT", help="shown by `herder types`")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="accept messages incompatible with the registered version (logged; workers of earlier versions"
+        " are then refused)",
+    )
 
 
 async def register(client: Client, out: Output, args: argparse.Namespace) -> int:
@@ -74,6 +80,7 @@ async def register(client: Client, out: Output, args: argparse.Namespace) -> int
         task_type.output_type,
         task_type.description,
         descriptors=task_type.descriptors,
+        force=args.force,
     )
     files = len(stored.descriptors.file)
     if out.json:
@@ -82,7 +89,8 @@ async def register(client: Client, out: Output, args: argparse.Namespace) -> int
         print(json.dumps(document, indent=2))
         return 0
     out.console.print(
-        f"registered task type [bold]{stored.name}[/]: input {stored.input_type}, output {stored.output_type}"
+        f"registered task type [bold]{stored.name}[/] version {stored.version}: input {stored.input_type},"
+        f" output {stored.output_type}"
         f" ({files} descriptor file{'s' if files != 1 else ''})"
     )
     return 0

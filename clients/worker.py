@@ -32,7 +32,7 @@ from google.protobuf import any_pb2, duration_pb2, message
 from opentelemetry import propagate, trace
 
 from herder.clients.context import CancelSignal, ProgressSink, TaskContext
-from herder.clients.descriptors import task_type_for
+from herder.clients.descriptors import caller_metadata, task_type_for
 from herder.clients.endpoints import Endpoints
 from herder.clients.engine import SHUTDOWN_REASON, SessionEngine, WorkerSettings
 from herder.clients.outcomes import BAD_OUTPUT, BAD_PAYLOAD, CUT, task_error
@@ -273,16 +273,20 @@ class _HandlerRunner:
     def task_types(self) -> Sequence[str]:
         return list(self._registrations)
 
-    async def prepare(self, stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub, timeout: float) -> None:
+    async def prepare(self, stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub, timeout: float) -> dict[str, int]:
+        versions: dict[str, int] = {}
         for registration in self._registrations.values():
             request = coordinator_pb2.RegisterTaskTypeRequest(task_type=registration.contract)
-            await stub.RegisterTaskType(request, timeout=timeout)
+            response = await stub.RegisterTaskType(request, timeout=timeout, metadata=caller_metadata("worker"))
+            versions[registration.name] = response.task_type.version
             _log.info(
-                "registered task type %s (%s -> %s)",
+                "registered task type %s version %d (%s -> %s)",
                 registration.name,
+                response.task_type.version,
                 registration.contract.input_type,
                 registration.contract.output_type,
             )
+        return versions
 
     async def run(self, context: TaskContext) -> coordinator_pb2.AttemptResult:
         task = context.task

@@ -271,7 +271,7 @@ class Coordinator:
             task_type = task_pb2.TaskType()
             task_type.CopyFrom(declared)
             try:
-                await leader.register_type(task_type)
+                await leader.register_type(task_type, registered_by="the coordinator's config file")
             except errors.HerderError as exc:  # e.g. refused as an incompatible change: say so, serve the rest
                 log.error("declared task type %s was not registered: %s", declared.name, exc)
                 continue

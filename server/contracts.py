@@ -14,6 +14,7 @@ import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from google.protobuf import (
     any_pb2,
@@ -28,7 +29,8 @@ from google.protobuf.message import DecodeError, Message
 from herder.clients import errors
 from herder.clients.descriptors import WELL_KNOWN_FILES, descriptor_set_for
 from herder.clients.errors import FieldViolation
-from herder.clients.proto.v1 import task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, task_pb2
+from herder.server.compatibility import Change, compare
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 
@@ -84,6 +86,25 @@ class TaskTypeRegistry:
         """Copies of every registered type, sorted by name."""
         return [_copy(self._contracts[name].task_type) for name in sorted(self._contracts)]
 
+    def version(self, name: str) -> int:
+        """The registered version of the type called `name` (a record from before versions counts as 1), or 0."""
+        contract = self._contracts.get(name)
+        return 0 if contract is None else contract.task_type.version or 1
+
+    def changes(self, task_type: task_pb2.TaskType) -> list[Change] | None:
+        """Every difference from the registered messages of `task_type.name` to `task_type`'s, or None
+        when no type of that name is registered. Raises InvalidArgumentError when `task_type`'s
+        contract does not compile (validate it first)."""
+        current = self._contracts.get(task_type.name)
+        if current is None:
+            return None
+        contract, violations = _compile(task_type, "task_type")
+        if contract is None:
+            raise errors.InvalidArgumentError(
+                f"task type {task_type.name!r} has an invalid contract", violations=violations
+            )
+        return compare(_messages_of(current), _messages_of(contract))
+
     def input_class(self, name: str) -> type[Message] | None:
         """The message class of the type's input, built from its registered descriptors, or None."""
         contract = self._contracts.get(name)
@@ -109,6 +130,34 @@ class TaskTypeRegistry:
         for name, contract in self._contracts.items():
             if name != first:
                 yield contract.pool
+
+
+def hello_versions_refused(hello: coordinator_pb2.WorkerHello, registry: TaskTypeRegistry) -> list[FieldViolation]:
+    """A violation per type version a worker's hello declares that the registered type no longer serves:
+    a version before the latest forced (incompatible) one, one never registered, or a type not registered."""
+    found: list[FieldViolation] = []
+    for name, declared in sorted(hello.type_versions.items()):
+        if not declared:
+            continue  # 0: no version known, as for a type left out
+        where = f"hello.type_versions[{name}]"
+        current = registry.get(name)
+        if current is None:
+            found.append(FieldViolation(where, f"task type {name} is not registered; register it before hello"))
+            continue
+        version, since = current.version or 1, current.compatible_since or 1
+        if declared > version:
+            found.append(
+                FieldViolation(where, f"version {declared} of {name} was never registered (latest: {version})")
+            )
+        elif declared < since:
+            found.append(
+                FieldViolation(
+                    where,
+                    f"{name} version {declared} is incompatible with the registered version {version}:"
+                    f" version {since} was forced over breaking changes",
+                )
+            )
+    return found
 
 
 def contract_violations(task_type: task_pb2.TaskType, prefix: str = "task_type") -> list[FieldViolation]:
@@ -261,6 +310,11 @@ def _json_kind(value: object) -> str:
     return "a number"
 
 
+def _messages_of(contract: _Contract) -> tuple[Descriptor, Descriptor]:
+    # The stubs type upb's descriptor apart; at runtime it is a descriptor.Descriptor.
+    return cast(Descriptor, contract.input_class.DESCRIPTOR), cast(Descriptor, contract.output_class.DESCRIPTOR)
+
+
 def _copy(task_type: task_pb2.TaskType) -> task_pb2.TaskType:
     copy = task_pb2.TaskType()
     copy.CopyFrom(task_type)
@@ -368,6 +422,7 @@ __all__ = [
     "TaskTypeRegistry",
     "contract_violations",
     "descriptor_set_for",
+    "hello_versions_refused",
     "render_json",
     "resolve_payload",
     "type_name_of",

@@ -1,6 +1,6 @@
 """The etcd key layout of a namespace.
 
-/herder/<namespace>/{leader,members/,tasks/,idem/,types/,limits/,paused/,gc/,locks/}.
+/herder/<namespace>/{leader,members/,tasks/,idem/,types/,type_versions/,limits/,paused/,gc/,locks/}.
 """
 
 from __future__ import annotations
@@ -44,6 +44,16 @@ def types_prefix(ns: bytes) -> bytes:
 
 def task_type(ns: bytes, name: str) -> bytes:
     return types_prefix(ns) + name.encode()
+
+
+def type_versions_prefix(ns: bytes, name: str) -> bytes:
+    """The kept versions of one task type: type_versions/<name>/<version, 10 digits> (outside types/,
+    so listing types never reads the history)."""
+    return ns + f"type_versions/{name}/".encode()
+
+
+def type_version(ns: bytes, name: str, version: int) -> bytes:
+    return type_versions_prefix(ns, name) + f"{version:010d}".encode()
 
 
 def limits_prefix(ns: bytes) -> bytes:

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import any_pb2, timestamp_pb2
 
@@ -56,6 +56,11 @@ from herder.server.watchers import TaskFilter
 from herder.server.workers import Workers
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Versions of a task type kept in etcd (type_versions/<name>/), each with its descriptors.
+KEPT_TYPE_VERSIONS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +246,7 @@ class NamespaceLeader:
         future.add_done_callback(committed)
         return future, data
 
-    async def await_commit(self, future: asyncio.Future[int]) -> int:
+    async def await_commit(self, future: asyncio.Future[_T]) -> _T:
         try:
             return await asyncio.shield(future)
         except errors.HerderError:
@@ -256,10 +261,13 @@ class NamespaceLeader:
         specs: list[task_pb2.TaskSpec],
         trace_context: dict[str, str] | None = None,
         retry_of: Sequence[str] = (),
+        type_versions: list[int] | None = None,
     ) -> list[tuple[task_pb2.Task, bool]]:
         """Store validated specs; answers after every one is committed. Specs must be validated already.
 
         retry_of: for copies made by RetryTask, the id each spec copies (in order).
+        type_versions, one per spec, is the version of its task type it was checked against (recorded
+        as `Task.type_version`); by default the version registered now.
 
         trace_context (W3C traceparent/tracestate of the submitter) is stored with each task, so
         the handler's span joins the submitter's trace.
@@ -270,7 +278,7 @@ class NamespaceLeader:
         # Per spec, in order: the task it created, or the id an idempotency key already names.
         answers: list[Entry | str] = []
         created: list[Entry] = []
-        for n, spec in enumerate(specs):
+        for index, spec in enumerate(specs):
             key = spec.idempotency_key
             if key and key in self.idempotency:
                 answers.append(self.idempotency[key])
@@ -278,11 +286,12 @@ class NamespaceLeader:
             self.sequence += 1
             task = task_pb2.Task(id=new_task_id(), namespace=self.namespace, sequence=self.sequence)
             task.spec.CopyFrom(spec)
+            task.type_version = type_versions[index] if type_versions is not None else self.registry.version(spec.type)
             if not task.spec.queue:
                 task.spec.queue = "default"
             task.create_time.CopyFrom(now)
             if retry_of:
-                task.retry_of = retry_of[n]
+                task.retry_of = retry_of[index]
             if trace_context:
                 task.trace_context.update(trace_context)
             entry = Entry(task, fresh=True)
@@ -444,14 +453,81 @@ class NamespaceLeader:
 
     # ----------------------------------------------------------------- types
 
-    async def register_type(self, task_type: task_pb2.TaskType) -> task_pb2.TaskType:
+    async def register_type(
+        self, task_type: task_pb2.TaskType, *, force: bool = False, registered_by: str = ""
+    ) -> tuple[task_pb2.TaskType, bool]:
+        """Register a validated type, or a new version of it: (the type as registered now, whether a
+        version was created). The same messages again change nothing but a non-empty new description.
+
+        Raises FailedPreconditionError, with a violation per breaking change and nothing written, when
+        the messages are not wire- and JSON-compatible with the registered version and not `force`.
+        """
         self.check()
-        stamp_now(task_type.register_time)
-        self.registry.put(task_type)
-        await self.await_commit(
-            self.committer.submit([Write(keys.task_type(self.prefix, task_type.name), task_type.SerializeToString())])
-        )
-        return task_type
+        candidate = task_pb2.TaskType()
+        candidate.CopyFrom(task_type)
+        for name in ("version", "registered_by", "forced", "compatible_since", "changes", "versions"):
+            candidate.ClearField(name)  # the coordinator's to set
+        current = self.registry.get(task_type.name)
+        changes = self.registry.changes(candidate)
+        if current is None or changes is None:
+            candidate.version = candidate.compatible_since = 1
+        elif not changes:
+            # A type stored before versions were kept is its version 1.
+            current.version = current.version or 1
+            current.compatible_since = current.compatible_since or 1
+            if not candidate.description or candidate.description == current.description:
+                return current, False
+            # A description is not part of the contract: updated in place, same version.
+            current.description = candidate.description
+            self.registry.put(current)
+            await self._store_type(current)
+            return current, False
+        else:
+            broken = [c for c in changes if c.breaking]
+            previous = current.version or 1
+            if broken and not force:
+                raise errors.FailedPreconditionError(
+                    f"task type {task_type.name}: the new messages are not wire- and JSON-compatible with"
+                    f" version {previous} ({len(broken)} breaking change{'s' if len(broken) > 1 else ''});"
+                    " keep the old fields (reserve removed ones), or register with force",
+                    violations=[errors.FieldViolation(f"task_type.{c.path}", c.description) for c in broken],
+                )
+            candidate.version = previous + 1
+            candidate.forced = bool(broken)
+            candidate.compatible_since = candidate.version if broken else current.compatible_since or 1
+            candidate.changes.extend(("breaking: " if c.breaking else "") + str(c) for c in changes)
+            if not candidate.description:
+                candidate.description = current.description
+            if broken:
+                log.warning(
+                    "task type %s: version %d forced by %s over %d breaking changes (workers of earlier"
+                    " versions are refused): %s",
+                    task_type.name,
+                    candidate.version,
+                    registered_by or "an unnamed caller",
+                    len(broken),
+                    "; ".join(str(c) for c in broken),
+                )
+        candidate.registered_by = registered_by
+        stamp_now(candidate.register_time)
+        self.registry.put(candidate)
+        await self._store_type(candidate)
+        log.info("task type %s: version %d registered by %s", candidate.name, candidate.version, registered_by)
+        return candidate, True
+
+    async def _store_type(self, task_type: task_pb2.TaskType) -> None:
+        """Write the type and its version's snapshot, pruning the snapshot that falls out of the history.
+
+        Two requests, in order (the committer keeps it): together they may not fit one transaction.
+        A crash between them leaves a snapshot of a version the next registration overwrites.
+        """
+        name, version = task_type.name, task_type.version
+        history = [Write(keys.type_version(self.prefix, name, version), task_type.SerializeToString())]
+        if version > KEPT_TYPE_VERSIONS:
+            history.append(Write(keys.type_version(self.prefix, name, version - KEPT_TYPE_VERSIONS), None))
+        snapshot = self.committer.submit(history)
+        stored = self.committer.submit([Write(keys.task_type(self.prefix, name), task_type.SerializeToString())])
+        await self.await_commit(asyncio.gather(snapshot, stored))
 
     # ----------------------------------------------------------------- attempt outcomes
 

@@ -138,6 +138,24 @@ class StoredReads:
                 async for kv in self._etcd.scan_prefix(keys.types_prefix(self._prefix))
             ]
 
+    async def versions(self, task_type: task_pb2.TaskType) -> list[task_pb2.TaskType]:
+        """The kept versions of `task_type`, newest first; a type stored before versions were kept is its
+        own only version (1)."""
+        with _etcd_unavailable():
+            kept = [
+                task_pb2.TaskType.FromString(kv.value)
+                async for kv in self._etcd.scan_prefix(keys.type_versions_prefix(self._prefix, task_type.name))
+            ]
+        kept.sort(key=lambda t: t.version, reverse=True)
+        # A snapshot newer than the type is left by a registration that did not finish: not a version.
+        kept = [t for t in kept if t.version <= (task_type.version or 1)]
+        if not kept or kept[0].version != (task_type.version or 1):
+            current = task_pb2.TaskType()
+            current.CopyFrom(task_type)
+            current.version = current.version or 1
+            kept.insert(0, current)
+        return kept
+
     async def _load_type(self, name: str) -> None:
         """Bring the compiled type `name` up to its stored revision (a re-registration is picked up)."""
         kv, _ = await self._etcd.get(keys.task_type(self._prefix, name))

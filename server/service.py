@@ -18,9 +18,10 @@ import grpc
 from google.protobuf.message import Message
 
 from herder.clients import errors
+from herder.clients.errors import CLIENT_METADATA_KEY
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
 from herder.server import keys, placement, validation, verbs
-from herder.server.contracts import resolve_payload
+from herder.server.contracts import hello_versions_refused, resolve_payload
 from herder.server.entries import TERMINAL
 from herder.server.forwarding import Forwarder, is_forwarded
 from herder.server.horizon import set_timestamp, timestamp_seconds
@@ -42,6 +43,14 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 _LEADER_COUNTS_TIMEOUT = 1.0
 
 M = TypeVar("M", bound=Message)
+
+
+def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """Who calls, as recorded with a task type version: its x-herder-client metadata, else its peer."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_METADATA_KEY and isinstance(value, str) and value.isprintable() and value:
+            return value[:128]
+    return str(context.peer() or "")
 
 
 def _trace_context(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
@@ -132,7 +141,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         # Fields this version does not know would be stored and grow the record unseen: dropped here.
         spec.DiscardUnknownFields()
         validation.raise_if(self._prepare(leader, spec, "spec"), "invalid task spec")
-        [(task, created)] = await leader.submit([spec], _trace_context(context))
+        versions = [leader.registry.version(spec.type)]
+        [(task, created)] = await leader.submit([spec], _trace_context(context), type_versions=versions)
         return coordinator_pb2.SubmitTaskResponse(task=task, created=created)
 
     @_unary
@@ -144,6 +154,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         request.DiscardUnknownFields()
         results = [coordinator_pb2.SubmitTaskResult() for _ in request.specs]
         accepted: list[tuple[int, task_pb2.TaskSpec]] = []
+        # The type version each accepted spec was checked against (a registration may land between turns).
+        versions: list[int] = []
         turn = time.monotonic()
         for i, spec in enumerate(request.specs):
             if time.monotonic() - turn > _TURN:
@@ -159,7 +171,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 results[i].details.extend(status.details)
             else:
                 accepted.append((i, spec))
-        stored = await leader.submit([spec for _, spec in accepted], _trace_context(context))
+                versions.append(leader.registry.version(spec.type))
+        stored = await leader.submit([spec for _, spec in accepted], _trace_context(context), type_versions=versions)
         for (i, _), (task, created) in zip(accepted, stored, strict=True):
             results[i].task.CopyFrom(task)
             results[i].created = created
@@ -343,17 +356,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         leader = self._leader()
         request.DiscardUnknownFields()
         task_type = request.task_type
+        # Versions and their history are the coordinator's to set: what a caller sends there is ignored.
+        task_type.ClearField("versions")
         violations = validation.validate_task_type(task_type, self._limits, "task_type")
         validation.raise_if(violations, "invalid task type")
-        stored = await leader.register_type(task_type)
-        self._coordinator.reflection.invalidate()
-        return coordinator_pb2.RegisterTaskTypeResponse(task_type=stored)
+        stored, created = await leader.register_type(task_type, force=request.force, registered_by=_caller(context))
+        if created:
+            self._coordinator.reflection.invalidate()
+        return coordinator_pb2.RegisterTaskTypeResponse(task_type=stored, new_version=created)
 
     @_unary
     async def ListTaskTypes(
         self, request: coordinator_pb2.ListTaskTypesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListTaskTypesResponse:
-        return coordinator_pb2.ListTaskTypesResponse(task_types=await self._stored.types())
+        names = frozenset(request.names)
+        task_types = [t for t in await self._stored.types() if not names or t.name in names]
+        if request.include_versions:
+            for task_type in task_types:
+                task_type.versions.extend(await self._stored.versions(task_type))
+        return coordinator_pb2.ListTaskTypesResponse(task_types=task_types)
 
     @_unary
     async def ListNodes(
@@ -450,6 +471,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 violations.append(errors.FieldViolation("hello.slots", f"must be between 1 and {validation.MAX_SLOTS}"))
             violations += validation.validate_hello_extras(hello, self._limits)
             validation.raise_if(violations, "invalid hello")
+            outdated = hello_versions_refused(hello, leader.registry)
+            if outdated:
+                raise errors.FailedPreconditionError(
+                    f"worker {hello.worker_id} serves task type versions that were since changed incompatibly;"
+                    " rebuild it with the registered messages (herder types get NAME shows them)",
+                    violations=outdated,
+                )
             session, welcome = leader.workers.open_session(hello, context.peer())
         except errors.HerderError as exc:
             await context.abort_with_status(errors.to_status(exc))

@@ -293,6 +293,12 @@ def validate_hello_extras(hello: coordinator_pb2.WorkerHello, limits: Limits) ->
     else:
         for i, name in enumerate(hello.task_types):
             found += validate_name(name, f"hello.task_types[{i}]", limits)
+        served = set(hello.task_types)
+        for name in sorted(hello.type_versions):
+            if name not in served:
+                found.append(
+                    FieldViolation(f"hello.type_versions[{name[:128]}]", "names a type not in hello.task_types")
+                )
     if not hello.worker_id.isprintable() or not hello.address.isprintable():
         found.append(FieldViolation("hello", "worker_id and address must not contain control characters"))
     # Labels are shown and logged: metadata's bounds, and printable.

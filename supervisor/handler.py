@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herder.clients.backoff import Backoff
 from herder.clients.context import TaskContext
+from herder.clients.descriptors import caller_metadata
 from herder.clients.endpoints import CHANNEL_OPTIONS
 from herder.clients.outcomes import (
     BAD_OUTPUT,
@@ -178,7 +179,8 @@ class HandlerRunner:
     def task_types(self) -> Sequence[str]:
         return sorted(self._types)
 
-    async def prepare(self, stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub, timeout: float) -> None:
+    async def prepare(self, stub: coordinator_pb2_grpc.CoordinatorServiceAsyncStub, timeout: float) -> dict[str, int]:
+        versions: dict[str, int] = {}
         for handled in self._types.values():
             contract = task_pb2.TaskType(
                 name=handled.name,
@@ -186,8 +188,20 @@ class HandlerRunner:
                 output_type=handled.output_type,
                 descriptors=handled.descriptors,
             )
-            await stub.RegisterTaskType(coordinator_pb2.RegisterTaskTypeRequest(task_type=contract), timeout=timeout)
-            _log.info("registered task type %s (%s -> %s)", handled.name, handled.input_type, handled.output_type)
+            response = await stub.RegisterTaskType(
+                coordinator_pb2.RegisterTaskTypeRequest(task_type=contract),
+                timeout=timeout,
+                metadata=caller_metadata("supervisor"),
+            )
+            versions[handled.name] = response.task_type.version
+            _log.info(
+                "registered task type %s version %d (%s -> %s)",
+                handled.name,
+                response.task_type.version,
+                handled.input_type,
+                handled.output_type,
+            )
+        return versions
 
     async def run(self, context: TaskContext) -> coordinator_pb2.AttemptResult:
         """Forward the attempt to Execute; cancelling this coroutine or context.cancelled cancels the call."""

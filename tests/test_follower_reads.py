@@ -118,8 +118,9 @@ async def test_a_follower_renders_results_with_a_re_registered_type(
     first = await _run(leader, to_leader, spec, examples_pb2.EchoResponse(text="one"))
     # The follower compiles the first contract, whose descriptors know nothing of herder.v1.Resources.
     assert json.loads((await _get(to_follower, first)).result_json) == {"text": "one"}
+    # Other messages altogether: an incompatible version, so forced.
     await to_leader.RegisterTaskType(
-        pb.RegisterTaskTypeRequest(task_type=task_type_for(name, task_pb2.Resources, task_pb2.Resources))
+        pb.RegisterTaskTypeRequest(task_type=task_type_for(name, task_pb2.Resources, task_pb2.Resources), force=True)
     )
     spec = task_pb2.TaskSpec(type=name, payload_json='{"cpu_millis": 1}', queue=queue)
     second = await _run(leader, to_leader, spec, task_pb2.Resources(cpu_millis=250))

@@ -513,19 +513,31 @@ Global___WatchTasksResponse: _TypeAlias = WatchTasksResponse  # noqa: Y015
 
 @_typing.final
 class RegisterTaskTypeRequest(_message.Message):
+    """Registers a type, or a new version of it. The messages must be wire- and JSON-compatible with the
+    registered version (README "Task types as contracts"), else FAILED_PRECONDITION with a violation
+    per breaking change. The same messages again change nothing (an empty description keeps the
+    registered one).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_TYPE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    force: _builtins.bool
+    """Accept incompatible messages anyway (logged, recorded as a forced version): workers declaring
+    an earlier version are then refused at hello.
+    """
     @_builtins.property
     def task_type(self) -> _task_pb2.TaskType: ...
     def __init__(
         self,
         *,
         task_type: _task_pb2.TaskType | None = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -536,16 +548,22 @@ class RegisterTaskTypeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_TYPE_FIELD_NUMBER: _builtins.int
+    NEW_VERSION_FIELD_NUMBER: _builtins.int
+    new_version: _builtins.bool
+    """True when this call created a version (the first, or a change of the messages)."""
     @_builtins.property
-    def task_type(self) -> _task_pb2.TaskType: ...
+    def task_type(self) -> _task_pb2.TaskType:
+        """The registered type as it stands after the call (its version, who registered it)."""
+
     def __init__(
         self,
         *,
         task_type: _task_pb2.TaskType | None = ...,
+        new_version: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_version", b"new_version", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,12 +573,23 @@ Global___RegisterTaskTypeResponse: _TypeAlias = RegisterTaskTypeResponse  # noqa
 class ListTaskTypesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    NAMES_FIELD_NUMBER: _builtins.int
+    INCLUDE_VERSIONS_FIELD_NUMBER: _builtins.int
+    include_versions: _builtins.bool
+    """Fill each type's `versions` (with their descriptors: can be large)."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these types (every type when empty); names not registered are left out."""
+
     def __init__(
         self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        include_versions: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_versions", b"include_versions", "names", b"names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1141,6 +1170,26 @@ class WorkerHello(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TypeVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TASK_TYPES_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
@@ -1148,6 +1197,7 @@ class WorkerHello(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    TYPE_VERSIONS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable across reconnects; a restarted worker process uses a new one."""
     slots: _builtins.int
@@ -1168,6 +1218,13 @@ class WorkerHello(_message.Message):
         comes from its resource samples (cpu_count cores, memory_total_bytes).
         """
 
+    @_builtins.property
+    def type_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The registered version of each served type whose messages it was built with, as RegisterTaskType
+        answered; refused (FAILED_PRECONDITION) when the type has since changed incompatibly (forced).
+        Types left out are not checked.
+        """
+
     def __init__(
         self,
         *,
@@ -1178,10 +1235,11 @@ class WorkerHello(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         address: _builtins.str = ...,
         capacity: _task_pb2.Resources | None = ...,
+        type_versions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "labels", b"labels", "running", b"running", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "labels", b"labels", "running", b"running", "slots", b"slots", "task_types", b"task_types", "type_versions", b"type_versions", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

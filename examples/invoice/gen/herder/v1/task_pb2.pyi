@@ -344,6 +344,7 @@ class Task(_message.Message):
     FAILURES_BEFORE_RETRY_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     RETRY_REASON_FIELD_NUMBER: _builtins.int
+    TYPE_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     namespace: _builtins.str
     state: Global___TaskState.ValueType
@@ -370,6 +371,8 @@ class Task(_message.Message):
     """
     retry_reason: _builtins.str
     """The reason given to the latest RetryTask."""
+    type_version: _builtins.int
+    """The version of its task type the payload was checked against at submission (0: not registered)."""
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -434,10 +437,11 @@ class Task(_message.Message):
         failures_before_retry: _builtins.int = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
         retry_reason: _builtins.str = ...,
+        type_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "create_time", b"create_time", "delete_time", b"delete_time", "error", b"error", "finish_time", b"finish_time", "next_run_time", b"next_run_time", "progress", b"progress", "queue_time", b"queue_time", "result", b"result", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "attempt_errors", b"attempt_errors", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "delete_time", b"delete_time", "error", b"error", "failures_before_retry", b"failures_before_retry", "finish_time", b"finish_time", "id", b"id", "namespace", b"namespace", "next_run_time", b"next_run_time", "progress", b"progress", "queue_time", b"queue_time", "result", b"result", "result_json", b"result_json", "retries", b"retries", "retry_of", b"retry_of", "retry_reason", b"retry_reason", "sequence", b"sequence", "session_id", b"session_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "trace_context", b"trace_context", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "attempt_errors", b"attempt_errors", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "delete_time", b"delete_time", "error", b"error", "failures_before_retry", b"failures_before_retry", "finish_time", b"finish_time", "id", b"id", "namespace", b"namespace", "next_run_time", b"next_run_time", "progress", b"progress", "queue_time", b"queue_time", "result", b"result", "result_json", b"result_json", "retries", b"retries", "retry_of", b"retry_of", "retry_reason", b"retry_reason", "sequence", b"sequence", "session_id", b"session_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "trace_context", b"trace_context", "type_version", b"type_version", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -488,17 +492,47 @@ class TaskType(_message.Message):
     DESCRIPTORS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REGISTERED_BY_FIELD_NUMBER: _builtins.int
+    FORCED_FIELD_NUMBER: _builtins.int
+    COMPATIBLE_SINCE_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     input_type: _builtins.str
     """Full name of the input message, such as "images.v1.ResizeRequest"."""
     output_type: _builtins.str
     description: _builtins.str
+    version: _builtins.int
+    """Set by the coordinator: 1 for the first registration, one more for each accepted change of the
+    messages. Registering the same messages again keeps it.
+    """
+    registered_by: _builtins.str
+    """Who registered this version: the caller's x-herder-client metadata, else its peer address."""
+    forced: _builtins.bool
+    """This version was accepted with force although incompatible with the one before it."""
+    compatible_since: _builtins.int
+    """The oldest version whose messages this one is compatible with (the latest forced version, or
+    1): a worker declaring an older version is refused at hello.
+    """
     @_builtins.property
     def descriptors(self) -> _descriptor_pb2.FileDescriptorSet:
         """The .proto files that define both messages and their dependencies."""
 
     @_builtins.property
-    def register_time(self) -> _timestamp_pb2.Timestamp: ...
+    def register_time(self) -> _timestamp_pb2.Timestamp:
+        """When this version was registered."""
+
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What changed from the version before, one line each (for a forced version, the breaking ones too)."""
+
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskType]:
+        """The kept versions (the last 20), newest first, each a snapshot of the type as registered then;
+        filled only when ListTaskTypesRequest.include_versions is set.
+        """
+
     def __init__(
         self,
         *,
@@ -508,10 +542,16 @@ class TaskType(_message.Message):
         descriptors: _descriptor_pb2.FileDescriptorSet | None = ...,
         description: _builtins.str = ...,
         register_time: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.int = ...,
+        registered_by: _builtins.str = ...,
+        forced: _builtins.bool = ...,
+        compatible_since: _builtins.int = ...,
+        changes: _abc.Iterable[_builtins.str] | None = ...,
+        versions: _abc.Iterable[Global___TaskType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["descriptors", b"descriptors", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "descriptors", b"descriptors", "input_type", b"input_type", "name", b"name", "output_type", b"output_type", "register_time", b"register_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "compatible_since", b"compatible_since", "description", b"description", "descriptors", b"descriptors", "forced", b"forced", "input_type", b"input_type", "name", b"name", "output_type", b"output_type", "register_time", b"register_time", "registered_by", b"registered_by", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
