@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from herder.clients import errors, quantities, types_cli
+from herder.clients import errors, exit_codes, quantities, types_cli
 from herder.clients.client import (
     MAX_DELAY_SECONDS,
     Client,
@@ -51,9 +51,9 @@ from herder.clients.client import (
 from herder.clients.config_show import show_config
 from herder.clients.descriptors import add_files
 from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, address_setting
+from herder.clients.exit_codes import UsageError, WaitTimeoutError
 from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
-from herder.clients.proto_sources import ProtoSourceError
 from herder.clients.proto_text import render_task_type
 from herder.clients.settings import Setting, SettingsError, add_flags, choice, resolve, seconds
 from herder.clients.worker_config import worker_arguments, worker_settings
@@ -68,10 +68,6 @@ _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output", "--rpc-timeout", "--config
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
 _PIPE_WIDTH = 250
 _UNREACHABLE_HINTS = ("failed to connect", "connection refused", "dns resolution failed", "connect failed")
-
-
-class UsageError(Exception):
-    """Bad command-line input found after parsing (exit code 2)."""
 
 
 # The [cli] settings: the global options of every command that talks to a coordinator.
@@ -123,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = resolve("cli", SETTINGS, args)
         except SettingsError as exc:
             _error(str(exc))
-            return 2
+            return exit_codes.USAGE
         for name in settings:
             setattr(args, name, settings[name])
     runner: Callable[[argparse.Namespace], int] = args.run
@@ -131,24 +127,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return runner(args)
     except KeyboardInterrupt:
         # Ctrl-C on a stream (tasks watch, worker) is the normal way to stop it.
-        return 0 if getattr(args, "interrupt_ok", False) else 130
-    except (UsageError, ProtoSourceError) as exc:
-        _error(str(exc))
-        return 2
-    except errors.HerderError as exc:
-        _error(describe_error(exc, args.coordinator))
-        return 1
-    except TimeoutError as exc:
-        _error(str(exc) or "timed out")
-        return 1
+        return exit_codes.OK if getattr(args, "interrupt_ok", False) else exit_codes.INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`herder tasks watch | head`): stop quietly.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except Exception as exc:  # the last line of defence: one line, not a traceback
-        _error(f"unexpected error: {type(exc).__name__}: {exc}")
-        return 1
+        return exit_codes.OK
+    except Exception as exc:  # one line per error, never a traceback
+        code = exit_codes.exit_code(exc)
+        _error(_error_line(exc, args.coordinator, code))
+        return code
+
+
+def _error_line(error: Exception, address: str, code: int) -> str:
+    if isinstance(error, errors.HerderError):
+        return describe_error(error, address)
+    if code == exit_codes.INTERNAL:
+        return f"unexpected error (a bug: please report it): {type(error).__name__}: {error}"
+    if isinstance(error, ConnectionError):
+        return f"cannot reach the coordinator at {address}: {error}"
+    return str(error) or type(error).__name__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG", help="repeatable")
     submit.add_argument("--meta", action="append", type=_key_value, default=[], metavar="K=V", help="repeatable")
     submit.add_argument("--wait", action="store_true", help="wait for the task to finish and print its result")
-    submit.add_argument("--wait-timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds")
+    submit.add_argument(
+        "--wait-timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds (exit code 5)"
+    )
+    submit.add_argument("--full", action="store_true", help="with --wait: show payload, result and details whole")
 
     tasks = command("tasks", "list, inspect, watch and cancel tasks", _need_subcommand)
     task_commands = tasks.add_subparsers(dest="tasks_command", metavar="SUBCOMMAND", required=True)
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--page-token", default="", metavar="TOKEN", help="the next page, as the last one said")
     get = command("get", "show one task with its result", _async(_tasks_get), task_commands)
     get.add_argument("id")
+    get.add_argument("--full", action="store_true", help="show payload, result and error details whole")
     watch = command(
         "watch",
         "stream task state changes until Ctrl-C (or until every task named has finished)",
@@ -523,7 +525,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     """Replace this process with the coordinator (clients never import herder.server)."""
     if problem := _missing_server_extra("coordinator", _COORDINATOR_MODULES):
         _error(problem)
-        return 1
+        return exit_codes.USAGE  # like a missing protoc extra: this installation cannot run the command
     os.execv(sys.executable, [sys.executable, "-m", "herder.server", *_handed_on(args)])
 
 
@@ -547,7 +549,7 @@ def _run_config(args: argparse.Namespace) -> int:
     coordinator = args.passthrough[1:2] == ["coordinator"]
     if coordinator and (problem := _missing_server_extra("config show", _COORDINATOR_MODULES)):
         _error(problem)
-        return 1
+        return exit_codes.USAGE  # like a missing protoc extra: this installation cannot run the command
     given = {name: getattr(args, name, None) for name in ("coordinator", "output", "rpc_timeout")}
     try:
         return show_config(args.passthrough, SETTINGS, given, args.config_file)
@@ -558,14 +560,14 @@ def _run_config(args: argparse.Namespace) -> int:
 def _run_dev(args: argparse.Namespace) -> int:
     if problem := _missing_server_extra("dev", _DEV_MODULES):
         _error(problem)
-        return 1
+        return exit_codes.USAGE  # like a missing protoc extra: this installation cannot run the command
     try:
         module = importlib.import_module("herder.clients.dev")
     except ModuleNotFoundError as exc:
         if exc.name != "herder.clients.dev":
             raise
         _error("`herder dev` is not available in this installation")
-        return 1
+        return exit_codes.USAGE
     dev_main: Callable[[list[str]], int | None] = module.main
     return dev_main(args.passthrough) or 0
 
@@ -650,24 +652,28 @@ async def _submit(client: Client, out: Output, args: argparse.Namespace) -> int:
     )
     if not args.wait:
         if out.json:
-            await out.print_json(handle.task)
+            await out.print_json(handle.task, created=handle.created)
         else:
             verb = "submitted" if handle.created else "already submitted:"
             out.console.print(f"{verb} task [bold]{handle.id}[/] ({state_name(handle.task.state)})")
-        return 0
+        return exit_codes.OK
     try:
         await handle.wait(args.wait_timeout)
     except TimeoutError:
-        raise TimeoutError(
+        raise WaitTimeoutError(
             f"timed out after {args.wait_timeout:g}s waiting for task {handle.id} "
-            f"(still {state_name(handle.task.state)})"
+            f"(still {state_name(handle.task.state)}; it goes on: herder tasks get {handle.id})"
         ) from None
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # Ctrl-C stops the waiting, not the task: say which task it was before exiting 130.
+        _error(f"interrupted: task {handle.id} goes on; follow it with `herder tasks get {handle.id}`")
+        raise
     task = await client.get(handle.id, include_result_json=True)
-    await out.print_task(task)
+    await out.print_task(task, full=args.full, created=handle.created)
     if task.state != task_pb2.TASK_STATE_SUCCEEDED:
         _error(_failure_line(task))
-        return 1
-    return 0
+        return exit_codes.TASK_FAILED
+    return exit_codes.OK
 
 
 async def _tasks_list(client: Client, out: Output, args: argparse.Namespace) -> int:
@@ -710,8 +716,8 @@ async def _tasks_list(client: Client, out: Output, args: argparse.Namespace) -> 
 
 
 async def _tasks_get(client: Client, out: Output, args: argparse.Namespace) -> int:
-    await out.print_task(await client.get(args.id, include_result_json=True))
-    return 0
+    await out.print_task(await client.get(args.id, include_result_json=True), full=args.full)
+    return exit_codes.OK
 
 
 async def _tasks_watch(client: Client, out: Output, args: argparse.Namespace) -> int:
@@ -748,7 +754,8 @@ def _event_line(event: task_pb2.TaskEvent) -> str:
     """One line per event: time, task, type, state change, attempt, worker, error."""
     task = event.task
     change = _styled_state(task.state)
-    if event.previous_state and not event.initial:
+    # A progress report is an event too, with the state unchanged.
+    if event.previous_state and not event.initial and event.previous_state != task.state:
         change = f"{state_name(event.previous_state)} -> {change}"
     parts = [
         datetime.now().strftime("%H:%M:%S"),
@@ -757,7 +764,8 @@ def _event_line(event: task_pb2.TaskEvent) -> str:
         change,
         f"attempt {task.attempt}" if task.attempt else "",
         task.worker_id,
-        _error_text(task.error),
+        escape(_progress_text(task)) if task.state == task_pb2.TASK_STATE_RUNNING else "",
+        escape(_error_text(task.error)),
     ]
     return " ".join(p for p in parts if p)
 
@@ -1152,7 +1160,7 @@ async def _alerts(client: Client, out: Output, args: argparse.Namespace) -> int:
         key=lambda pair: (pair[1].raise_time.ToNanoseconds(), pair[0]),
     )
     if out.json:
-        document = [{"workerId": worker, **await out.to_dict(alert)} for worker, alert in active]
+        document = [{"worker_id": worker, **await out.to_dict(alert)} for worker, alert in active]
         print(json.dumps(document, indent=2))
         return 0
     table = _table("WORKER", "ALERT", "SEVERITY", "RAISED", "FOR", "MESSAGE", "ID", title="alerts")
@@ -1202,7 +1210,7 @@ async def _lock(client: Client, out: Output, args: argparse.Namespace) -> int:
         return await run_locked(client, args.name, argv, ttl=args.ttl, wait=args.wait, owner=args.owner)
     except errors.LockLostError as exc:
         _error(f"{exc}; the command was stopped")
-        return 1
+        return exit_codes.TASK_FAILED
     except OSError as exc:
         _error(f"cannot run {argv[0]}: {exc.strerror or exc}")
         return 127
@@ -1234,36 +1242,43 @@ class Output:
     def json(self) -> bool:
         return self.format == "json"
 
-    async def print_json(self, message: Message, *, defaults: bool = False) -> None:
-        print(json.dumps(await self.to_dict(message, defaults=defaults), indent=2))
+    async def print_json(self, message: Message, *, defaults: bool = False, created: bool | None = None) -> None:
+        document = await self.to_dict(message, defaults=defaults)
+        if created is not None:
+            document["created"] = created  # submit: False when an idempotency key matched an existing task
+        print(json.dumps(document, indent=2))
 
     async def print_json_list(self, messages: Iterable[Message], *, defaults: bool = False) -> None:
         print(json.dumps([await self.to_dict(m, defaults=defaults) for m in messages], indent=2))
 
     async def to_dict(self, message: Message, *, defaults: bool = False) -> dict[str, Any]:
-        """The message as proto3 JSON; payloads and results of unknown types are decoded with the
-        descriptors registered with their task types, or left out when even those do not know them.
-        With `defaults`, zero fields are printed too (counters and limits that scripts read)."""
+        """The message in the proto JSON mapping with the .proto's field names (snake_case), as every
+        `--output json` prints it. Payloads and results are JSON objects ("@type" and the message's
+        fields), decoded with the descriptors registered with their task types; one of a type not
+        even those know is left out. A task's `result_json` (the coordinator's rendering) becomes its
+        `result` then, and is not repeated. With `defaults`, zero fields are printed too (counters
+        and limits that scripts read)."""
         try:
-            return json_format.MessageToDict(message, always_print_fields_with_no_presence=defaults)
+            document = _message_to_dict(message, defaults)
         except TypeError:  # an Any whose type this process has no generated code for
-            pass
-        pool = await self._registered_pool()
-        try:
-            return json_format.MessageToDict(
-                message, always_print_fields_with_no_presence=defaults, descriptor_pool=pool
-            )
-        except TypeError:
-            stripped = type(message)()
-            stripped.CopyFrom(message)
-            _clear_unknown_anys(stripped, pool)
-            return json_format.MessageToDict(
-                stripped, always_print_fields_with_no_presence=defaults, descriptor_pool=pool
-            )
+            pool = await self._registered_pool()
+            try:
+                document = _message_to_dict(message, defaults, pool)
+            except TypeError:
+                stripped = type(message)()
+                stripped.CopyFrom(message)
+                _clear_unknown_anys(stripped, pool)
+                document = _message_to_dict(stripped, defaults, pool)
+        for task in (document, document.get("task")):
+            if isinstance(task, dict):
+                _fold_result_json(task)
+        return document
 
-    async def print_task(self, task: task_pb2.Task) -> None:
+    async def print_task(self, task: task_pb2.Task, *, full: bool = False, created: bool | None = None) -> None:
+        """A task for people: its spec, state, times, payload, result and errors. Payload, result and
+        error details longer than SHOWN_BYTES or SHOWN_LINES are cut, unless `full`."""
         if self.json:
-            await self.print_json(task)
+            await self.print_json(task, created=created)
             return
         spec = task.spec
         grid = Table.grid(padding=(0, 2))
@@ -1271,35 +1286,41 @@ class Output:
         grid.add_column(overflow="fold")
         rows: list[tuple[str, str]] = [
             ("id", task.id),
-            ("type", spec.type),
+            ("type", spec.type + (f" (version {task.type_version})" if task.type_version else "")),
             ("queue", spec.queue),
             ("state", _styled_state(task.state) + (" (cancel requested)" if task.cancel_requested else "")),
             ("priority", str(spec.priority)),
             ("attempt", f"{task.attempt}" + (f" of {spec.retry.max_attempts}" if spec.retry.max_attempts else "")),
-            ("worker", task.worker_id),
-            ("waiting", task.waiting_reason),
+            ("worker", escape(task.worker_id)),
+            ("waiting", escape(task.waiting_reason)),
+            ("progress", escape(_progress_text(task))),
+            ("idempotency key", escape(spec.idempotency_key)),
+            ("concurrency key", escape(spec.concurrency_key)),
+            ("tags", escape(", ".join(spec.tags))),
+            ("metadata", escape(", ".join(f"{k}={v}" for k, v in sorted(spec.metadata.items())))),
             ("resources", _resources_text(spec.resources)),
+            ("not before", _time(spec.not_before)),
+            ("ttl", _span_of(spec.ttl) if _nonzero(spec.ttl) else ""),
+            ("timeout", _span_of(spec.timeout) if _nonzero(spec.timeout) else ""),
+            ("retry", escape(_retry_text(spec.retry))),
             ("created", _time(task.create_time)),
             ("started", _time(task.start_time)),
             ("finished", _time(task.finish_time)),
             ("next run", _time(task.next_run_time)),
-            ("tags", ", ".join(spec.tags)),
-            ("metadata", ", ".join(f"{k}={v}" for k, v in sorted(spec.metadata.items()))),
         ]
-        if task.HasField("progress") and task.progress.fraction >= 0:
-            rows.append(("progress", f"{task.progress.fraction:.0%} {task.progress.message}".strip()))
         if spec.HasField("payload"):
-            rows.append(("payload", await self._any_json(spec.payload)))
+            rows.append(("payload", escape(_shorten(await self._any_json(spec.payload), full))))
         if task.result_json:
-            rows.append(("result", task.result_json))
+            rows.append(("result", escape(_shorten(task.result_json, full))))
         elif task.HasField("result"):
-            rows.append(("result", await self._any_json(task.result)))
-        rows.append(("error", _error_text(task.error)))
-        rows.append(("error details", task.error.details))
+            rows.append(("result", escape(_shorten(await self._any_json(task.result), full))))
+        rows.append(("error", escape(_error_text(task.error))))
+        rows.append(("error details", escape(_shorten(task.error.details, full))))
         rows.append(("retry of", task.retry_of))
         if task.retries:
-            rows.append(("retried", f"{task.retries} times" + (f" ({task.retry_reason})" if task.retry_reason else "")))
-        rows.extend((f"attempt error {n}", _error_text(e)) for n, e in enumerate(task.attempt_errors, 1))
+            reason = f" ({task.retry_reason})" if task.retry_reason else ""
+            rows.append(("retried", escape(f"{task.retries} times{reason}")))
+        rows.extend((f"attempt error {n}", escape(_error_text(e))) for n, e in enumerate(task.attempt_errors, 1))
         for name, value in rows:
             if value:
                 grid.add_row(name, value)
@@ -1325,6 +1346,26 @@ def _pool_of(task_types: Iterable[task_pb2.TaskType]) -> descriptor_pool.Descrip
     for task_type in task_types:
         add_files(pool, task_type.descriptors.file)
     return pool
+
+
+def _message_to_dict(
+    message: Message, defaults: bool, pool: descriptor_pool.DescriptorPool | None = None
+) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=defaults,
+        descriptor_pool=pool,
+    )
+
+
+def _fold_result_json(task: dict[str, Any]) -> None:
+    """A task's result once, as an object: `result_json` stands in for a result this process could not decode."""
+    text = task.pop("result_json", None)
+    if text is None or "result" in task:
+        return
+    with contextlib.suppress(ValueError):
+        task["result"] = json.loads(text)
 
 
 def _clear_unknown_anys(message: Message, pool: descriptor_pool.DescriptorPool) -> None:
@@ -1415,6 +1456,48 @@ def _size(n: int) -> str:
         if value < 1024 or unit == "TiB":
             break
     return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+
+
+# How much of a payload, result or error details `tasks get` and `submit --wait` show without --full.
+SHOWN_BYTES = 2048
+SHOWN_LINES = 40
+
+
+def _shorten(text: str, full: bool = False) -> str:
+    """The first SHOWN_BYTES bytes or SHOWN_LINES lines of text, saying how much was left out."""
+    size = len(text.encode())
+    lines = text.splitlines()
+    if full or (size <= SHOWN_BYTES and len(lines) <= SHOWN_LINES):
+        return text
+    head = "\n".join(lines[:SHOWN_LINES]).encode()[:SHOWN_BYTES].decode(errors="ignore")
+    return f"{head}\n(… {size - len(head.encode())} more bytes; --full shows all)"
+
+
+def _progress_text(task: task_pb2.Task) -> str:
+    """ "42% resizing" ; the message alone when the handler does not know the fraction."""
+    if not task.HasField("progress"):
+        return ""
+    progress = task.progress
+    fraction = f"{progress.fraction:.0%}" if progress.fraction >= 0 else ""
+    return " ".join(part for part in (fraction, progress.message) if part)
+
+
+def _retry_text(retry: task_pb2.RetryPolicy) -> str:
+    """The retry policy as given; the coordinator's defaults apply to what is left out."""
+    parts = []
+    if retry.max_attempts:
+        parts.append(f"at most {retry.max_attempts} attempts")
+    if _nonzero(retry.initial_backoff):
+        parts.append(f"backoff {_span_of(retry.initial_backoff)}")
+    if retry.backoff_multiplier:
+        parts.append(f"x{retry.backoff_multiplier:g}")
+    if _nonzero(retry.max_backoff):
+        parts.append(f"up to {_span_of(retry.max_backoff)}")
+    if retry.jitter:
+        parts.append(f"jitter {retry.jitter:g}")
+    if retry.non_retryable_error_types:
+        parts.append(f"not retried: {', '.join(retry.non_retryable_error_types)}")
+    return ", ".join(parts)
 
 
 def _error_text(error: task_pb2.TaskError) -> str:

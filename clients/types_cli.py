@@ -85,7 +85,7 @@ async def register(client: Client, out: Output, args: argparse.Namespace) -> int
     files = len(stored.descriptors.file)
     if out.json:
         document = await out.to_dict(_without_descriptors(stored))
-        document["descriptorFiles"] = files
+        document["descriptor_files"] = files
         print(json.dumps(document, indent=2))
         return 0
     out.console.print(

@@ -98,7 +98,9 @@ def test_submit_wait_prints_the_result(capsys: pytest.CaptureFixture[str], addre
 def test_submit_wait_json(capsys: pytest.CaptureFixture[str], address: str, worker: object) -> None:
     task = submit_json(capsys, address, "examples.echo", "--json", '{"text": "j"}', "--wait", "--wait-timeout", "20")
     assert task["state"] == "TASK_STATE_SUCCEEDED"
-    assert json.loads(str(task["resultJson"])) == {"text": "j"}
+    # The result is an object in the proto JSON mapping, once: no result_json string beside it.
+    assert task["result"] == {"@type": "type.googleapis.com/herder.examples.v1.EchoResponse", "text": "j"}
+    assert "result_json" not in task and task["created"] is True
 
 
 def test_a_failed_task_exits_1_with_one_line(capsys: pytest.CaptureFixture[str], address: str, worker: object) -> None:
@@ -110,10 +112,10 @@ def test_a_failed_task_exits_1_with_one_line(capsys: pytest.CaptureFixture[str],
     assert err.count("\n") == 1 and err.startswith("herder: task ") and "ended FAILED" in err
 
 
-def test_wait_timeout(capsys: pytest.CaptureFixture[str], address: str) -> None:
+def test_wait_timeout_exits_5(capsys: pytest.CaptureFixture[str], address: str) -> None:
     code, _, err = run(capsys, "--coordinator", address, "submit", "examples.echo", "--json", "{}", "--wait",
                        "--wait-timeout", "0.2")  # fmt: skip
-    assert code == 1 and "timed out after 0.2s" in err and "QUEUED" in err
+    assert code == 5 and "timed out after 0.2s" in err and "QUEUED" in err and err.count("\n") == 1
 
 
 def test_submit_options_and_get(capsys: pytest.CaptureFixture[str], address: str, worker: object) -> None:
@@ -126,7 +128,7 @@ def test_submit_options_and_get(capsys: pytest.CaptureFixture[str], address: str
     code, out, _ = run(capsys, "--coordinator", address, "tasks", "get", str(task["id"]))
     assert code == 0 and "PENDING" in out and "slow" in out and '"text": "later"' in out
     again = submit_json(capsys, address, "examples.echo", "--json", "{}", "--idempotency-key", "key-1")
-    assert again["id"] == task["id"]
+    assert again["id"] == task["id"] and (task["created"], again["created"]) == (True, False)
 
 
 def test_tasks_list_filters(capsys: pytest.CaptureFixture[str], address: str) -> None:
@@ -145,7 +147,7 @@ def test_tasks_cancel(capsys: pytest.CaptureFixture[str], address: str) -> None:
     code, out, _ = run(capsys, "--coordinator", address, "tasks", "cancel", task_id, "--reason", "test")
     assert code == 0 and "canceled" in out
     code, _, err = run(capsys, "--coordinator", address, "tasks", "cancel", task_id)
-    assert code == 1 and err.startswith("herder: ") and err.count("\n") == 1
+    assert code == 4 and err.startswith("herder: ") and err.count("\n") == 1, "refused: already finished"
 
 
 def test_types_and_status(capsys: pytest.CaptureFixture[str], address: str, worker: object) -> None:
@@ -157,28 +159,28 @@ def test_types_and_status(capsys: pytest.CaptureFixture[str], address: str, work
     assert code == 0 and address in out and "leader" in out and "examples.echo" in out
     code, out, _ = run(capsys, "--coordinator", address, "--output", "json", "status")
     document = json.loads(out)
-    assert document["cluster"]["leaderAddress"] == address and len(document["nodes"]) == 1
+    assert document["cluster"]["leader_address"] == address and len(document["nodes"]) == 1
 
 
 def test_unreachable_coordinator_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--coordinator", "127.0.0.1:1", "tasks", "list")
-    assert (code, out, err) == (1, "", "herder: cannot reach the coordinator at 127.0.0.1:1\n")
+    assert (code, out, err) == (3, "", "herder: cannot reach the coordinator at 127.0.0.1:1\n")
 
 
 def test_environment_names_the_coordinator(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERDER_COORDINATOR", "127.0.0.1:2")
     code, _, err = run(capsys, "status")
-    assert code == 1 and "127.0.0.1:2" in err
+    assert code == 3 and "127.0.0.1:2" in err
 
 
 def test_not_found_is_one_line(capsys: pytest.CaptureFixture[str], address: str) -> None:
     code, _, err = run(capsys, "--coordinator", address, "tasks", "get", "nope")
-    assert code == 1 and err.startswith("herder: ") and err.count("\n") == 1
+    assert code == 4 and err.startswith("herder: ") and err.count("\n") == 1
 
 
 def test_invalid_input_is_reported_with_its_field(capsys: pytest.CaptureFixture[str], address: str) -> None:
     code, _, err = run(capsys, "--coordinator", address, "submit", "examples.echo", "--json", '{"bogus": 1}')
-    assert code == 1 and "spec.payload_json" in err and err.count("\n") == 1
+    assert code == 4 and "spec.payload_json" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

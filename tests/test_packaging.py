@@ -174,7 +174,7 @@ def test_sdk_cli_and_supervisor_work_without_the_server_extra(coordinator: Coord
     assert "no extras" in results["submit"]["out"]
     for command in ("coordinator", "dev"):
         result = results[command]
-        assert result["code"] == 1, result
+        assert result["code"] == 2, result
         # One line, naming the install that fixes it.
         assert result["err"].count("\n") == 1, result["err"]
         assert result["err"].startswith(f"herder: `herder {command}` needs the server extra"), result["err"]

@@ -110,7 +110,7 @@ def test_json_output_and_well_known_imports(
     assert code == 0, err
     document = json.loads(out)
     assert document["name"] == "images.resize" and document["inputType"] == "images.v1.ResizeRequest"
-    assert document["descriptorFiles"] == 2  # images.proto and the duration.proto it imports
+    assert document["descriptor_files"] == 2  # images.proto and the duration.proto it imports
     code, out, err = run(
         capsys, "--coordinator", coordinator.address, "--output", "json", "submit", "images.resize",
         "--json", '{"url": "a.png", "width": 64, "budget": "2s"}',
