@@ -3,8 +3,10 @@ and set limits.
 
 Every command talks to a coordinator (`--coordinator`, env HERDER_COORDINATOR or the [cli]
 table of the config file; a comma-separated list of replicas is tried in turn and the leader
-followed) and prints rich tables, or JSON with `--output json` for scripts. A failure is one
-line on stderr and exit code 1 (2 for bad usage or a bad setting); never a traceback.
+followed) and prints rich tables, or JSON with `--output json` for scripts (the proto JSON
+mapping with the .proto's field names, everywhere). A failure is one line on stderr, never a
+traceback, and an exit code saying what kind (see exit_codes: 1 the task failed, 2 usage, 3
+unreachable, 4 refused, 5 --wait-timeout, 70 a bug, 130 Ctrl-C).
 `herder config show [COMMAND]` prints a command's effective settings and where each came from.
 """
 
@@ -146,6 +148,8 @@ def _error_line(error: Exception, address: str, code: int) -> str:
         return f"unexpected error (a bug: please report it): {type(error).__name__}: {error}"
     if isinstance(error, ConnectionError):
         return f"cannot reach the coordinator at {address}: {error}"
+    if isinstance(error, TimeoutError):
+        return f"the coordinator at {address} did not answer in time"
     return str(error) or type(error).__name__
 
 
@@ -971,13 +975,19 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
 
 async def _queues_pause(client: Client, out: Output, args: argparse.Namespace) -> int:
     await client.pause_queue(args.queue)
-    out.console.print(f"queue [bold]{escape(args.queue)}[/] paused: it accepts tasks and starts none")
+    if out.json:
+        await out.print_json(coordinator_pb2.SetQueuePausedResponse(queue=args.queue, paused=True), defaults=True)
+    else:
+        out.console.print(f"queue [bold]{escape(args.queue)}[/] paused: it accepts tasks and starts none")
     return 0
 
 
 async def _queues_resume(client: Client, out: Output, args: argparse.Namespace) -> int:
     await client.resume_queue(args.queue)
-    out.console.print(f"queue [bold]{escape(args.queue)}[/] resumed")
+    if out.json:
+        await out.print_json(coordinator_pb2.SetQueuePausedResponse(queue=args.queue, paused=False), defaults=True)
+    else:
+        out.console.print(f"queue [bold]{escape(args.queue)}[/] resumed")
     return 0
 
 

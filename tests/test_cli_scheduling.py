@@ -91,7 +91,7 @@ def test_limits_set_and_list(capsys: pytest.CaptureFixture[str], address: str) -
         ["key", "tenant-a", "no", "limit", "4", "-"],
     ]
     limits = limits_by_target(capsys, address)
-    assert limits[("LIMIT_SCOPE_GLOBAL", "")]["maxRunning"] == "20"
+    assert limits[("LIMIT_SCOPE_GLOBAL", "")]["max_running"] == "20"
     assert limits[("LIMIT_SCOPE_QUEUE", "reports")]["retention"] == "600s"
     assert limits[("LIMIT_SCOPE_CONCURRENCY_KEY", "tenant-a")]["weight"] == 4
 
@@ -100,7 +100,7 @@ def test_queues_set_limit_keeps_the_retention(capsys: pytest.CaptureFixture[str]
     code, out, _ = run(capsys, "--coordinator", address, "queues", "set-limit", "reports", "4", "--retention", "300")
     assert (code, out.strip()) == (0, "limit set: queue reports: max running 4, retention 5m00s")
     limit = run_json(capsys, address, "queues", "set-limit", "reports", "6")
-    assert (limit["maxRunning"], limit["retention"]) == ("6", "300s")
+    assert (limit["max_running"], limit["retention"]) == ("6", "300s")
     code, out, _ = run(capsys, "--coordinator", address, "queues", "set-limit", "reports", "0")
     assert (code, out.strip()) == (0, "limit set: queue reports: no limit, retention 5m00s")
 
@@ -133,7 +133,7 @@ def test_invalid_limits_are_one_line_naming_the_field(
     capsys: pytest.CaptureFixture[str], address: str, args: tuple[str, ...], field: str
 ) -> None:
     code, out, err = run(capsys, "--coordinator", address, *args)
-    assert (code, out) == (1, "") and err.startswith("herder: ") and err.count("\n") == 1, err
+    assert (code, out) == (4, "") and err.startswith("herder: ") and err.count("\n") == 1, err
     assert field in err
     assert run_json(capsys, address, "limits") == []
 
@@ -179,7 +179,7 @@ def test_tasks_priority(capsys: pytest.CaptureFixture[str], address: str) -> Non
     assert run_json(capsys, address, "tasks", "priority", task["id"], "-2")["spec"]["priority"] == -2
     assert run(capsys, "--coordinator", address, "tasks", "cancel", task["id"])[0] == 0
     code, _, err = run(capsys, "--coordinator", address, "tasks", "priority", task["id"], "3")
-    assert code == 1 and err.startswith("herder: ") and err.count("\n") == 1
+    assert code == 4 and err.startswith("herder: ") and err.count("\n") == 1
 
 
 def test_tasks_get_shows_resources_and_why_a_task_waits(
@@ -189,7 +189,7 @@ def test_tasks_get_shows_resources_and_why_a_task_waits(
     submit = ("submit", "examples.sleep", "--json", '{"duration": "60s"}', "--queue", "narrow", "--cpu", "500m",
               "--memory", "256Mi")  # fmt: skip
     first, second = run_json(capsys, address, *submit), run_json(capsys, address, *submit)
-    assert first["spec"]["resources"] == {"cpuMillis": 500, "memoryBytes": "268435456"}
+    assert first["spec"]["resources"] == {"cpu_millis": 500, "memory_bytes": "268435456"}
     eventually(
         lambda: run_json(capsys, address, "tasks", "get", first["id"])["state"] == "TASK_STATE_RUNNING",
         "the first task running",

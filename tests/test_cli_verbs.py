@@ -44,7 +44,7 @@ def submit(client: SyncClient, queue: str, **options: object) -> str:
 def test_tasks_retry_requeues_a_canceled_task_and_refuses_a_queued_one(coordinator, client) -> None:
     task_id = submit(client, "idle", retry=Retry(max_attempts=1))
     refused = herder(coordinator.address, "tasks", "retry", task_id)
-    assert refused.returncode == 1 and "QUEUED" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 4 and "QUEUED" in refused.stderr and "Traceback" not in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     client.cancel(task_id, "oops")
     done = herder(coordinator.address, "tasks", "retry", task_id, "--reason", "it was fine")
@@ -55,7 +55,7 @@ def test_tasks_retry_requeues_a_canceled_task_and_refuses_a_queued_one(coordinat
     copied = herder(coordinator.address, "--output", "json", "tasks", "cancel", task_id)
     assert copied.returncode == 0, copied.stderr
     copy = json.loads(herder(coordinator.address, "--output", "json", "tasks", "retry", task_id, "--copy").stdout)
-    assert copy["retryOf"] == task_id and copy["id"] != task_id
+    assert copy["retry_of"] == task_id and copy["id"] != task_id
 
 
 async def test_tasks_get_shows_a_failures_type_message_and_details(coordinator, client) -> None:
@@ -86,7 +86,7 @@ def test_queues_pause_and_resume_show_in_the_queue_list(coordinator, client) -> 
     stats = json.loads(herder(coordinator.address, "--output", "json", "queues").stdout)
     assert [q["paused"] for q in stats] == [False]
     bad = herder(coordinator.address, "queues", "pause", "no such queue")
-    assert bad.returncode == 1 and "queue" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 4 and "queue" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_bulk_cancel_and_retry_by_filter_print_counts(coordinator, client) -> None:
@@ -106,7 +106,7 @@ def test_bulk_cancel_and_retry_by_filter_print_counts(coordinator, client) -> No
     nothing = herder(coordinator.address, "tasks", "cancel")
     assert nothing.returncode == 2 and "name a task ID" in nothing.stderr
     wrong = herder(coordinator.address, "tasks", "retry", "--state", "queued")
-    assert wrong.returncode == 1 and "filter.states[0]" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert wrong.returncode == 4 and "filter.states[0]" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 def test_tasks_list_is_newest_first_and_says_how_to_page(coordinator, client) -> None:

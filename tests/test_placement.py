@@ -245,7 +245,7 @@ async def test_cli_shows_tasks_waiting_for_resources(api: Api, coordinator: Coor
         queues = await run("queues")
         assert "NO ROOM" in queues and "big: no node serving 'examples.echo' has 8000m cpu" in queues, queues
         shown = json.loads(await run("--output", "json", "tasks", "get", task.id))
-        assert "8000m cpu" in shown["waitingReason"], shown
+        assert "8000m cpu" in shown["waiting_reason"], shown
 
 
 async def test_the_memory_pressure_threshold_is_the_coordinators_flag(etcd: EmbeddedEtcd, namespace: str) -> None:

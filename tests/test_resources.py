@@ -138,8 +138,8 @@ async def test_status_json_shows_resources(coordinator: Coordinator) -> None:
             document = json.loads(out)
             nodes = document["nodes"] if command == "status" else document
             resources = nodes[0]["resources"]
-            assert int(resources["memoryTotalBytes"]) == psutil.virtual_memory().total
-            assert int(resources["diskTotalBytes"]) > 0 and resources["handlerPid"] == os.getpid()
+            assert int(resources["memory_total_bytes"]) == psutil.virtual_memory().total
+            assert int(resources["disk_total_bytes"]) > 0 and resources["handler_pid"] == os.getpid()
 
 
 async def test_watch_resources_streams_are_capped() -> None:

@@ -165,7 +165,7 @@ async def test_handler_unreachable_raised_once_and_cleared_once(coordinator: Coo
                 # Paused, the supervisor keeps its session: the coordinator shows the alert with the node.
                 await eventually(lambda: _has(c, "handler_unreachable"), "the alert in ListNodes", timeout=10)
                 listed = json.loads(await _herder(coordinator, "--output", "json", "alerts"))
-                assert [(a["workerId"], a["name"], a["severity"]) for a in listed] == [
+                assert [(a["worker_id"], a["name"], a["severity"]) for a in listed] == [
                     ("node-a", "handler_unreachable", "ALERT_SEVERITY_CRITICAL")
                 ]
                 assert "handler_unreachable" in await _herder(coordinator, "alerts")

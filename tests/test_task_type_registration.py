@@ -109,7 +109,7 @@ def test_json_output_and_well_known_imports(
     )  # fmt: skip
     assert code == 0, err
     document = json.loads(out)
-    assert document["name"] == "images.resize" and document["inputType"] == "images.v1.ResizeRequest"
+    assert document["name"] == "images.resize" and document["input_type"] == "images.v1.ResizeRequest"
     assert document["descriptor_files"] == 2  # images.proto and the duration.proto it imports
     code, out, err = run(
         capsys, "--coordinator", coordinator.address, "--output", "json", "submit", "images.resize",
@@ -258,5 +258,5 @@ def test_a_coordinator_refusal_is_one_line(
         capsys, coordinator.address, "bad name!", "--input", "images.v1.ResizeRequest",
         "--output", "images.v1.ResizeResult", "-I", str(images), "images/v1/images.proto",
     )  # fmt: skip
-    assert code == 1
+    assert code == 4, "the coordinator refused it"
     assert err.count("\n") == 1 and "task_type.name" in err, err

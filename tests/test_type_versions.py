@@ -241,7 +241,7 @@ async def test_herder_types_get_of_an_unknown_type_is_one_line(
     code = await asyncio.to_thread(main, ["--coordinator", coordinator.address, "types", "get", "nope"])
     _, err = capsys.readouterr()
 
-    assert code == 1
+    assert code == 4
     assert err == "herder: task type nope is not registered\n"
 
 
@@ -284,7 +284,7 @@ async def test_herder_worker_with_incompatible_messages_exits_with_one_line(coor
         output, _ = await asyncio.to_thread(process.communicate, timeout=30)
 
     text = output.decode()
-    assert process.returncode == 1, text
+    assert process.returncode == 4, text
     assert "Traceback" not in text
     last = text.strip().splitlines()[-1]
     assert last.startswith("herder: task type examples.echo: the new messages are not wire- and JSON-compatible")
@@ -305,7 +305,7 @@ async def test_herder_types_register_refuses_an_incompatible_change_unless_force
 
     assert (await register_file(V1))[0] == 0
     code, _, err = await register_file(BROKEN)
-    assert code == 1
+    assert code == 4
     assert err.startswith(f"herder: task type {NAME}: the new messages are not wire- and JSON-compatible")
     assert "task_type.input_type:img.v1.In.width: field 1's type changed from int32 to string" in err
     assert err.count("\n") == 1
