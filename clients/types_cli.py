@@ -19,7 +19,7 @@ from herder.clients.proto.v1 import task_pb2
 from herder.clients.proto_sources import task_type_from_sources
 
 if TYPE_CHECKING:
-    from herder.clients.cli import Output
+    from herder.clients.cli_output import Output
 
 HELP = (
     "register a task type without any worker, from .proto files (compiled in-process with grpcio-tools) or a"

@@ -20,6 +20,7 @@ from _timing import eventually_sync as eventually
 
 from herder.clients import errors, exit_codes
 from herder.clients.client import SyncClient
+from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.exit_codes import UsageError, WaitTimeoutError, exit_code
 from herder.clients.proto.examples.v1 import examples_pb2
 
@@ -171,6 +172,14 @@ def test_ctrl_c_while_waiting_prints_the_task_id_and_exits_130(coordinator: Coor
     assert waiting.returncode == exit_codes.INTERRUPTED, err
     assert err.count("\n") == 1 and tasks[0].id in err and f"herder tasks get {tasks[0].id}" in err, err
     assert "Traceback" not in err and out == ""
+
+
+def test_a_coordinator_that_cannot_reach_etcd_exits_3(namespace: str) -> None:
+    with EmbeddedEtcd(fsync=False) as etcd, Coordinator(etcd.endpoint, namespace) as coordinator:
+        etcd.stop()
+        done = herder(coordinator.address, "--rpc-timeout", "5", "tasks", "list")
+    assert done.returncode == exit_codes.UNREACHABLE, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("herder: ") and done.stdout == "", done.stderr
 
 
 @pytest.mark.parametrize(
