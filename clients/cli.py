@@ -25,9 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
-from google.protobuf import (
-    json_format,
-)
+from google.protobuf import json_format
 from rich.markup import escape
 from rich.table import Table
 
@@ -147,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error_line(error: Exception, address: str, code: int) -> str:
+    """The one line on stderr for an error that ended a command."""
     if isinstance(error, errors.HerderError):
         return describe_error(error, address)
     if code == exit_codes.INTERNAL:
@@ -760,7 +759,7 @@ async def _tasks_watch(client: Client, out: Output, args: argparse.Namespace) ->
 
 
 def _event_line(event: task_pb2.TaskEvent) -> str:
-    """One line per event: time, task, type, state change, attempt, worker, error."""
+    """One line per event: time, task, type, state change, attempt, worker, progress (running), error."""
     task = event.task
     change = styled_state(task.state)
     # A progress report is an event too, with the state unchanged.
