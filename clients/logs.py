@@ -30,3 +30,30 @@ def configure(level: str, format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
+    """Stderr for the `herder` logger while the application has configured no logging; once the root
+    logger has a handler it removes itself (and the level it set), so records are never shown twice."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            herder = logging.getLogger("herder")
+            herder.removeHandler(self)
+            herder.setLevel(logging.NOTSET)
+            return  # the root logger's handlers get it through propagation
+        super().emit(record)
+
+
+def show_when_unconfigured() -> None:
+    """Show the `herder` logger's INFO lines on stderr when neither it nor the root logger has a
+    handler (Python's last resort shows only warnings), so a Worker says when it connects,
+    reconnects and stops without the user configuring logging. Does nothing otherwise."""
+    herder = logging.getLogger("herder")
+    if herder.handlers or logging.getLogger().handlers:
+        return
+    handler = _UntilConfigured(sys.stderr)
+    handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    herder.addHandler(handler)
+    if herder.level == logging.NOTSET:
+        herder.setLevel(logging.INFO)
