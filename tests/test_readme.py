@@ -37,6 +37,7 @@ from test_dev import Dev
 from herder.clients import Retry, SyncClient
 from herder.clients.errors import TaskFailedError
 from herder.clients.proto.examples.v1 import examples_pb2
+from herder.clients.proto_sources import compile_protos
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -113,8 +114,11 @@ def test_every_block_is_run_checked_or_marked() -> None:
             )
         if block.marker is not None and block.info not in RUNNABLE:
             problems.append(f"{where}: marked not run, but a {block.info or 'bare'} block never runs")
-        if block.info == "output" and (before is None or before.info not in RUNNABLE):
-            problems.append(f"{where}: an output block must follow the python or sh block that prints it")
+        if block.info == "output" and not (before in TO_RUN and before is not None and before.info == "python"):
+            problems.append(f"{where}: an output block must follow the python block (run here) that prints it")
+    for needle in [*GIVEN, *PYTHON_GIVEN]:
+        if not any(needle in b.body for b in TO_RUN):
+            problems.append(f"what the test sets up for blocks containing {needle!r} is for no block any more")
     assert not problems, "\n".join(problems)
     for section, test in RUN_ELSEWHERE.items():
         assert test.exists(), f"{test} should run the blocks of {section!r}"
@@ -132,8 +136,6 @@ def test_toml_yaml_and_proto_blocks_parse(tmp_path: Path) -> None:
             list(yaml.safe_load_all(block.body))
         elif block.info == "proto":
             # Compiled the way the README compiles a contract (the protoc extra).
-            from herder.clients.proto_sources import compile_protos
-
             (tmp_path / "block.proto").write_text(block.body)
             assert compile_protos(["block.proto"], [str(tmp_path)]).file
 
