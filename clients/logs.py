@@ -33,16 +33,25 @@ def configure(level: str, format: str = "text") -> None:
 
 
 class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
-    """Stderr for the `herder` logger while the application has configured no logging; once the root
-    logger has a handler it removes itself (and the level it set), so records are never shown twice."""
+    """Stderr for the `herder` logger while the application has configured no logging (the logger
+    does not propagate meanwhile). Once the root logger has a handler it steps aside: it restores
+    the logger's level and propagation and hands the record to the root logger, if its level lets
+    it through, so no line is shown twice or against the application's level."""
+
+    set_level = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        if logging.getLogger().handlers:
-            herder = logging.getLogger("herder")
-            herder.removeHandler(self)
+        root = logging.getLogger()
+        if not root.handlers:
+            super().emit(record)
+            return
+        herder = logging.getLogger("herder")
+        herder.removeHandler(self)
+        if self.set_level:
             herder.setLevel(logging.NOTSET)
-            return  # the root logger's handlers get it through propagation
-        super().emit(record)
+        herder.propagate = True
+        if record.levelno >= root.getEffectiveLevel():
+            root.handle(record)
 
 
 def show_when_unconfigured() -> None:
@@ -54,6 +63,8 @@ def show_when_unconfigured() -> None:
         return
     handler = _UntilConfigured(sys.stderr)
     handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    handler.set_level = herder.level == logging.NOTSET  # a level the application chose stays
     herder.addHandler(handler)
-    if herder.level == logging.NOTSET:
+    herder.propagate = False
+    if handler.set_level:
         herder.setLevel(logging.INFO)

@@ -108,3 +108,49 @@ def test_a_worker_leaves_configured_logging_alone(coordinator: Coordinator, tmp_
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+
+
+def test_logging_configured_after_the_worker_started_takes_over_its_lines(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    script = tmp_path / "worker.py"
+    # The application sets up logging once the worker runs: from then on its handler alone shows the lines.
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, logging, signal
+            from herder.clients import TaskContext, Worker
+            from herder.clients.proto.examples.v1 import examples_pb2
+
+            worker = Worker(None, slots=3)
+
+            @worker.task("examples.echo")
+            async def echo(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+                return examples_pb2.EchoResponse(text=request.text)
+
+            async def main() -> None:
+                async with worker:
+                    await worker.wait_connected(30)
+                    logging.basicConfig(level="INFO", format="app %(name)s: %(message)s")
+
+            asyncio.run(main())
+            """
+        )
+    )
+    err = tmp_path / "worker.err"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
+    env["HERDER_COORDINATOR"] = coordinator.address
+    with open(err, "wb") as stderr:
+        worker = subprocess.Popen(
+            [sys.executable, str(script)], stderr=stderr, stdout=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    try:
+        assert worker.wait(timeout=60) == 0, err.read_text()
+        text = err.read_text()
+        assert re.search(r"INFO herder\.clients\.worker: worker \S+ connected to", text), text  # before: ours
+        assert re.search(r"^app herder\.clients\.worker: worker \S+ stopped$", text, re.M), text  # after: theirs
+        assert text.count(" stopped") == 1, text
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
