@@ -268,7 +268,7 @@ def _assert_shows(expected: str, actual: str, what: str) -> None:
 def _run(stack: Stack, command: list[str], *, env: dict[str, str] | None = None) -> tuple[int | None, str]:
     """Run it in its own process group; (exit code, stdout and stderr), exit code None for a watch
     still streaming after STREAM_SECONDS (then it is stopped)."""
-    streaming = any("Watch" in part or part == "watch" for part in command)
+    streaming = bool(re.search(r"Watch|\btasks watch\b", command[-1]))
     process = subprocess.Popen(
         command,
         cwd=stack.workdir,
