@@ -47,8 +47,8 @@ BIN = Path(sys.executable).parent
 RUNNABLE = {"python", "sh", "console"}
 CHECKED = {"toml", "yaml", "proto"}
 NOT_CODE = {"text", "output"}
-# Blocks in these sections are run as written by their own test.
-RUN_ELSEWHERE = {"Your own task type": REPO / "tests" / "test_readme_task_type_guide.py"}
+# Blocks in these sections are run as written by their own test, which runs this many (python, sh).
+RUN_ELSEWHERE = {"Your own task type": (REPO / "tests" / "test_readme_task_type_guide.py", 3, 2)}
 # The task id the README's examples use; replaced by a real one.
 README_TASK_ID = "01a21bddb635ace78b44b313"
 BLOCK_TIMEOUT = 30.0
@@ -120,9 +120,13 @@ def test_every_block_is_run_checked_or_marked() -> None:
         if not any(needle in b.body for b in TO_RUN):
             problems.append(f"what the test sets up for blocks containing {needle!r} is for no block any more")
     assert not problems, "\n".join(problems)
-    for section, test in RUN_ELSEWHERE.items():
+    for section, (test, python, sh) in RUN_ELSEWHERE.items():
         assert test.exists(), f"{test} should run the blocks of {section!r}"
-        assert any(b.section == section for b in BLOCKS), f"no section {section!r} in the README any more"
+        there = [b.info for b in BLOCKS if b.section == section and b.marker is None]
+        # A block added there is run by nothing until that test runs it too.
+        assert (there.count("python"), there.count("sh"), there.count("console")) == (python, sh, 0), (
+            f"{section!r} has {there}; {test.name} runs {python} python and {sh} sh blocks"
+        )
     # Markers stay few: most examples run.
     marked = [b for b in BLOCKS if b.marker]
     assert len(marked) <= len(TO_RUN) // 3, [f"README.md:{b.line}: {b.marker}" for b in marked]
