@@ -43,7 +43,7 @@ from opentelemetry import propagate
 
 from herder.clients import errors
 from herder.clients.backoff import Backoff
-from herder.clients.descriptors import MessageType, caller_metadata, task_type_for
+from herder.clients.descriptors import MessageType, add_files, caller_metadata, task_type_for
 from herder.clients.endpoints import AUTO_KEY_PREFIX, DEFAULT_ADDRESS, Endpoints, new_idempotency_key
 from herder.clients.locks import Lock, default_owner
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, task_pb2
@@ -325,6 +325,8 @@ class Client:
         self._timeout = timeout
         self.watch_reconnect = watch_reconnect or WatchReconnect()
         self.retry_backoff = retry_backoff or Backoff(initial=0.05, max=1.0)
+        # Task types' registered messages, for results whose class this process has not imported.
+        self._registered_pool = descriptor_pool.DescriptorPool()
 
     @property
     def address(self) -> str:
@@ -682,6 +684,31 @@ class Client:
                 return task_type
         raise errors.NotFoundError(f"task type {name} is not registered")
 
+    async def unpack_result(self, task: task_pb2.Task, output_type: type[M] | None = None) -> Message:
+        """The task's result as a message: `output_type` when given, else the generated class of its
+        type when imported, else a class built from the descriptors its task type was registered with,
+        so it prints its fields rather than an Any's bytes. The Any itself only when the type is not
+        registered any more (or its descriptors do not define the message)."""
+        value = task.result
+        found = unpack(value, output_type)
+        if not isinstance(found, any_pb2.Any) or not value.type_url:
+            return found
+        try:
+            descriptor = self._registered_pool.FindMessageTypeByName(value.TypeName())
+        except KeyError:
+            try:
+                task_type = await self.get_task_type(task.spec.type, include_versions=False)
+            except errors.NotFoundError:
+                return found
+            add_files(self._registered_pool, task_type.descriptors.file)
+            try:
+                descriptor = self._registered_pool.FindMessageTypeByName(value.TypeName())
+            except KeyError:
+                return found
+        result = message_factory.GetMessageClass(descriptor)()
+        value.Unpack(result)
+        return result
+
     async def queues(self) -> builtins.list[coordinator_pb2.QueueStats]:
         """Every queue with its backlog by state, the tasks a limit holds back, its limit and retention,
         finished counts, the oldest waiting task, wait time p50/p99 and dispatch rate."""
@@ -895,13 +922,14 @@ class TaskHandle:
         """Wait (watching, not polling) for the task to finish and return its output message.
 
         The output is unpacked into `output_type` when given, else into the generated class
-        of its type when imported, else returned as the Any. Raises TaskFailedError when the
+        of its type when imported, else into a class built from its task type's registered
+        descriptors (see `Client.unpack_result`). Raises TaskFailedError when the
         task ends FAILED, CANCELED or EXPIRED, and TimeoutError after `timeout` seconds.
         """
         task = await self.wait(timeout)
         if task.state != task_pb2.TASK_STATE_SUCCEEDED:
             raise _task_failed(task)
-        return unpack(task.result, output_type)
+        return await self._client.unpack_result(task, output_type)
 
     async def cancel(self, reason: str = "") -> task_pb2.Task:
         """Ask the coordinator to cancel the task; see `Client.cancel`."""

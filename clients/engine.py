@@ -673,12 +673,14 @@ class SessionEngine:
                     self._welcomed_at = asyncio.get_running_loop().time()
                     self._connected.set()
                     self._log.info(
-                        "worker %s connected to %s (session %s, %d reclaimed, %d rejected)",
+                        "worker %s connected to %s (session %s, %d reclaimed, %d rejected); serving %s with %d slots",
                         self._worker_id,
                         address,
                         session.session_id,
                         len(welcome.reclaimed),
                         len(welcome.rejected),
+                        ", ".join(sorted(self._task_types)),
+                        self._slot_count,
                     )
                     heartbeats = asyncio.create_task(self._heartbeat_loop(session))
                     try:

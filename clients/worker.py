@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from google.protobuf import any_pb2, duration_pb2, message
 from opentelemetry import propagate, trace
 
+from herder.clients import logs
 from herder.clients.context import CancelSignal, ProgressSink, TaskContext
 from herder.clients.descriptors import caller_metadata, task_type_for
 from herder.clients.endpoints import Endpoints
@@ -234,6 +235,8 @@ class Worker:
 
         With `install_signal_handlers`, SIGINT and SIGTERM start shutdown(); a second signal
         cancels running handlers at once. A failing stream is reconnected with backoff, for ever.
+        Logs (logger herder.clients.worker) when it connects, reconnects and stops; with no logging
+        configured at all, those lines go to stderr at INFO (herder.clients.logs.show_when_unconfigured).
         Raises RuntimeError when called twice or with no task types, and the HerderError of a
         rejection retrying cannot fix (InvalidArgumentError for a conflicting task type, ...).
         On failure or cancellation, handlers still running are cancelled without reporting (the
@@ -243,6 +246,7 @@ class Worker:
             raise RuntimeError("Worker.run() may be called only once")
         if not self._registrations:
             raise RuntimeError("the worker serves no task types: add handlers with @worker.task(...) before run()")
+        logs.show_when_unconfigured()  # connects, reconnects and stops are worth seeing with no logging set up
         await self._engine.run(install_signal_handlers=install_signal_handlers)
 
     async def shutdown(self, grace: float | None = None) -> None:

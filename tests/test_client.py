@@ -10,7 +10,7 @@ from datetime import timedelta
 import grpc
 import pytest
 from _cluster import Coordinator
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from herder.clients import errors
@@ -277,3 +277,37 @@ def test_unknown_result_types_stay_packed() -> None:
 
     value = any_pb2.Any(type_url="type.googleapis.com/nobody.Knows", value=b"")
     assert unpack(value) is value
+
+
+async def test_a_result_whose_class_is_not_imported_comes_typed_from_the_registered_type(
+    coordinator: Coordinator,
+) -> None:
+    # A message this process has no generated class for: only a private pool knows it.
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(
+        descriptor_pb2.FileDescriptorProto(
+            name="elsewhere/v1/report.proto",
+            package="elsewhere.v1",
+            syntax="proto3",
+            message_type=[
+                descriptor_pb2.DescriptorProto(
+                    name="Report",
+                    field=[descriptor_pb2.FieldDescriptorProto(name="pages", number=1, type=5, label=1)],
+                )
+            ],
+        )
+    )
+    report = message_factory.GetMessageClass(pool.FindMessageTypeByName("elsewhere.v1.Report"))
+
+    def answer(task: task_pb2.Task) -> coordinator_pb2.AttemptResult:
+        result = coordinator_pb2.AttemptResult()
+        result.output.Pack(report(pages=12))
+        return result
+
+    async with Client(coordinator.address) as client:
+        await client.register_task_type("reports.count", report, report)
+        handle = await client.submit("reports.count", json={"pages": 1})
+        await run_one(coordinator.address, answer, "reports.count")
+        result = await handle.result(timeout=10)
+    assert not isinstance(result, any_pb2.Any)
+    assert result.DESCRIPTOR.full_name == "elsewhere.v1.Report" and str(result) == "pages: 12\n"
