@@ -247,10 +247,16 @@ async def test_a_watcher_that_does_not_read_is_ended_past_its_backlog(etcd, name
         # Large records fill the stream's HTTP/2 window quickly; then the coordinator's queue grows.
         text = "x" * 16_000
         submitted: list[str] = []
-        # Batches of half the backlog, so a reader that keeps up is never cut off by one commit's burst;
-        # the window is a few MB here, and 16 MB leaves ample room.
-        for _ in range(40):
-            submitted += await _submit(stub, [_spec("flood", text) for _ in range(25)])
+
+        async def read_all() -> bool:
+            return set(read) >= set(submitted)
+
+        # Batches of a fifth of the backlog, each read before the next is sent: the reader never falls
+        # behind however slow the machine, while the stalled watcher's backlog only grows. The window
+        # is a few MB here, and 16 MB leaves ample room.
+        for _ in range(100):
+            submitted += await _submit(stub, [_spec("flood", text) for _ in range(10)])
+            await eventually(read_all, what="the reading watcher keeping up")
             if DROPPED in cluster.node.log_tail():
                 break
 
@@ -258,11 +264,8 @@ async def test_a_watcher_that_does_not_read_is_ended_past_its_backlog(etcd, name
             return DROPPED in cluster.node.log_tail()
 
         await eventually(dropped, what="the coordinator dropping the stalled watcher")
-
-        async def read_all() -> bool:
-            return set(read) == set(submitted)
-
         # The coordinator kept serving: the reading watcher has every change, GetTask answers.
+        assert not reading.done(), "the reading watcher was ended too"
         await eventually(read_all, what="the reading watcher receiving every change")
         assert (await stub.GetTask(pb.GetTaskRequest(id=submitted[-1]))).task.id == submitted[-1]
         # Reading now yields what gRPC held for it, then the error naming the last revision sent.
