@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -90,6 +90,9 @@ class DevConfig:
     - `invoice`: start the invoice example service and its supervisor at all (True).
     - `start_timeout`: seconds each child may take to become ready (30).
     - `worker_grace`: seconds running tasks may finish when the worker or the supervisor stops (5).
+    - `traces`: the span exporter every child is given (OTEL_TRACES_EXPORTER: `console` prints spans
+      to each child's log, `otlp` sends them where the OTEL_EXPORTER_OTLP_* variables say); "" leaves
+      the environment as it is.
     - `stop_timeout`: seconds a child may take to exit after SIGTERM, beyond the worker's
       grace, before its process group is killed (10).
     """
@@ -106,6 +109,7 @@ class DevConfig:
     start_timeout: float = 30.0
     worker_grace: float = 5.0
     stop_timeout: float = 10.0
+    traces: str = ""
 
     @property
     def listen_host(self) -> str:
@@ -216,6 +220,12 @@ def parse_args(argv: Sequence[str]) -> DevConfig:
     parser.add_argument(
         "--no-invoice", action="store_true", help="do not start the invoice example service and its supervisor"
     )
+    parser.add_argument(
+        "--traces",
+        choices=("console", "otlp", "none"),
+        default=None,
+        help="export every process's spans: console prints them to its log in DIR/logs (default: OTEL_* as set)",
+    )
     args = parser.parse_args(list(argv))
     return DevConfig(
         data_dir=args.data_dir,
@@ -227,6 +237,7 @@ def parse_args(argv: Sequence[str]) -> DevConfig:
         invoice_port=args.invoice_port,
         supervisor_port=args.supervisor_port,
         invoice=not args.no_invoice,
+        traces=args.traces or "",
     )
 
 
@@ -315,7 +326,9 @@ def _start_and_watch(
 
     console.print(f"[dim]starting the coordinator on {config.listen} (namespace {config.namespace})[/]")
     coordinator_command = [sys.executable, "-m", "herder.server", "--etcd", etcd.endpoint, "--listen", config.listen]
-    coordinator = _Spawned.start("coordinator", [*coordinator_command, "--namespace", config.namespace], logs)
+    coordinator = _Spawned.start(
+        "coordinator", [*coordinator_command, "--namespace", config.namespace], logs, _trace_env(config)
+    )
     children.append(coordinator)
     if not _wait_until(lambda: _leads(config.listen), "lead", coordinator, children, signals, config):
         return 0
@@ -327,7 +340,7 @@ def _start_and_watch(
         worker_command = [sys.executable, "-m", "herder.clients.examples", "--coordinator", config.listen]
         worker_options = ["--slots", str(config.worker_slots), "--worker-id", worker_id]
         worker_options += ["--shutdown-grace", f"{config.worker_grace:g}"]
-        worker = _Spawned.start("worker", [*worker_command, *worker_options], logs)
+        worker = _Spawned.start("worker", [*worker_command, *worker_options], logs, _trace_env(config))
         children.append(worker)
         if not _wait_until(lambda: _connected(config.listen, worker_id), "connect", worker, children, signals, config):
             return 0
@@ -347,6 +360,14 @@ def _start_and_watch(
     return 0
 
 
+def _trace_env(config: DevConfig) -> dict[str, str]:
+    """The OTEL_* variables `--traces` gives every child (the coordinator, workers, supervisor, service)."""
+    if not config.traces:
+        return {}
+    # A short batch delay: spans show in the logs about when they happen.
+    return {"OTEL_TRACES_EXPORTER": config.traces, "OTEL_BSP_SCHEDULE_DELAY": "500"}
+
+
 def _start_invoice(
     config: DevConfig, logs: Path, children: list[_Child], signals: _StopSignals, console: Console
 ) -> str:
@@ -355,7 +376,7 @@ def _start_invoice(
     console.print(f"[dim]starting the invoice example service on {config.invoice_address}[/]")
     grace = f"{config.worker_grace:g}"
     service_command = [sys.executable, str(INVOICE_SERVICE), "--listen", config.invoice_address, "--grace", grace]
-    service = _Spawned.start("invoice-service", service_command, logs)
+    service = _Spawned.start("invoice-service", service_command, logs, _trace_env(config))
     children.append(service)
     if not _wait_until(
         functools.partial(_accepts, "127.0.0.1", config.invoice_port), "listen", service, children, signals, config
@@ -365,7 +386,7 @@ def _start_invoice(
     supervisor_id = f"herder-dev-supervisor-{socket.gethostname()}-{os.getpid()}"
     console.print(f"[dim]starting the supervisor {supervisor_id} (admin API on {config.supervisor_address})[/]")
     supervisor_command = [sys.executable, "-m", "herder.supervisor", *_supervisor_args(config, supervisor_id)]
-    supervisor = _Spawned.start("supervisor", supervisor_command, logs)
+    supervisor = _Spawned.start("supervisor", supervisor_command, logs, _trace_env(config))
     children.append(supervisor)
     if not _wait_until(
         functools.partial(_connected, config.listen, supervisor_id), "connect", supervisor, children, signals, config
@@ -626,9 +647,9 @@ class _Spawned:
     log_path: Path
 
     @classmethod
-    def start(cls, name: str, command: list[str], logs: Path) -> _Spawned:
+    def start(cls, name: str, command: list[str], logs: Path, extra_env: Mapping[str, str] | None = None) -> _Spawned:
         log_path = logs / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import grpc
 
-from herder.clients import errors
+from herder.clients import errors, tracing
 from herder.clients.backoff import Backoff
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -55,7 +55,7 @@ def new_idempotency_key() -> str:
 
 def open_channel(address: str) -> grpc.aio.Channel:
     """An insecure asyncio channel to one coordinator, with Herder's channel options."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
 
 
 def parse_addresses(address: str | Sequence[str] | None = None) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from herder.clients import errors, outcomes
+from herder.clients import errors, outcomes, tracing
 from herder.clients.alerts import MAX_HEARTBEAT_ALERTS
 from herder.clients.backoff import Backoff
 from herder.clients.context import TaskContext
@@ -874,14 +874,23 @@ class SessionEngine:
     async def _outcome(self, attempt: _Attempt) -> coordinator_pb2.AttemptResult:
         ctx = attempt.context
         result = coordinator_pb2.AttemptResult()
-        if ctx.cancelled:
-            result.canceled = ctx.cancelled.reason
-        else:
-            try:
-                result = await self._runner.run(ctx)
-            except Exception as exc:  # the runner's own bug: report it rather than lose the attempt
-                self._log.exception("attempt %s/%d: the runner failed", *attempt.ref)
-                result = coordinator_pb2.AttemptResult(error=task_error(type(exc).__name__, str(exc), retryable=True))
+        # The attempt's CONSUMER span: current while the runner runs, so the handler continues the trace.
+        with tracing.process_span(ctx.task, ctx.attempt, self._worker_id) as span:
+            if ctx.cancelled:
+                result.canceled = ctx.cancelled.reason
+            else:
+                try:
+                    result = await self._runner.run(ctx)
+                except Exception as exc:  # the runner's own bug: report it rather than lose the attempt
+                    self._log.exception("attempt %s/%d: the runner failed", *attempt.ref)
+                    result = coordinator_pb2.AttemptResult(
+                        error=task_error(type(exc).__name__, str(exc), retryable=True)
+                    )
+            kind = result.WhichOneof("outcome")
+            if kind == "error":
+                tracing.set_outcome(span, "failed", result.error.type)
+            else:
+                tracing.set_outcome(span, "succeeded" if kind == "output" else "canceled")
         result.ref.CopyFrom(_ref_proto(attempt.ref))
         return result
 

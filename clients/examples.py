@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2
 
-from herder.clients import logs
+from herder.clients import logs, tracing
 from herder.clients.errors import HerderError
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.settings import load
@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m herder.clients.examples"
     settings = load(prog, "worker", SETTINGS, argv, description=__doc__ or "")
     logs.configure(settings["log_level"], settings["log_format"])
+    # Before the worker's channels are made, so its calls are traced too.
+    tracing.configure_from_env("herder-example-worker")
     worker = build_example_worker(**worker_arguments(settings))
     print(
         f"herder example worker {worker.worker_id} serving {', '.join(worker.registrations)} "
@@ -82,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HerderError as exc:
         print(f"herder example worker: {exc}", file=sys.stderr)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 

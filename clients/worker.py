@@ -29,7 +29,6 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from google.protobuf import any_pb2, duration_pb2, message
-from opentelemetry import propagate, trace
 
 from herder.clients import logs
 from herder.clients.context import CancelSignal, ProgressSink, TaskContext
@@ -42,7 +41,6 @@ from herder.clients.runner import run as run_loop
 from herder.clients.worker_config import worker_arguments, worker_settings
 
 _log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 
 _MAX_DETAILS = 8000
 
@@ -335,17 +333,8 @@ def run_worker(worker: Worker) -> None:
 
 
 async def _invoke(registration: TaskRegistration, request: message.Message, ctx: TaskContext) -> message.Message:
-    """The handler call, in a span that continues the submitter's trace."""
-    parent = propagate.extract(dict(ctx.task.trace_context))
-    attributes: dict[str, str | int] = {
-        "herder.task_id": ctx.task_id,
-        "herder.attempt": ctx.attempt,
-        "herder.task_type": registration.name,
-    }
-    with _tracer.start_as_current_span(
-        f"herder.task {registration.name}", context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes
-    ):
-        return await registration.handler(request, ctx)
+    """The handler call; the engine's process span for the attempt is current (see herder.clients.tracing)."""
+    return await registration.handler(request, ctx)
 
 
 def _result_of(

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from herder.clients import logs
+from herder.clients import logs, tracing
 from herder.clients.runner import run as run_loop
 from herder.clients.settings import Setting, Settings, boolean, integer, load, log_settings, seconds, text
 from herder.server import election, validation
@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _load(argv)
     config = config_of(settings)
     logs.configure(settings["log_level"], settings["log_format"])
+    tracing.configure_from_env("herder-coordinator")
     try:
         run_loop(serve(config))
     except EtcdAuthError as exc:
@@ -330,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from herder.clients import errors
+from herder.clients import errors, tracing
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, lock_pb2, lock_pb2_grpc, task_pb2
 from herder.clients.reflection import enable_reflection
 from herder.server import election, keys, membership, validation
@@ -123,7 +123,7 @@ class Coordinator:
         await self.etcd.connect()
         server = grpc.aio.server(
             # Undecodable requests to any service below are INVALID_ARGUMENT, not UNKNOWN with a traceback.
-            interceptors=[DecodingInterceptor()],
+            interceptors=[DecodingInterceptor(), *tracing.server_interceptors()],
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),

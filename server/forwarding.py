@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from herder.clients import errors
+from herder.clients import errors, tracing
 from herder.clients.proto.v1 import coordinator_pb2
 
 FORWARDED_METADATA_KEY = "herder-forwarded"
@@ -132,7 +132,11 @@ class Forwarder:
                 closing = asyncio.create_task(old.close(_CLOSE_GRACE))
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
-            self._channels = {address: grpc.aio.insecure_channel(address, options=_OPTIONS)}
+            self._channels = {
+                address: grpc.aio.insecure_channel(
+                    address, options=_OPTIONS, interceptors=tracing.client_interceptors()
+                )
+            }
             channel = self._channels[address]
         return channel
 

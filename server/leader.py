@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import any_pb2, timestamp_pb2
 
-from herder.clients import errors
+from herder.clients import errors, tracing
 from herder.clients.outcomes import ACK_TIMEOUT, CANCELED, TIMEOUT, WORKER_LOST
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
 from herder.server import keys, placement, recovery
@@ -292,8 +292,7 @@ class NamespaceLeader:
             task.create_time.CopyFrom(now)
             if retry_of:
                 task.retry_of = retry_of[index]
-            if trace_context:
-                task.trace_context.update(trace_context)
+            tracing.create_spans([task], trace_context or {})
             entry = Entry(task, fresh=True)
             self.entries[task.id] = entry
             if spec.HasField("not_before") and timestamp_seconds(spec.not_before) > wall:

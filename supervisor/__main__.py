@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from herder.clients import errors, logs, quantities
+from herder.clients import errors, logs, quantities, tracing
 from herder.clients.alerts import parse_alert_overrides
 from herder.clients.endpoints import DEFAULT_ADDRESS, address_setting
 from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
@@ -176,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _load(argv)
     config = config_of(settings)
     logs.configure(settings["log_level"], settings["log_format"])
+    tracing.configure_from_env("herder-supervisor")
     try:
         run_loop(_serve(config))
     except errors.HerderError as exc:
@@ -186,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from herder.clients import tracing
 from herder.clients.alerts import to_proto
 from herder.clients.proto.v1 import supervisor_pb2, supervisor_pb2_grpc
 from herder.clients.reflection import enable_reflection, static_catalog
@@ -143,7 +144,7 @@ class AdminServer:
         self._listen = listen
         self._status = status
         self._refresh = refresh
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(interceptors=tracing.server_interceptors())
         self._health = health.aio.HealthServicer()
         supervisor_pb2_grpc.add_SupervisorServiceServicer_to_server(
             _Servicer(status, drain, sampler, alerter), self._server

@@ -22,6 +22,7 @@ import psutil
 from google.protobuf import any_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from herder.clients import tracing
 from herder.clients.backoff import Backoff
 from herder.clients.context import TaskContext
 from herder.clients.descriptors import caller_metadata
@@ -40,7 +41,6 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, handl
 _log = logging.getLogger("herder.supervisor")
 
 # Trace context keys passed to the handler as call metadata (W3C trace context).
-_TRACE_KEYS = ("traceparent", "tracestate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +73,9 @@ class HandlerRunner:
         self._settings = settings or HandlerSettings()
         self._on_change = on_change
         # Herder's channel options: a restarted handler is found again within 2 s, not gRPC's default 2 min.
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(
+            target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+        )
         self._stub: handler_pb2_grpc.TaskHandlerServiceAsyncStub = handler_pb2_grpc.TaskHandlerServiceStub(
             self._channel
         )
@@ -209,7 +211,8 @@ class HandlerRunner:
         remaining = _remaining(task)
         if remaining is not None and remaining <= 0:
             return _failed(HANDLER_DEADLINE_EXCEEDED, "the task's timeout passed before the attempt started")
-        metadata = [(k, task.trace_context[k]) for k in _TRACE_KEYS if task.trace_context.get(k)]
+        # The attempt's process span (current here) is the handler's parent, so its spans join the trace.
+        metadata = tracing.traceparent_metadata()
         metadata += [("herder-task-id", task.id), ("herder-attempt", str(task.attempt))]
         call = self._stub.Execute(handler_pb2.ExecuteRequest(task=task), timeout=remaining, metadata=metadata)
         reader = asyncio.create_task(self._consume(call, context, remaining))

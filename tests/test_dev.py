@@ -412,3 +412,19 @@ def test_the_same_port_twice_is_one_line_and_starts_nothing(tmp_path: Path) -> N
         assert not processes_mentioning(f"--listen {dev.address}", f"127.0.0.1:{dev.etcd_port}")
     finally:
         dev.kill_all()
+
+
+def test_traces_console_prints_every_processs_spans_to_its_log(tmp_path: Path) -> None:
+    with running_dev(tmp_path / "data", flags=("--no-invoice", "--traces", "console")) as dev:
+        task_id = submit_echo(dev.address, "traced")
+        assert wait_finished(dev.address, task_id)["state"] == "TASK_STATE_SUCCEEDED"
+        logs = tmp_path / "data" / "logs"
+
+        def printed(name: str, kind: str) -> bool:
+            text = (logs / f"{name}.log").read_text()
+            return task_id in text and f'"kind": "SpanKind.{kind}"' in text
+
+        deadline = time.monotonic() + 15
+        while not (printed("coordinator", "PRODUCER") and printed("worker", "CONSUMER")):
+            assert time.monotonic() < deadline, "no spans of the task in the coordinator's and worker's logs"
+            time.sleep(0.1)

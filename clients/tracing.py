@@ -1,0 +1,254 @@
+"""Tracing: the one place that sets up OpenTelemetry tracing and names Herder's spans.
+
+A task's journey is one trace, after OpenTelemetry's messaging conventions: the coordinator opens a
+PRODUCER span (`<queue> create`) per created task under the submitter's context and stores that span's
+context with the task; each attempt runs in a CONSUMER span (`<queue> process`) parented on it and
+linked to it, on the Worker or the supervisor, which passes it on to the handler in Execute's metadata.
+
+Only `opentelemetry-api` is a base dependency: without an SDK every span here is a no-op. Herder's
+own processes (coordinator, supervisor, `herder dev`) call `configure_from_env()`, which installs the
+SDK (the `traces` extra) only when `OTEL_TRACES_EXPORTER` names an exporter and `OTEL_SDK_DISABLED` is
+not true, so by default tracing costs nothing. An app that embeds the Client or Worker sets up its own
+SDK; gRPC spans come from the interceptors in `grpc_tracing`, added to a channel or server when a real
+tracer provider is set as it is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from opentelemetry import propagate, trace
+
+from herder.clients.proto.v1 import task_pb2
+
+_log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("herder")
+
+SYSTEM = "herder"
+# Span attributes: OpenTelemetry's messaging conventions, then Herder's own.
+MESSAGING_SYSTEM = "messaging.system"
+OPERATION_TYPE = "messaging.operation.type"
+OPERATION_NAME = "messaging.operation.name"
+DESTINATION = "messaging.destination.name"
+MESSAGE_ID = "messaging.message.id"
+CONSUMER_GROUP = "messaging.consumer.group.name"
+BATCH_SIZE = "messaging.batch.message_count"
+TASK_ID = "herder.task.id"
+TASK_TYPE = "herder.task.type"
+ATTEMPT = "herder.task.attempt"
+WORKER_ID = "herder.worker.id"
+OUTCOME = "herder.task.outcome"
+ERROR_TYPE = "error.type"
+QUEUE_WAIT_MS = "herder.queue.wait_ms"
+
+# The environment values that name an exporter, and the ones that mean "none".
+EXPORTER_ENV = "OTEL_TRACES_EXPORTER"
+_NO_EXPORTER = ("", "none")
+
+_configured = False
+
+
+def enabled_by_env(env: Mapping[str, str] | None = None) -> bool:
+    """True when the environment asks for traces: an exporter named and the SDK not disabled."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return env.get(EXPORTER_ENV, "").strip().lower() not in _NO_EXPORTER
+
+
+def configure_from_env(service_name: str) -> bool:
+    """Install the OpenTelemetry SDK as the global tracer provider when the environment asks for traces.
+
+    Reads the standard variables: OTEL_TRACES_EXPORTER (`otlp`, `console`, or a comma list),
+    OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL (`grpc`, the default, or `http/protobuf`) and endpoint,
+    OTEL_TRACES_SAMPLER (default parentbased_always_on), OTEL_SERVICE_NAME (default `service_name`),
+    OTEL_RESOURCE_ATTRIBUTES, OTEL_BSP_*. Returns whether it installed one; safe to call twice.
+    Without the SDK installed it logs a warning and returns False, so a missing extra never stops a process.
+    """
+    global _configured
+    if _configured:
+        return True
+    if not enabled_by_env():
+        return False
+    try:
+        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        _log.warning("%s is set but the OpenTelemetry SDK is not installed: pip install 'herder[traces]'", EXPORTER_ENV)
+        return False
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name}).merge(
+        OTELResourceDetector().detect()
+    )
+    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    for name in os.environ.get(EXPORTER_ENV, "").split(","):
+        exporter = _exporter(name.strip().lower())
+        if exporter is not None:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _configured = True
+    return True
+
+
+def _exporter(name: str) -> Any:
+    """The span exporter an OTEL_TRACES_EXPORTER entry names, or None (logged) for an unknown one."""
+    if name in _NO_EXPORTER:
+        return None
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name == "otlp":
+        protocol = (
+            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "grpc"
+        )
+        if protocol.strip() == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
+        return OTLPSpanExporter()
+    _log.warning("%s=%s: unknown exporter, ignored (use otlp or console)", EXPORTER_ENV, name)
+    return None
+
+
+def shutdown() -> None:
+    """Flush and stop the SDK's exporters (a no-op without an SDK); call as the process stops."""
+    provider = trace.get_tracer_provider()
+    stop = getattr(provider, "shutdown", None)
+    if callable(stop):
+        stop()
+
+
+def _sdk_active() -> bool:
+    """True once a real tracer provider (not the API's proxy or no-op one) is the global one."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def server_interceptors() -> list[Any]:
+    """The gRPC server tracing interceptor (see grpc_tracing), when a real tracer provider is set."""
+    if not _sdk_active():
+        return []
+    from herder.clients.grpc_tracing import ServerTracing
+
+    return [ServerTracing()]
+
+
+def client_interceptors() -> list[Any]:
+    """The gRPC client tracing interceptors (see grpc_tracing), when a real tracer provider is set."""
+    if not _sdk_active():
+        return []
+    from herder.clients import grpc_tracing
+
+    return grpc_tracing.client_interceptors()
+
+
+# --------------------------------------------------------------------------- the queue's spans
+
+
+def create_spans(tasks: Sequence[task_pb2.Task], parent: Mapping[str, str]) -> None:
+    """One PRODUCER `<queue> create` span per new task, under the submitter's context `parent`; each
+    task's trace_context becomes its span's, so its attempts continue the submitter's trace.
+
+    One span per task rather than one per batch with links: a consumer must parent on the span that
+    created its own message, and a span costs microseconds beside a task's etcd write.
+    """
+    if not _sdk_active():
+        # No SDK: the submitter's context is stored as it came (the API's spans would carry no ids).
+        for task in tasks:
+            task.trace_context.update(parent)
+        return
+    # Under the gRPC server span when the server is instrumented, else under the caller's metadata.
+    ctx = None if trace.get_current_span().get_span_context().is_valid else propagate.extract(dict(parent))
+    for task in tasks:
+        queue = task.spec.queue or "default"
+        span = _tracer.start_span(
+            f"{queue} create",
+            context=ctx,
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                MESSAGING_SYSTEM: SYSTEM,
+                OPERATION_TYPE: "create",
+                OPERATION_NAME: "create",
+                DESTINATION: queue,
+                MESSAGE_ID: task.id,
+                TASK_ID: task.id,
+                TASK_TYPE: task.spec.type,
+            },
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        task.trace_context.clear()
+        task.trace_context.update(carrier)
+        span.end()
+
+
+@contextlib.contextmanager
+def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[trace.Span]:
+    """The CONSUMER `<queue> process` span of one attempt, current inside the block: parented on the
+    task's stored context (its PRODUCER span) and linked to it. Set its outcome with `set_outcome`.
+    """
+    queue = task.spec.queue or "default"
+    parent = propagate.extract(dict(task.trace_context))
+    producer = trace.get_current_span(parent).get_span_context()
+    attributes: dict[str, str | int | float] = {
+        MESSAGING_SYSTEM: SYSTEM,
+        OPERATION_TYPE: "process",
+        OPERATION_NAME: "process",
+        DESTINATION: queue,
+        MESSAGE_ID: task.id,
+        CONSUMER_GROUP: queue,
+        TASK_ID: task.id,
+        TASK_TYPE: task.spec.type,
+        ATTEMPT: attempt,
+        WORKER_ID: worker_id,
+    }
+    if task.HasField("assign_time") and task.HasField("queue_time"):
+        # The wait in the queue: from the latest enqueue (a retry's too) to this assignment.
+        wait = task.assign_time.ToNanoseconds() - task.queue_time.ToNanoseconds()
+        attributes[QUEUE_WAIT_MS] = max(wait, 0) / 1e6
+    links = [trace.Link(producer)] if producer.is_valid else []
+    with _tracer.start_as_current_span(
+        f"{queue} process",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+        links=links,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        yield span
+
+
+def set_outcome(span: trace.Span, outcome: str, error_type: str = "") -> None:
+    """Record an attempt's outcome (succeeded, failed, canceled) and its error type on its span."""
+    span.set_attribute(OUTCOME, outcome)
+    if error_type:
+        span.set_attribute(ERROR_TYPE, error_type)
+        span.set_status(trace.StatusCode.ERROR, error_type)
+
+
+def traceparent_metadata() -> list[tuple[str, str]]:
+    """The current context (W3C traceparent/tracestate) as gRPC metadata, for a call that continues it."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [(key.lower(), value) for key, value in carrier.items()]
+
+
+__all__ = [
+    "client_interceptors",
+    "configure_from_env",
+    "create_spans",
+    "enabled_by_env",
+    "process_span",
+    "server_interceptors",
+    "set_outcome",
+    "shutdown",
+    "traceparent_metadata",
+]
