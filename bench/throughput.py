@@ -12,6 +12,8 @@ Starts its own etcd, coordinator and worker processes, then measures:
   with the in-process worker's idle latency measured alongside (alternate submissions;
   sidecar_added_p50_ms is the difference) and each process's CPU per 1,000 tasks for both paths.
 Prints a human summary and, on its last line, the figures as JSON. A measurement, not a test.
+Tracing's cost: run it with OTEL_TRACES_EXPORTER set (the processes it starts read OTEL_*), e.g. OTLP
+over HTTP to `python bench/_otlp_sink.py PORT`, a receiver that accepts and drops every span.
 
     python bench/throughput.py [--tasks 5000] [--submitters 64] [--batch 500] [--workers 1] [--slots 256]
                                [--keys 100] [--phases idle,single,batches,fair,sidecar]
@@ -36,6 +38,7 @@ from pathlib import Path
 import grpc
 import psutil
 
+from herder.clients import tracing
 from herder.clients.descriptors import task_type_for
 from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
 from herder.clients.proto.examples.v1 import examples_pb2
@@ -51,7 +54,8 @@ SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 
 
 def run_worker(address: str, slots: int) -> None:
-    """Worker process: a no-op handler on the SDK Worker."""
+    """Worker process: a no-op handler on the SDK Worker (traced when OTEL_TRACES_EXPORTER is set)."""
+    tracing.configure_from_env("herder-bench-worker")
     worker = Worker(address, slots=slots)
 
     @worker.task(TASK_TYPE)

@@ -364,8 +364,13 @@ def _trace_env(config: DevConfig) -> dict[str, str]:
     """The OTEL_* variables `--traces` gives every child (the coordinator, workers, supervisor, service)."""
     if not config.traces:
         return {}
-    # A short batch delay: spans show in the logs about when they happen.
-    return {"OTEL_TRACES_EXPORTER": config.traces, "OTEL_BSP_SCHEDULE_DELAY": "500"}
+    # Every trace (local use, not Herder's sampled default), and a short batch delay: spans show in
+    # the logs about when they happen.
+    return {
+        "OTEL_TRACES_EXPORTER": config.traces,
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        "OTEL_BSP_SCHEDULE_DELAY": "500",
+    }
 
 
 def _start_invoice(

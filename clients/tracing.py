@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from herder.clients.proto.v1 import task_pb2
@@ -47,9 +48,17 @@ QUEUE_WAIT_MS = "herder.queue.wait_ms"
 
 # The environment values that name an exporter, and the ones that mean "none".
 EXPORTER_ENV = "OTEL_TRACES_EXPORTER"
+SAMPLER_ENV = "OTEL_TRACES_SAMPLER"
+# Herder's default when OTEL_TRACES_SAMPLER is unset: follow the caller's decision, and sample this
+# share of the traces that start here. Every task costs three spans on two processes: with all of them
+# sampled bench/throughput.py loses about a third (README, "Tracing" has the figures).
+DEFAULT_SAMPLE_RATIO = 0.1
 _NO_EXPORTER = ("", "none")
 
 _configured = False
+# True when the installed sampler follows the parent's decision: a task whose stored context is not
+# sampled then gets no spans of its own, only its parent's context passed on (nothing to build).
+_parent_decides = False
 
 
 def enabled_by_env(env: Mapping[str, str] | None = None) -> bool:
@@ -65,11 +74,12 @@ def configure_from_env(service_name: str) -> bool:
 
     Reads the standard variables: OTEL_TRACES_EXPORTER (`otlp`, `console`, or a comma list),
     OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL (`grpc`, the default, or `http/protobuf`) and endpoint,
-    OTEL_TRACES_SAMPLER (default parentbased_always_on), OTEL_SERVICE_NAME (default `service_name`),
+    OTEL_TRACES_SAMPLER[_ARG] (unset: parentbased_traceidratio at DEFAULT_SAMPLE_RATIO, not the SDK's
+    parentbased_always_on), OTEL_SERVICE_NAME (default `service_name`),
     OTEL_RESOURCE_ATTRIBUTES, OTEL_BSP_*. Returns whether it installed one; safe to call twice.
     Without the SDK installed it logs a warning and returns False, so a missing extra never stops a process.
     """
-    global _configured
+    global _configured, _parent_decides
     if _configured:
         return True
     if not enabled_by_env():
@@ -78,13 +88,19 @@ def configure_from_env(service_name: str) -> bool:
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     except ImportError:
         _log.warning("%s is set but the OpenTelemetry SDK is not installed: pip install 'herder[traces]'", EXPORTER_ENV)
         return False
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name}).merge(
         OTELResourceDetector().detect()
     )
-    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    sampler = None  # the SDK reads OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG
+    named = os.environ.get(SAMPLER_ENV, "").strip().lower()
+    if not named:
+        sampler = ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
+    _parent_decides = not named or named.startswith("parentbased_")
+    provider = TracerProvider(resource=resource, sampler=sampler)
     for name in os.environ.get(EXPORTER_ENV, "").split(","):
         exporter = _exporter(name.strip().lower())
         if exporter is not None:
@@ -166,6 +182,12 @@ def create_spans(tasks: Sequence[task_pb2.Task], parent: Mapping[str, str]) -> N
         return
     # Under the gRPC server span when the server is instrumented, else under the caller's metadata.
     ctx = None if trace.get_current_span().get_span_context().is_valid else propagate.extract(dict(parent))
+    if _unsampled(trace.get_current_span(ctx).get_span_context()):
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=ctx)
+        for task in tasks:
+            task.trace_context.update(carrier)
+        return
     for task in tasks:
         queue = task.spec.queue or "default"
         span = _tracer.start_span(
@@ -182,7 +204,7 @@ def create_spans(tasks: Sequence[task_pb2.Task], parent: Mapping[str, str]) -> N
                 TASK_TYPE: task.spec.type,
             },
         )
-        carrier: dict[str, str] = {}
+        carrier = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         task.trace_context.clear()
         task.trace_context.update(carrier)
@@ -194,9 +216,20 @@ def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[
     """The CONSUMER `<queue> process` span of one attempt, current inside the block: parented on the
     task's stored context (its PRODUCER span) and linked to it. Set its outcome with `set_outcome`.
     """
+    if not _sdk_active():
+        yield trace.INVALID_SPAN
+        return
     queue = task.spec.queue or "default"
     parent = propagate.extract(dict(task.trace_context))
     producer = trace.get_current_span(parent).get_span_context()
+    if _unsampled(producer):
+        # Not sampled: the handler still sees the trace's context, at no span's cost.
+        token = otel_context.attach(parent)
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            otel_context.detach(token)
+        return
     attributes: dict[str, str | int | float] = {
         MESSAGING_SYSTEM: SYSTEM,
         OPERATION_TYPE: "process",
@@ -224,6 +257,11 @@ def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[
         set_status_on_exception=False,
     ) as span:
         yield span
+
+
+def _unsampled(parent: trace.SpanContext) -> bool:
+    """True when a span under `parent` would be dropped by the sampler anyway."""
+    return _parent_decides and parent.is_valid and not parent.trace_flags.sampled
 
 
 def set_outcome(span: trace.Span, outcome: str, error_type: str = "") -> None:

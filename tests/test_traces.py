@@ -362,3 +362,28 @@ async def test_cancelled_streams_leave_no_dangling_span_or_context(
     assert before is trace.INVALID_SPAN or not before.get_span_context().is_valid
     assert "Failed to detach context" not in caplog.text
     assert "Failed to detach context" not in traced.log_tail()
+
+
+async def test_an_unsampled_trace_gets_no_spans_but_its_context_goes_on_to_the_handler(
+    traced: Coordinator, collector: Collector, exporter: InMemorySpanExporter
+) -> None:
+    seen: list[trace.SpanContext] = []
+
+    async def remember(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+        seen.append(trace.get_current_span().get_span_context())
+        return examples_pb2.EchoResponse(text=request.text)
+
+    # A caller whose trace was not sampled (flags 00): the coordinator's default sampler follows it.
+    unsampled = trace.SpanContext(0x5CE, 0x5EED, is_remote=False, trace_flags=trace.TraceFlags(0))
+    worker = build_example_worker(traced.address, settings=FAST)
+    worker.add_task("test.remember", remember, input_type=examples_pb2.EchoRequest)
+    async with worker, Client(traced.address) as client:
+        await worker.wait_connected(10)
+        with trace.use_span(trace.NonRecordingSpan(unsampled)):
+            handle = await client.submit("test.remember", examples_pb2.EchoRequest(text="x"))
+        await handle.result(15)
+        await asyncio.sleep(0.5)  # the coordinator's exporter would have sent a span by now
+    assert handle.task.trace_context["traceparent"].split("-")[1] == f"{0x5CE:032x}"
+    assert handle.task.trace_context["traceparent"].endswith("-00")
+    assert [s for s in collector.spans if s.kind == "PRODUCER"] == []
+    assert [c.trace_id for c in seen] == [0x5CE] and not seen[0].trace_flags.sampled
