@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 _tracer = trace.get_tracer("herder.grpc")
+_ROOT = otel_context.Context()
 
 
 def _attributes(method: str) -> dict[str, str]:
@@ -31,9 +33,12 @@ def _attributes(method: str) -> dict[str, str]:
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
-def _parent(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-    return propagate.extract(carrier)
+def _parent(context: grpc.aio.ServicerContext[Any, Any]) -> otel_context.Context:
+    """The caller's context from its metadata; a root (empty) context without a traceparent, unparsed."""
+    metadata = context.invocation_metadata() or ()
+    if not any(key == "traceparent" for key, _ in metadata):
+        return _ROOT
+    return propagate.extract({key: value for key, value in metadata if isinstance(value, str)})
 
 
 def _finish(span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> None:
@@ -50,16 +55,21 @@ def _finish(span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], exc: 
 
 
 def _coroutine(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    # Worked out once per method: this runs on every call, sampled or not.
+    name, attributes = method.lstrip("/"), _attributes(method)
+
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         with _tracer.start_as_current_span(
-            method.lstrip("/"),
+            name,
             context=_parent(context),
             kind=trace.SpanKind.SERVER,
-            attributes=_attributes(method),
+            attributes=attributes,
             record_exception=False,
             set_status_on_exception=False,
             end_on_exit=True,
         ) as span:
+            if not span.is_recording():  # not sampled: only its context is passed on
+                return await behavior(request, context)
             try:
                 result = await behavior(request, context)
             except BaseException as exc:
@@ -72,10 +82,10 @@ def _coroutine(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable
 
 
 def _generator(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    name, attributes = method.lstrip("/"), _attributes(method)
+
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        span = _tracer.start_span(
-            method.lstrip("/"), context=_parent(context), kind=trace.SpanKind.SERVER, attributes=_attributes(method)
-        )
+        span = _tracer.start_span(name, context=_parent(context), kind=trace.SpanKind.SERVER, attributes=attributes)
         failure: BaseException | None = None
         try:
             async for item in behavior(request, context):
