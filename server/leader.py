@@ -269,8 +269,9 @@ class NamespaceLeader:
         type_versions, one per spec, is the version of its task type it was checked against (recorded
         as `Task.type_version`); by default the version registered now.
 
-        trace_context (W3C traceparent/tracestate of the submitter) is stored with each task, so
-        the handler's span joins the submitter's trace.
+        trace_context (W3C traceparent/tracestate of the submitter) parents each task's PRODUCER
+        span (see herder.clients.tracing), whose context is stored with the task, so its attempts
+        join the submitter's trace; without an SDK it is stored as it came.
         """
         self.check()
         now = _now_ts()
@@ -292,7 +293,6 @@ class NamespaceLeader:
             task.create_time.CopyFrom(now)
             if retry_of:
                 task.retry_of = retry_of[index]
-            tracing.create_spans([task], trace_context or {})
             entry = Entry(task, fresh=True)
             self.entries[task.id] = entry
             if spec.HasField("not_before") and timestamp_seconds(spec.not_before) > wall:
@@ -309,6 +309,8 @@ class NamespaceLeader:
                 self.idempotency[key] = task.id
             created.append(entry)
             answers.append(entry)
+        # Before any is dispatched: an assignment carries the task's trace context (its create span's).
+        tracing.create_spans([entry.task for entry in created], trace_context or {})
         # Idle workers get the new tasks at once: each task's first write already assigns it.
         self.dispatcher.dispatch()
         writes: dict[Entry, tuple[asyncio.Future[int], bytes]] = {}
