@@ -410,11 +410,13 @@ def _add_created_filters(parser: argparse.ArgumentParser) -> None:
 
 def _add_queue_pause_commands(command: Callable[..., argparse.ArgumentParser], queue_commands: Any) -> None:
     pause = command(
-        "pause", "pause a queue: it accepts tasks and starts none (durable)", _async(_queues_pause), queue_commands
+        "pause", "pause a queue: it accepts tasks and starts none (durable)", _async(_queues_set_paused), queue_commands
     )
     pause.add_argument("queue")
-    resume = command("resume", "resume a paused queue", _async(_queues_resume), queue_commands)
+    pause.set_defaults(paused=True)
+    resume = command("resume", "resume a paused queue", _async(_queues_set_paused), queue_commands)
     resume.add_argument("queue")
+    resume.set_defaults(paused=False)
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -977,19 +979,13 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _queues_pause(client: Client, out: Output, args: argparse.Namespace) -> int:
-    await client.pause_queue(args.queue)
+async def _queues_set_paused(client: Client, out: Output, args: argparse.Namespace) -> int:
+    paused: bool = args.paused
+    await (client.pause_queue(args.queue) if paused else client.resume_queue(args.queue))
     if out.json:
-        await out.print_json(coordinator_pb2.SetQueuePausedResponse(queue=args.queue, paused=True), defaults=True)
-    else:
+        await out.print_json(coordinator_pb2.SetQueuePausedResponse(queue=args.queue, paused=paused), defaults=True)
+    elif paused:
         out.console.print(f"queue [bold]{escape(args.queue)}[/] paused: it accepts tasks and starts none")
-    return 0
-
-
-async def _queues_resume(client: Client, out: Output, args: argparse.Namespace) -> int:
-    await client.resume_queue(args.queue)
-    if out.json:
-        await out.print_json(coordinator_pb2.SetQueuePausedResponse(queue=args.queue, paused=False), defaults=True)
     else:
         out.console.print(f"queue [bold]{escape(args.queue)}[/] resumed")
     return 0
