@@ -20,6 +20,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            document.update(fields)
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         return json.dumps(document, separators=(",", ":"))
