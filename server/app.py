@@ -243,7 +243,7 @@ class Coordinator:
             self.leader = leader
             self._leader_address = self.address
             if metrics.instruments is not None:
-                metrics.instruments.leader_changes.add(1, {"namespace": self.config.namespace})
+                metrics.instruments.leader_changes.add(self.config.namespace)
             await self._set_health()
             log.info("coordinator %s leads namespace %s at %s", self.replica_id, self.config.namespace, self.address)
             waits = [

@@ -31,6 +31,15 @@ task_log = logging.getLogger("herder.tasks")
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
 _OPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+# Plain ints: an attribute of the protobuf enum wrapper costs ~0.4 us a lookup, and these are on the hot path.
+_PENDING, _QUEUED, _RUNNING, _EXPIRED = (
+    int(S.TASK_STATE_PENDING),
+    int(S.TASK_STATE_QUEUED),
+    int(S.TASK_STATE_RUNNING),
+    int(S.TASK_STATE_EXPIRED),
+)
+_WAITING = frozenset({_PENDING, _QUEUED})
+
 _NAMES: dict[int, str] = {
     S.TASK_STATE_PENDING: "pending",
     S.TASK_STATE_QUEUED: "queued",
@@ -67,21 +76,21 @@ class CoordinatorMetrics:
             description="Time from the last attempt's start (or assignment) to the task's end, by outcome",
             explicit_bucket_boundaries_advisory=_SECONDS,
         )
-        self.finished = meter.create_counter(
-            "herder.task.finished", unit="{task}", description="Tasks that reached a final state, by outcome"
-        )
-        self.retries = meter.create_counter(
-            "herder.task.retries", unit="{attempt}", description="Failed attempts scheduled to run again"
-        )
-        self.timeouts = meter.create_counter(
-            "herder.task.timeouts", unit="{attempt}", description="Attempts that ran past their timeout"
-        )
-        self.expirations = meter.create_counter(
-            "herder.task.expirations", unit="{task}", description="Tasks that did not start within their ttl"
-        )
-        self.leader_changes = meter.create_counter(
-            "herder.leader.changes", unit="{change}", description="Times this replica took office as leader"
-        )
+        # Counted in plain dicts and observed at scrape time: an SDK counter's add costs ~5 us (its
+        # attribute checks), a dict increment ~0.1 us, and these are on the hot path.
+        self.finished = Counts("queue", "type", "outcome")
+        self.retries = Counts("queue", "type")
+        self.timeouts = Counts("queue", "type")
+        self.expirations = Counts("queue", "type")
+        self.leader_changes = Counts("namespace")
+        for name, counts, unit, description in (
+            ("herder.task.finished", self.finished, "{task}", "Tasks that reached a final state, by outcome"),
+            ("herder.task.retries", self.retries, "{attempt}", "Failed attempts scheduled to run again"),
+            ("herder.task.timeouts", self.timeouts, "{attempt}", "Attempts that ran past their timeout"),
+            ("herder.task.expirations", self.expirations, "{task}", "Tasks that did not start within their ttl"),
+            ("herder.leader.changes", self.leader_changes, "{change}", "Times this replica took office as leader"),
+        ):
+            meter.create_observable_counter(name, [counts.observe], unit=unit, description=description)
         self.commit_duration = meter.create_histogram(
             "herder.etcd.commit.duration",
             unit="s",
@@ -148,21 +157,37 @@ class CoordinatorMetrics:
 
     def task_changed(self, task: task_pb2.Task, previous: int, state: int) -> None:
         spec = task.spec
-        if state == S.TASK_STATE_RUNNING:
+        if state == _RUNNING:
             self.start_latency.record(
                 max(time.time() - timestamp_seconds(task.create_time), 0.0), {"queue": spec.queue, "type": spec.type}
             )
         elif state in TERMINAL:
             outcome = _NAMES.get(state, "unknown")
-            labels = {"queue": spec.queue, "type": spec.type, "outcome": outcome}
-            self.finished.add(1, labels)
+            self.finished.add(spec.queue, spec.type, outcome)
             if previous in ACTIVE:
                 began = task.start_time if task.HasField("start_time") else task.assign_time
+                labels = {"queue": spec.queue, "type": spec.type, "outcome": outcome}
                 self.duration.record(max(time.time() - timestamp_seconds(began), 0.0), labels)
-            if state == S.TASK_STATE_EXPIRED:
-                self.expirations.add(1, {"queue": spec.queue, "type": spec.type})
-        elif previous in ACTIVE and state in (S.TASK_STATE_PENDING, S.TASK_STATE_QUEUED):
-            self.retries.add(1, {"queue": spec.queue, "type": spec.type})
+            if state == _EXPIRED:
+                self.expirations.add(spec.queue, spec.type)
+        elif previous in ACTIVE and state in _WAITING:
+            self.retries.add(spec.queue, spec.type)
+
+
+class Counts:
+    """A counter by label values, added to on the event loop and read (copied) on the exporter's thread."""
+
+    def __init__(self, *names: str) -> None:
+        self._names = names
+        self._values: dict[tuple[str, ...], int] = {}
+
+    def add(self, *labels: str) -> None:
+        self._values[labels] = self._values.get(labels, 0) + 1
+
+    def observe(self, _options: otel.CallbackOptions) -> Iterable[otel.Observation]:
+        return [
+            otel.Observation(n, dict(zip(self._names, labels, strict=True))) for labels, n in list(self._values.items())
+        ]
 
 
 # Set by `install` when the process serves --metrics; None otherwise, and call sites check it.
@@ -198,11 +223,11 @@ def log_change(task: task_pb2.Task, previous: int, state: int) -> None:
         return
     if not previous:
         if state in ACTIVE:
-            _line(task, "created", task.attempt - 1, S.TASK_STATE_QUEUED)
+            _line(task, "created", task.attempt - 1, _QUEUED)
             _line(task, "assigned", task.attempt, state)
         else:
             _line(task, "created", task.attempt, state)
-    elif previous in ACTIVE and state in (S.TASK_STATE_PENDING, S.TASK_STATE_QUEUED):
+    elif previous in ACTIVE and state in _WAITING:
         _line(task, "retry_scheduled", task.attempt, state)
     else:
         _line(task, _NAMES.get(state, "unknown"), task.attempt, state)

@@ -105,7 +105,7 @@ class Timers:
         session, attempt = entry.session, task.attempt
         log.info("task %s attempt %d timed out after %.3gs", task.id, attempt, limit)
         if metrics.instruments is not None:
-            metrics.instruments.timeouts.add(1, {"queue": task.spec.queue, "type": task.spec.type})
+            metrics.instruments.timeouts.add(task.spec.queue, task.spec.type)
         error = task_pb2.TaskError(type=TIMEOUT, message=f"attempt {attempt} ran longer than {limit:g}s")
         failed = self._leader.attempt_failed(entry, error)
         if session is not None:
