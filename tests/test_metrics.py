@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +187,23 @@ def test_a_taken_metrics_address_is_one_error_before_start(etcd: EmbeddedEtcd, n
             node.kill()
     assert f"herder coordinator: cannot serve metrics on {address}" in log, log
     assert "Traceback" not in log, log
+
+
+# The supervisor as `pip install herder` (no extras) runs it: the metrics packages unimportable.
+_SUPERVISOR_WITHOUT_METRICS = """
+import sys
+for name in ("opentelemetry.sdk", "opentelemetry.exporter.prometheus", "prometheus_client"):
+    sys.modules[name] = None
+from herder.supervisor.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_supervisor_metrics_without_the_packages_names_the_install() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _SUPERVISOR_WITHOUT_METRICS, "--coordinator", "127.0.0.1:1",
+         "--handler", "127.0.0.1:1", "--metrics", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and "pip install 'herder[metrics]'" in done.stderr, done.stderr
