@@ -14,7 +14,7 @@ Starts its own etcd, coordinator and worker processes, then measures:
 Prints a human summary and, on its last line, the figures as JSON. A measurement, not a test.
 
     python bench/throughput.py [--tasks 5000] [--submitters 64] [--batch 500] [--workers 1] [--slots 256]
-                               [--keys 100] [--phases idle,single,batches,fair,sidecar]
+                               [--keys 100] [--phases idle,single,batches,fair,sidecar] [--coordinator-arg ARG ...]
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ async def through_sidecar(
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    stack = Stack(args.workers, args.slots)
+    stack = Stack(args.workers, args.slots, tuple(args.coordinator_arg))
     try:
         await stack.start()
         async with grpc.aio.insecure_channel(stack.address) as channel:
@@ -433,6 +433,14 @@ if __name__ == "__main__":
         "sidecar (idle, single and batches through herder supervisor and a plain-grpc handler)",
     )
     parser.add_argument("--keys", type=int, default=100, help="concurrency keys in the fair phase")
+    parser.add_argument(
+        "--coordinator-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra coordinator flag, repeatable; what metrics and logs cost:"
+        " --coordinator-arg=--log-level=info --coordinator-arg=--metrics=127.0.0.1:9464",
+    )
     parser.add_argument("--worker", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

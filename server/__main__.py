@@ -12,8 +12,19 @@ import sys
 from collections.abc import Sequence
 
 from herder.clients import logs
+from herder.clients.metrics_setup import MetricsError
 from herder.clients.runner import run as run_loop
-from herder.clients.settings import Setting, Settings, boolean, integer, load, log_settings, seconds, text
+from herder.clients.settings import (
+    Setting,
+    Settings,
+    boolean,
+    integer,
+    load,
+    log_settings,
+    metrics_setting,
+    seconds,
+    text,
+)
 from herder.server import election, validation
 from herder.server._etcd import EtcdAuthError, EtcdCredentials, EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
@@ -209,6 +220,7 @@ SETTINGS: list[Setting] = [
         env=None,
         structured=True,
     ),
+    metrics_setting(),
     *log_settings(),
 ]
 
@@ -310,6 +322,7 @@ def config_of(settings: Settings) -> CoordinatorConfig:
         limits=_limits(settings),
         watch=WatchSettings(max_watchers=settings["max_watchers"], max_backlog=settings["watch_backlog"]),
         task_types=tuple(declared.task_type for declared in settings["task_types"]),
+        metrics=settings["metrics"],
     )
 
 
@@ -325,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EtcdError as exc:
         print(f"{PROG}: cannot reach etcd at {','.join(config.etcd)}: {exc}", file=sys.stderr)
         return 1
-    except ListenError as exc:
+    except (ListenError, MetricsError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -114,7 +114,11 @@ def test_base_dependencies_leave_the_server_out_and_the_extras_hold_it() -> None
     base = _names(project["dependencies"])
     assert not base & SERVER_DISTRIBUTIONS
     assert {"grpcio", "grpcio-status", "protobuf", "rich", "opentelemetry-api"} <= base
-    assert _names(extras["server"]) == SERVER_DISTRIBUTIONS
+    assert _names(extras["server"]) == SERVER_DISTRIBUTIONS | {"herder"}
+    # The coordinator serves --metrics: the server extra brings the metrics extra, which the base leaves out.
+    assert "herder[metrics]" in extras["server"]
+    assert _names(extras["metrics"]) == {"opentelemetry-sdk", "opentelemetry-exporter-prometheus"}
+    assert not base & _names(extras["metrics"])
     # `make setup` installs `.[dev,server]`, and `dev` alone still brings the server extra.
     assert "herder[server]" in extras["dev"]
     assert "'.[dev,server]'" in (ROOT / "Makefile").read_text()
