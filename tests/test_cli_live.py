@@ -1,0 +1,125 @@
+"""The live terminal views: `tasks watch` as a table, the `submit --wait` progress bar and `herder top`,
+run in this process with --live forcing a terminal, against a real etcd, coordinator and worker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _cluster import Coordinator
+from _timing import eventually_sync as eventually
+
+from herder.clients.cli import main
+from herder.clients.client import SyncClient
+from herder.clients.proto.examples.v1 import examples_pb2
+
+pytestmark = pytest.mark.timeout(90)
+
+HERDER = str(Path(sys.executable).parent / "herder")
+# Cursor movement and colours a forced terminal writes; the tests read the text between them.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`herder ARGS` in this process: exit code, stdout without terminal codes, stderr."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse usage errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, _ANSI.sub("", out), err
+
+
+@pytest.fixture
+def address(coordinator: Coordinator) -> str:
+    """The coordinator's address, with the example task types registered."""
+    with SyncClient(coordinator.address) as client:
+        client.register_task_type("examples.echo", examples_pb2.EchoRequest, examples_pb2.EchoResponse)
+        client.register_task_type("examples.sleep", examples_pb2.SleepRequest, examples_pb2.SleepResponse)
+    return coordinator.address
+
+
+@pytest.fixture
+def worker(address: str) -> Iterator[subprocess.Popen[str]]:
+    """`herder worker` serving the example types, connected before the test starts."""
+    process = subprocess.Popen(
+        [HERDER, "worker", "--coordinator", address, "--slots", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        with SyncClient(address) as client:
+            eventually(lambda: process.poll() is None and client.nodes(), "the worker to connect")
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=15)
+
+
+def finished_echo(address: str, text: str) -> str:
+    """The id of an examples.echo task that has succeeded."""
+    with SyncClient(address) as client:
+        handle = client.submit("examples.echo", examples_pb2.EchoRequest(text=text))
+        assert handle.wait(20).state == handle.task.state
+        return handle.id
+
+
+def test_watch_live_draws_a_row_per_task(capsys: pytest.CaptureFixture[str], address: str, worker: object) -> None:
+    first, second = finished_echo(address, "a"), finished_echo(address, "b")
+    code, out, err = run(capsys, "--coordinator", address, "tasks", "watch", first, second, "--live")
+    assert code == 0, err
+    for header in ("ID", "TYPE", "QUEUE", "STATE", "ATTEMPT", "PROGRESS", "MESSAGE", "AGE"):
+        assert header in out
+    assert re.search(rf"{first}\s+examples\.echo\s+default\s+SUCCEEDED\s+1", out), out
+    assert re.search(rf"{second}\s+examples\.echo\s+default\s+SUCCEEDED\s+1", out), out
+
+
+def test_watch_live_keeps_only_the_latest_rows(
+    capsys: pytest.CaptureFixture[str], address: str, worker: object
+) -> None:
+    ids = [finished_echo(address, str(n)) for n in range(3)]
+    code, out, err = run(capsys, "--coordinator", address, "tasks", "watch", *ids, "--live", "--rows", "2")
+    assert code == 0, err
+    # The last frame drawn is what stays on the screen: the two most recent tasks.
+    last_frame = out[out.rindex("ID ") :]
+    assert ids[0] not in last_frame and ids[1] in last_frame and ids[2] in last_frame
+
+
+def test_watch_not_on_a_terminal_prints_lines(capsys: pytest.CaptureFixture[str], address: str, worker: object) -> None:
+    task_id = finished_echo(address, "piped")
+    code, out, err = run(capsys, "--coordinator", address, "tasks", "watch", task_id)
+    assert code == 0, err
+    assert out.count("\n") == 1 and task_id in out and "SUCCEEDED" in out and "PROGRESS" not in out
+
+
+def test_submit_wait_live_shows_the_progress_bar(
+    capsys: pytest.CaptureFixture[str], address: str, worker: object
+) -> None:
+    code, out, err = run(
+        capsys, "--coordinator", address, "submit", "examples.sleep", "--json", '{"duration": "0.6s", "steps": 3}',
+        "--wait", "--live",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "100%" in out and "slept 3 of 3 steps" in out
+    # Then the result, as without the bar.
+    assert re.search(r"state\s+SUCCEEDED", out) and "slept" in out
+
+
+def test_submit_wait_not_on_a_terminal_prints_no_bar(
+    capsys: pytest.CaptureFixture[str], address: str, worker: object
+) -> None:
+    code, out, err = run(
+        capsys, "--coordinator", address, "submit", "examples.sleep", "--json", '{"duration": "0.3s", "steps": 3}',
+        "--wait",
+    )  # fmt: skip
+    assert code == 0, err
+    # The task's own "progress" line is there, but no bar (rich draws it with "━").
+    assert "━" not in out and "\r" not in out
+    assert re.search(r"state\s+SUCCEEDED", out)
