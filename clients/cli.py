@@ -63,6 +63,7 @@ from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
 from herder.clients.proto_text import render_task_type
 from herder.clients.settings import Setting, SettingsError, add_flags, choice, resolve, seconds
+from herder.clients.top import DEFAULT_INTERVAL, print_snapshot, run_top, start_top
 from herder.clients.worker_config import worker_arguments, worker_settings
 
 PROG = "herder"
@@ -341,6 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
         "list the active alerts of connected supervisors (memory, CPU, disk, timeouts, handler, heartbeats)",
         _async(_alerts),
     )
+    top_command = command(
+        "top",
+        "a live view of the leader, queues, nodes and recent failures, driven by the task stream"
+        " (the table-only figures are fetched every --interval seconds); Ctrl-C ends it",
+        _async(_top),
+    )
+    top_command.add_argument("--once", action="store_true", help="print one snapshot and exit (as when piped)")
+    top_command.add_argument(
+        "--interval",
+        type=_seconds,
+        default=DEFAULT_INTERVAL,
+        metavar="S",
+        help="seconds between fetching queue, node and leader figures (default 2)",
+    )
+    top_command.add_argument("--live", action="store_true", help="the live view even when stdout is not a terminal")
+    top_command.set_defaults(interrupt_ok=True)
 
     lock = command(
         "lock",
@@ -1230,6 +1247,18 @@ def _resource_cells(node: coordinator_pb2.Node) -> tuple[str, str, str, str]:
         f"{size_text(r.disk_used_bytes)} / {size_text(r.disk_total_bytes)}" if r.disk_total_bytes else "",
         handler,
     )
+
+
+async def _top(client: Client, out: Output, args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval: must be more than 0 seconds")
+    view = await start_top(client)
+    console = None if args.once else live_console(json_output=out.json, force=args.live)
+    if console is None:
+        await print_snapshot(view, out)
+    else:
+        await run_top(client, view, console, args.interval)
+    return exit_codes.OK
 
 
 async def _lock(client: Client, out: Output, args: argparse.Namespace) -> int:

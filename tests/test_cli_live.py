@@ -4,8 +4,10 @@ run in this process with --live forcing a terminal, against a real etcd, coordin
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -17,8 +19,9 @@ from _cluster import Coordinator
 from _timing import eventually_sync as eventually
 
 from herder.clients.cli import main
-from herder.clients.client import SyncClient
+from herder.clients.client import Retry, SyncClient
 from herder.clients.proto.examples.v1 import examples_pb2
+from herder.clients.top import SECTIONS
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -123,3 +126,68 @@ def test_submit_wait_not_on_a_terminal_prints_no_bar(
     # The task's own "progress" line is there, but no bar (rich draws it with "━").
     assert "━" not in out and "\r" not in out
     assert re.search(r"state\s+SUCCEEDED", out)
+
+
+def failed_flaky(address: str) -> str:
+    """The id of an examples.flaky task that failed its only attempt."""
+    with SyncClient(address) as client:
+        handle = client.submit(
+            "examples.flaky", examples_pb2.FlakyRequest(fail_attempts=1), retry=Retry(max_attempts=1)
+        )
+        handle.wait(20)
+        return handle.id
+
+
+def test_top_once_prints_every_section_with_its_figures(
+    capsys: pytest.CaptureFixture[str], address: str, worker: object
+) -> None:
+    finished_echo(address, "ok")
+    failed = failed_flaky(address)
+    code, out, err = run(capsys, "--coordinator", address, "top", "--once")
+    assert code == 0, err
+    assert [line.strip() for line in out.splitlines() if line.strip() in SECTIONS] == list(SECTIONS)
+    assert re.search(rf"leader\s+\S+ at {re.escape(address)}", out), out
+    assert re.search(r"default\s+0\s+0\s+0\s+\S+\s+\d+\.\d", out), out  # backlog, running, held, wait p99, rate
+    # The worker, slots used of its 4 (its cpu and memory come with its first heartbeat's sample).
+    assert re.search(r"\n \S+\s+0/4\s", out), out
+    assert re.search(rf"{failed}\s+examples\.flaky\s+FlakyError\s+attempt 1 fails", out), out
+
+
+def test_top_once_json(capsys: pytest.CaptureFixture[str], address: str, worker: object) -> None:
+    failed = failed_flaky(address)
+    code, out, err = run(capsys, "--coordinator", address, "--output", "json", "top", "--once")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["cluster"]["leader_address"] == address
+    assert [queue["name"] for queue in document["queues"]] == ["default"]
+    assert len(document["nodes"]) == 1
+    assert [task["id"] for task in document["recent_failures"]] == [failed]
+
+
+def test_top_live_follows_the_stream_and_ctrl_c_exits_0(address: str, worker: object) -> None:
+    # A long refresh interval: the failure can only have come from the task stream.
+    process = subprocess.Popen(
+        [HERDER, "--coordinator", address, "top", "--live", "--interval", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        seen = bytearray()
+
+        def screen_has(text: str) -> bool:
+            assert process.stdout is not None and process.poll() is None, process.stderr
+            while select.select([process.stdout], [], [], 0)[0]:
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                seen.extend(chunk)
+            return text in _ANSI.sub("", seen.decode(errors="replace"))
+
+        eventually(lambda: screen_has("Recent failures"), "top's first frame")
+        failed = failed_flaky(address)
+        eventually(lambda: screen_has(failed), "the failure on the screen", timeout=20)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=15) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=15)
