@@ -191,3 +191,25 @@ def test_top_live_follows_the_stream_and_ctrl_c_exits_0(address: str, worker: ob
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate(timeout=15)
+
+
+def test_the_readme_capture_of_top_has_the_sections_top_prints(
+    capsys: pytest.CaptureFixture[str], address: str, worker: object
+) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    capture = readme.split("A capture of `herder top --once`", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    code, out, err = run(capsys, "--coordinator", address, "top", "--once")
+    assert code == 0, err
+
+    def headings(text: str) -> list[list[str]]:
+        """Each section's title and its table's column headings, in order."""
+        lines = [line.strip() for line in text.splitlines()]
+        return [[title, *lines[n + 1].split("  ")] for n, title in enumerate(lines) if title in SECTIONS]
+
+    def normalised(found: list[list[str]]) -> list[list[str]]:
+        return [[cell.strip() for cell in row if cell.strip()] for row in found]
+
+    # Leader's next line is a row, not headings: compare its label only.
+    got, shown = normalised(headings(out)), normalised(headings(capture))
+    assert [row[0] for row in got] == list(SECTIONS) == [row[0] for row in shown]
+    assert got[1:] == shown[1:] and got[0][1] == shown[0][1] == "leader"
