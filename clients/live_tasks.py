@@ -21,6 +21,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from herder.clients.cli_output import PIPE_WIDTH, error_text, new_table, span, styled_state
 from herder.clients.client import TaskHandle, is_terminal, timestamp_to_datetime
@@ -60,6 +61,9 @@ class TaskTable:
 
     def render(self) -> Table:
         table = new_table("ID", "TYPE", "QUEUE", "STATE", "ATTEMPT", "PROGRESS", "MESSAGE", "AGE")
+        # One line per task: on a narrow terminal the message is cut short, never the id one copies.
+        for column in table.columns:
+            column.no_wrap = column.header != "MESSAGE"
         now = time.time()
         for task in self._tasks.values():
             created = timestamp_to_datetime(task.create_time)
@@ -74,7 +78,7 @@ class TaskTable:
                 styled_state(task.state),
                 str(task.attempt) if task.attempt else "",
                 f"{task.progress.fraction:.0%}" if has_fraction else "",
-                escape(message),
+                Text(message, no_wrap=True, overflow="ellipsis"),
                 age,
             )
         return table

@@ -4,13 +4,17 @@ run in this process with --live forcing a terminal, against a real etcd, coordin
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import pty
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,3 +217,70 @@ def test_the_readme_capture_of_top_has_the_sections_top_prints(
     got, shown = normalised(headings(out)), normalised(headings(capture))
     assert [row[0] for row in got] == list(SECTIONS) == [row[0] for row in shown]
     assert got[1:] == shown[1:] and got[0][1] == shown[0][1] == "leader"
+
+
+class Terminal:
+    """`herder ARGS` on a pseudo-terminal 200 columns wide (stderr piped apart); reads what it drew."""
+
+    def __init__(self, address: str, *args: str) -> None:
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        self.process = subprocess.Popen(
+            [HERDER, "--coordinator", address, *args],
+            stdin=slave, stdout=slave, stderr=subprocess.PIPE, start_new_session=True,
+            env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "", "LINES": ""},
+        )  # fmt: skip
+        os.close(slave)
+        self.seen = bytearray()
+
+    def screen(self) -> str:
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # the process ended and closed its side
+                break
+            if not chunk:
+                break
+            self.seen.extend(chunk)
+        return _ANSI.sub("", self.seen.decode(errors="replace"))
+
+    def wait(self) -> tuple[int, str]:
+        """The exit code and stderr, once it ended by itself (within 20 s)."""
+        _, err = self.process.communicate(timeout=20)
+        self.screen()
+        return self.process.returncode, err.decode()
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.communicate(timeout=15)
+        os.close(self.master)
+
+
+@pytest.fixture
+def terminals() -> Iterator[list[Terminal]]:
+    started: list[Terminal] = []
+    yield started
+    for terminal in started:
+        terminal.close()
+
+
+def test_watch_on_a_terminal_draws_the_table_unasked(address: str, worker: object, terminals: list[Terminal]) -> None:
+    task_id = finished_echo(address, "tty")
+    terminal = Terminal(address, "tasks", "watch", task_id)
+    terminals.append(terminal)
+    code, err = terminal.wait()
+    assert code == 0, err
+    assert re.search(rf"{task_id}\s+examples\.echo\s+default\s+SUCCEEDED", terminal.screen())
+    assert "PROGRESS" in terminal.screen()
+
+
+def test_ctrl_c_during_submit_wait_with_the_bar_exits_130_naming_the_task(
+    address: str, worker: object, terminals: list[Terminal]
+) -> None:
+    terminal = Terminal(address, "submit", "examples.sleep", "--json", '{"duration": "30s", "steps": 60}', "--wait")
+    terminals.append(terminal)
+    eventually(lambda: "slept 1 of 60 steps" in terminal.screen(), "the bar's first progress", timeout=20)
+    os.killpg(terminal.process.pid, signal.SIGINT)
+    code, err = terminal.wait()
+    assert code == 130 and "interrupted: task" in err and "goes on" in err, err
