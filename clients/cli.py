@@ -779,8 +779,10 @@ async def _tasks_watch(client: Client, out: Output, args: argparse.Namespace) ->
     console = live_console(json_output=out.json, force=args.live, lines=args.lines)
     async with contextlib.aclosing(events):
         if console is not None:
-            # Every task named gets its row, finished ones included; the view ends once all are finished.
-            await watch_table(events, console, args.rows, set(args.ids) if args.ids else None)
+            # Every task named gets its row, finished ones included (their events come unless skipped);
+            # the view ends once all have finished.
+            until = (unfinished if args.skip_initial else set(args.ids)) if args.ids else None
+            await watch_table(events, console, args.rows, until)
             return 0
         async for event in events:
             if out.json:

@@ -168,35 +168,6 @@ def test_top_once_json(capsys: pytest.CaptureFixture[str], address: str, worker:
     assert [task["id"] for task in document["recent_failures"]] == [failed]
 
 
-def test_top_live_follows_the_stream_and_ctrl_c_exits_0(address: str, worker: object) -> None:
-    # A long refresh interval: the failure can only have come from the task stream.
-    process = subprocess.Popen(
-        [HERDER, "--coordinator", address, "top", "--live", "--interval", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    try:
-        seen = bytearray()
-
-        def screen_has(text: str) -> bool:
-            assert process.stdout is not None and process.poll() is None, process.stderr
-            while select.select([process.stdout], [], [], 0)[0]:
-                chunk = os.read(process.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                seen.extend(chunk)
-            return text in _ANSI.sub("", seen.decode(errors="replace"))
-
-        eventually(lambda: screen_has("Recent failures"), "top's first frame")
-        failed = failed_flaky(address)
-        eventually(lambda: screen_has(failed), "the failure on the screen", timeout=20)
-        os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=15) == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate(timeout=15)
-
-
 def test_the_readme_capture_of_top_has_the_sections_top_prints(
     capsys: pytest.CaptureFixture[str], address: str, worker: object
 ) -> None:
@@ -284,3 +255,34 @@ def test_ctrl_c_during_submit_wait_with_the_bar_exits_130_naming_the_task(
     os.killpg(terminal.process.pid, signal.SIGINT)
     code, err = terminal.wait()
     assert code == 130 and "interrupted: task" in err and "goes on" in err, err
+
+
+def test_top_on_a_terminal_follows_the_stream_and_ctrl_c_exits_0(
+    address: str, worker: object, terminals: list[Terminal]
+) -> None:
+    # A long refresh interval: the failure can only have come from the task stream.
+    terminal = Terminal(address, "top", "--interval", "60")
+    terminals.append(terminal)
+    eventually(lambda: "Recent failures" in terminal.screen(), "top's first frame")
+    failed = failed_flaky(address)
+    eventually(lambda: failed in terminal.screen(), "the failure on the screen", timeout=20)
+    os.killpg(terminal.process.pid, signal.SIGINT)
+    code, err = terminal.wait()
+    assert code == 0, err
+
+
+def test_top_moves_queue_counts_by_the_stream(address: str, worker: object, terminals: list[Terminal]) -> None:
+    terminal = Terminal(address, "top", "--interval", "60")
+    terminals.append(terminal)
+
+    def last_frame() -> str:
+        screen = terminal.screen()
+        return screen[screen.rfind("Leader") :]
+
+    eventually(lambda: "Recent failures" in last_frame(), "top's first frame")
+    with SyncClient(address) as client:
+        handle = client.submit("examples.sleep", examples_pb2.SleepRequest(duration={"seconds": 30}))
+        # QUEUE, BACKLOG 0, RUNNING 1: the sleep has started (no refresh within 60 s: the stream said so).
+        eventually(lambda: re.search(r"default\s+0\s+1\s", last_frame()), "a running task in the queue row")
+        handle.cancel()
+        eventually(lambda: re.search(r"default\s+0\s+0\s", last_frame()), "the task gone from the row")
