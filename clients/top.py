@@ -186,7 +186,9 @@ async def print_snapshot(view: TopView, out: Output) -> None:
 
 
 async def run_top(client: Client, view: TopView, console: Console, interval: float) -> None:
-    """Draw the view until cancelled (Ctrl-C): redrawn on every task event and every refresh."""
+    """Draw the view until cancelled (Ctrl-C): redrawn on every task event and every refresh. A broken
+    task stream is re-opened; a refresh call that fails (after the client's own retries) ends it with
+    that error, the last frame left on the screen."""
     with Live(view.render(), console=console, auto_refresh=False) as live:
 
         def redraw() -> None:
