@@ -144,6 +144,21 @@ async def test_one_json_line_per_state_change_with_task_id_attempt_and_trace_id(
     assert {(e["level"], e["type"], e["queue"]) for e in events} == {("info", ECHO, "default")}
 
 
+async def test_task_log_off_leaves_out_the_state_change_lines_only(etcd: EmbeddedEtcd, namespace: str) -> None:
+    node = Coordinator(etcd.endpoint, namespace, extra_args=["--task-log", "off", "--log-format", "json"])
+    try:
+        node.start()
+        async with connect(node) as api, RawWorker(node.address, "w", [ECHO], slots=1) as worker:
+            task_id = (await api.client.submit(ECHO, json={"text": "quiet"})).task.id
+            await complete(worker, await worker.next_assignment())
+            await eventually(lambda: _in(api, task_id, S.TASK_STATE_SUCCEEDED), "the task succeeded")
+        documents = [json.loads(line) for line in node.log_path.read_text().splitlines() if line.startswith("{")]
+        assert documents, "the coordinator logs its other info lines"
+        assert not [d for d in documents if d.get("logger") == "herder.tasks"]
+    finally:
+        node.kill()
+
+
 async def test_supervisor_serves_resource_slot_and_alert_gauges(coordinator: Coordinator) -> None:
     address, port = f"127.0.0.1:{free_port()}", free_port()
     with handler(port), supervisor(coordinator, port, "--metrics", address, "--resource-interval", "0.2"):
