@@ -16,7 +16,7 @@ Tracing's cost: run it with OTEL_TRACES_EXPORTER set (the processes it starts re
 over HTTP to `python bench/_otlp_sink.py PORT`, a receiver that accepts and drops every span.
 
     python bench/throughput.py [--tasks 5000] [--submitters 64] [--batch 500] [--workers 1] [--slots 256]
-                               [--keys 100] [--phases idle,single,batches,fair,sidecar]
+                               [--keys 100] [--phases idle,single,batches,fair,sidecar] [--coordinator-arg ARG ...]
 """
 
 from __future__ import annotations
@@ -389,7 +389,7 @@ async def through_sidecar(
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    stack = Stack(args.workers, args.slots)
+    stack = Stack(args.workers, args.slots, tuple(args.coordinator_arg))
     try:
         await stack.start()
         async with grpc.aio.insecure_channel(stack.address) as channel:
@@ -437,6 +437,14 @@ if __name__ == "__main__":
         "sidecar (idle, single and batches through herder supervisor and a plain-grpc handler)",
     )
     parser.add_argument("--keys", type=int, default=100, help="concurrency keys in the fair phase")
+    parser.add_argument(
+        "--coordinator-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra coordinator flag, repeatable; what metrics and logs cost:"
+        " --coordinator-arg=--log-level=info --coordinator-arg=--metrics=127.0.0.1:9464",
+    )
     parser.add_argument("--worker", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -58,10 +58,12 @@ from herder.clients.client import (
 from herder.clients.config_show import show_config
 from herder.clients.endpoints import ADDRESS_ENV, DEFAULT_ADDRESS, address_setting
 from herder.clients.exit_codes import UsageError, WaitTimeoutError
+from herder.clients.live_tasks import DEFAULT_ROWS, follow_progress, live_console, watch_table
 from herder.clients.locked_command import TOKEN_ENV, run_locked
 from herder.clients.proto.v1 import coordinator_pb2, supervisor_pb2, task_pb2
 from herder.clients.proto_text import render_task_type
 from herder.clients.settings import Setting, SettingsError, add_flags, choice, resolve, seconds
+from herder.clients.top import DEFAULT_INTERVAL, print_snapshot, run_top, start_top
 from herder.clients.worker_config import worker_arguments, worker_settings
 
 PROG = "herder"
@@ -234,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait-timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds (exit code 5)"
     )
     submit.add_argument("--full", action="store_true", help="with --wait: show payload, result and details whole")
+    submit.add_argument(
+        "--live", action="store_true", help="with --wait: draw the progress bar even when stdout is not a terminal"
+    )
 
     tasks = command("tasks", "list, inspect, watch and cancel tasks", _need_subcommand)
     task_commands = tasks.add_subparsers(dest="tasks_command", metavar="SUBCOMMAND", required=True)
@@ -261,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="REV",
         help="resume: only changes after this revision (an event's), on any replica",
+    )
+    shown = watch.add_mutually_exclusive_group()
+    shown.add_argument("--lines", action="store_true", help="one line per event even on a terminal (as piped)")
+    shown.add_argument("--live", action="store_true", help="the live table even when stdout is not a terminal")
+    watch.add_argument(
+        "--rows", type=_positive_int, default=DEFAULT_ROWS, metavar="N", help="live table: the latest N tasks (50)"
     )
     watch.set_defaults(interrupt_ok=True)
     priority = command(
@@ -331,6 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
         "list the active alerts of connected supervisors (memory, CPU, disk, timeouts, handler, heartbeats)",
         _async(_alerts),
     )
+    top_command = command(
+        "top",
+        "a live view of the leader, queues, nodes and recent failures, driven by the task stream"
+        " (the table-only figures are fetched every --interval seconds); Ctrl-C ends it",
+        _async(_top),
+    )
+    top_command.add_argument("--once", action="store_true", help="print one snapshot and exit (as when piped)")
+    top_command.add_argument(
+        "--interval",
+        type=_seconds,
+        default=DEFAULT_INTERVAL,
+        metavar="S",
+        help="seconds between fetching queue, node and leader figures (default 2)",
+    )
+    top_command.add_argument("--live", action="store_true", help="the live view even when stdout is not a terminal")
+    top_command.set_defaults(interrupt_ok=True)
 
     lock = command(
         "lock",
@@ -410,11 +437,13 @@ def _add_created_filters(parser: argparse.ArgumentParser) -> None:
 
 def _add_queue_pause_commands(command: Callable[..., argparse.ArgumentParser], queue_commands: Any) -> None:
     pause = command(
-        "pause", "pause a queue: it accepts tasks and starts none (durable)", _async(_queues_pause), queue_commands
+        "pause", "pause a queue: it accepts tasks and starts none (durable)", _async(_queues_set_paused), queue_commands
     )
     pause.add_argument("queue")
-    resume = command("resume", "resume a paused queue", _async(_queues_resume), queue_commands)
+    pause.set_defaults(paused=True)
+    resume = command("resume", "resume a paused queue", _async(_queues_set_paused), queue_commands)
     resume.add_argument("queue")
+    resume.set_defaults(paused=False)
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -665,8 +694,12 @@ async def _submit(client: Client, out: Output, args: argparse.Namespace) -> int:
             verb = "submitted" if handle.created else "already submitted:"
             out.console.print(f"{verb} task [bold]{handle.id}[/] ({state_name(handle.task.state)})")
         return exit_codes.OK
+    console = live_console(json_output=out.json, force=args.live) if not is_terminal(handle.task.state) else None
     try:
-        await handle.wait(args.wait_timeout)
+        if console is not None:
+            await follow_progress(handle, console, args.wait_timeout)
+        else:
+            await handle.wait(args.wait_timeout)
     except TimeoutError:
         raise WaitTimeoutError(
             f"timed out after {args.wait_timeout:g}s waiting for task {handle.id} "
@@ -745,7 +778,14 @@ async def _tasks_watch(client: Client, out: Output, args: argparse.Namespace) ->
         include_result_json=True,
         after_revision=args.after_revision,
     )
+    console = live_console(json_output=out.json, force=args.live, lines=args.lines)
     async with contextlib.aclosing(events):
+        if console is not None:
+            # Every task named gets its row, finished ones included (their events come unless skipped);
+            # the view ends once all have finished.
+            until = (unfinished if args.skip_initial else set(args.ids)) if args.ids else None
+            await watch_table(events, console, args.rows, until)
+            return 0
         async for event in events:
             if out.json:
                 print(json.dumps(await out.to_dict(event), separators=(",", ":")), flush=True)
@@ -977,19 +1017,13 @@ async def _queues(client: Client, out: Output, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _queues_pause(client: Client, out: Output, args: argparse.Namespace) -> int:
-    await client.pause_queue(args.queue)
+async def _queues_set_paused(client: Client, out: Output, args: argparse.Namespace) -> int:
+    paused: bool = args.paused
+    await (client.pause_queue(args.queue) if paused else client.resume_queue(args.queue))
     if out.json:
-        await out.print_json(coordinator_pb2.SetQueuePausedResponse(queue=args.queue, paused=True), defaults=True)
-    else:
+        await out.print_json(coordinator_pb2.SetQueuePausedResponse(queue=args.queue, paused=paused), defaults=True)
+    elif paused:
         out.console.print(f"queue [bold]{escape(args.queue)}[/] paused: it accepts tasks and starts none")
-    return 0
-
-
-async def _queues_resume(client: Client, out: Output, args: argparse.Namespace) -> int:
-    await client.resume_queue(args.queue)
-    if out.json:
-        await out.print_json(coordinator_pb2.SetQueuePausedResponse(queue=args.queue, paused=False), defaults=True)
     else:
         out.console.print(f"queue [bold]{escape(args.queue)}[/] resumed")
     return 0
@@ -1211,6 +1245,18 @@ def _resource_cells(node: coordinator_pb2.Node) -> tuple[str, str, str, str]:
         f"{size_text(r.disk_used_bytes)} / {size_text(r.disk_total_bytes)}" if r.disk_total_bytes else "",
         handler,
     )
+
+
+async def _top(client: Client, out: Output, args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval: must be more than 0 seconds")
+    view = await start_top(client)
+    console = None if args.once else live_console(json_output=out.json, force=args.live)
+    if console is None:
+        await print_snapshot(view, out)
+    else:
+        await run_top(client, view, console, args.interval)
+    return exit_codes.OK
 
 
 async def _lock(client: Client, out: Output, args: argparse.Namespace) -> int:

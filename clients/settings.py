@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from herder.clients.metrics_setup import parse_address
+
 FILE_ENV = "HERDER_CONFIG"
 FILE_FLAG = "--config"
 # The tables a config file may have: one per command.
@@ -332,6 +334,17 @@ def log_settings() -> list[Setting]:
             metavar="FORMAT",
         ),
     ]
+
+
+def metrics_setting() -> Setting:
+    """--metrics ADDR: the Prometheus scrape endpoint of a long-running command (off when empty)."""
+    return Setting(
+        "metrics",
+        parse_address,
+        "",
+        "serve Prometheus metrics at HOST:PORT, e.g. 127.0.0.1:9464 (default: off)",
+        metavar="ADDR",
+    )
 
 
 # --- a command's start: flags, resolution, `--show-config`, one-line errors ---

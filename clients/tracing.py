@@ -51,7 +51,7 @@ EXPORTER_ENV = "OTEL_TRACES_EXPORTER"
 SAMPLER_ENV = "OTEL_TRACES_SAMPLER"
 # Herder's default when OTEL_TRACES_SAMPLER is unset: follow the caller's decision, and sample this
 # share of the traces that start here. Every task costs three spans on two processes: with all of them
-# sampled bench/throughput.py loses about a third (README, "Tracing" has the figures).
+# sampled bench/throughput.py loses a third or more (README, "Tracing" has the figures).
 DEFAULT_SAMPLE_RATIO = 0.1
 _NO_EXPORTER = ("", "none")
 

@@ -8,12 +8,24 @@ The etcd password comes from a file (--etcd-password-file) or HERDER_ETCD_PASSWO
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from collections.abc import Sequence
 
 from herder.clients import logs, tracing
+from herder.clients.metrics_setup import MetricsError
 from herder.clients.runner import run as run_loop
-from herder.clients.settings import Setting, Settings, boolean, integer, load, log_settings, seconds, text
+from herder.clients.settings import (
+    Setting,
+    Settings,
+    boolean,
+    integer,
+    load,
+    log_settings,
+    metrics_setting,
+    seconds,
+    text,
+)
 from herder.server import election, validation
 from herder.server._etcd import EtcdAuthError, EtcdCredentials, EtcdError
 from herder.server.app import CoordinatorConfig, ListenError, serve
@@ -209,7 +221,15 @@ SETTINGS: list[Setting] = [
         env=None,
         structured=True,
     ),
+    metrics_setting(),
     *log_settings(),
+    Setting(
+        "task_log",
+        boolean,
+        True,
+        "log one info line per task state change (logger herder.tasks); off saves its CPU on busy coordinators",
+        metavar="BOOL",
+    ),
 ]
 
 
@@ -310,6 +330,7 @@ def config_of(settings: Settings) -> CoordinatorConfig:
         limits=_limits(settings),
         watch=WatchSettings(max_watchers=settings["max_watchers"], max_backlog=settings["watch_backlog"]),
         task_types=tuple(declared.task_type for declared in settings["task_types"]),
+        metrics=settings["metrics"],
     )
 
 
@@ -317,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _load(argv)
     config = config_of(settings)
     logs.configure(settings["log_level"], settings["log_format"])
+    if not settings["task_log"]:
+        logging.getLogger("herder.tasks").setLevel(logging.WARNING)
     tracing.configure_from_env("herder-coordinator")
     try:
         run_loop(serve(config))
@@ -326,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EtcdError as exc:
         print(f"{PROG}: cannot reach etcd at {','.join(config.etcd)}: {exc}", file=sys.stderr)
         return 1
-    except ListenError as exc:
+    except (ListenError, MetricsError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from herder.clients import errors, tracing
+from herder.clients import errors, metrics_setup, tracing
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, lock_pb2, lock_pb2_grpc, task_pb2
 from herder.clients.reflection import enable_reflection
-from herder.server import election, keys, membership, validation
+from herder.server import election, keys, membership, metrics, validation
 from herder.server._etcd import Etcd, EtcdCredentials, EtcdError
 from herder.server.contracts import TaskTypeRegistry
 from herder.server.decoding import DecodingInterceptor
@@ -70,6 +70,8 @@ class CoordinatorConfig:
     credentials: EtcdCredentials | None = field(default=None, repr=False)
     # Declared in the config file (declared_types.py): registered by each new leader, before any worker.
     task_types: tuple[task_pb2.TaskType, ...] = ()
+    # HOST:PORT of the Prometheus scrape endpoint; "" for none.
+    metrics: str = ""
 
 
 class Coordinator:
@@ -240,6 +242,8 @@ class Coordinator:
                 return
             self.leader = leader
             self._leader_address = self.address
+            if metrics.instruments is not None:
+                metrics.instruments.leader_changes.add(self.config.namespace)
             await self._set_health()
             log.info("coordinator %s leads namespace %s at %s", self.replica_id, self.config.namespace, self.address)
             waits = [
@@ -388,8 +392,21 @@ async def _maybe_await(value: object) -> None:
 
 
 async def serve(config: CoordinatorConfig) -> None:
-    """Run a coordinator until SIGINT or SIGTERM."""
+    """Run a coordinator until SIGINT or SIGTERM. Raises MetricsError before starting when --metrics
+    cannot be served."""
+    endpoint = metrics_setup.serve(config.metrics, "herder-coordinator") if config.metrics else None
     coordinator = Coordinator(config)
+    if endpoint is not None:
+        metrics.install(coordinator)
+    try:
+        await _serve(coordinator, config)
+    finally:
+        metrics.uninstall()
+        if endpoint is not None:
+            endpoint.close()
+
+
+async def _serve(coordinator: Coordinator, config: CoordinatorConfig) -> None:
     await coordinator.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

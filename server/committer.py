@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from herder.server import _etcd
+from herder.server import _etcd, metrics
 from herder.server._etcd import Etcd, EtcdError
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ class Committer:
         if self._expired is not None and self._expired():
             batch.error = FencedError("leadership lost: the leader lease ran out before this write was sent")
             return
+        began = time.perf_counter()
         try:
             reply = await self._etcd.txn([self._fence], batch.ops, timeout=self._limits.timeout)
         except EtcdError as exc:
@@ -242,6 +244,9 @@ class Committer:
             log.exception("transaction failed unexpectedly")
             batch.error = FencedError(f"commit outcome unknown: {exc!r}")
             return
+        if metrics.instruments is not None:
+            metrics.instruments.commit_duration.record(time.perf_counter() - began)
+            metrics.instruments.commit_ops.record(len(batch.ops))
         if not reply.succeeded:
             batch.error = FencedError("leadership lost: the fence no longer matches")
             return

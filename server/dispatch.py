@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from herder.clients.outcomes import ACK_TIMEOUT
-from herder.server import placement
+from herder.server import metrics, placement
 from herder.server.entries import Entry, S
 from herder.server.horizon import stamp_now, timestamp_seconds
 from herder.server.sessions import Session
@@ -105,7 +105,10 @@ class Dispatcher:
         session.held[task.id] = task.attempt
         now = time.time()
         leader = self._leader
-        leader.book.dispatched(task.spec.queue, now - timestamp_seconds(task.queue_time))
+        waited = now - timestamp_seconds(task.queue_time)
+        leader.book.dispatched(task.spec.queue, waited)
+        if metrics.instruments is not None:
+            metrics.instruments.queue_wait.record(max(waited, 0.0), {"queue": task.spec.queue})
         leader.timers.expiry.discard(task.id)
         leader.timers.arm_timeout(entry, now)
         if not entry.fresh:

@@ -27,7 +27,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from herder.clients import errors, tracing
 from herder.clients.outcomes import ACK_TIMEOUT, CANCELED, TIMEOUT, WORKER_LOST
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
-from herder.server import keys, placement, recovery
+from herder.server import keys, metrics, placement, recovery
 from herder.server._etcd import Etcd
 from herder.server.committer import CommitLimits, Committer, RequestTooLargeError, Write, after_commit
 from herder.server.contracts import TaskTypeRegistry
@@ -217,6 +217,10 @@ class NamespaceLeader:
         data = task.SerializeToString()
         state = task.state
         self.book.transition(task.spec.queue, previous_state, state)
+        if previous_state != state:
+            metrics.log_change(task, previous_state, state)
+            if metrics.instruments is not None:
+                metrics.instruments.task_changed(task, previous_state, state)
         try:
             future = self.committer.submit([Write(keys.task(self.prefix, task.id), data), *extra])
         except RequestTooLargeError as exc:

@@ -60,6 +60,10 @@ class QueueBook:
         if len(waits) > self.max_samples:
             waits.popleft()
 
+    def snapshot(self) -> dict[str, dict[int, int]]:
+        """Counts per queue, copied: safe to call from another thread (the metrics exporter's)."""
+        return {name: dict(q.counts) for name, q in list(self._queues.items())}
+
     def queues(self) -> list[str]:
         return sorted(name for name, q in self._queues.items() if any(q.counts.values()) or q.waits)
 

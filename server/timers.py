@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from herder.clients.outcomes import EXPIRED, TIMEOUT
 from herder.clients.proto.v1 import task_pb2
+from herder.server import metrics
 from herder.server.deadlines import Deadlines
 from herder.server.entries import ACTIVE, TERMINAL, Entry, S
 from herder.server.horizon import clamp_delay, duration_seconds
@@ -103,6 +104,8 @@ class Timers:
         limit = duration_seconds(task.spec.timeout)
         session, attempt = entry.session, task.attempt
         log.info("task %s attempt %d timed out after %.3gs", task.id, attempt, limit)
+        if metrics.instruments is not None:
+            metrics.instruments.timeouts.add(task.spec.queue, task.spec.type)
         error = task_pb2.TaskError(type=TIMEOUT, message=f"attempt {attempt} ran longer than {limit:g}s")
         failed = self._leader.attempt_failed(entry, error)
         if session is not None:

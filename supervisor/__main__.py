@@ -13,13 +13,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from herder.clients import errors, logs, quantities, tracing
+from herder.clients import errors, logs, metrics_setup, quantities, tracing
 from herder.clients.alerts import parse_alert_overrides
 from herder.clients.endpoints import DEFAULT_ADDRESS, address_setting
+from herder.clients.metrics_setup import MetricsError
 from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
 from herder.clients.runner import run as run_loop
-from herder.clients.settings import Setting, Settings, integer, load, log_settings, seconds, text
+from herder.clients.settings import Setting, Settings, integer, load, log_settings, metrics_setting, seconds, text
 from herder.supervisor.app import Supervisor, SupervisorConfig
+from herder.supervisor.metrics import SupervisorMetrics
 
 PROG = "herder supervisor"
 
@@ -128,6 +130,7 @@ SETTINGS: list[Setting] = [
         repeated=True,
         metavar="NAME.FIELD=VALUE",
     ),
+    metrics_setting(),
     *log_settings(),
 ]
 
@@ -169,6 +172,7 @@ def config_of(settings: Settings) -> SupervisorConfig:
         capacity_cpu_millis=settings["cpu"],
         capacity_memory_bytes=settings["memory"],
         alert_rules=parse_alert_overrides(settings["alerts"]),
+        metrics=settings["metrics"],
     )
 
 
@@ -182,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.HerderError as exc:
         print(f"{PROG}: the coordinator refused: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MetricsError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -193,8 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: SupervisorConfig) -> None:
-    # Built inside the loop: its gRPC channel belongs to the loop that creates it.
-    await Supervisor(config).run()
+    endpoint = metrics_setup.serve(config.metrics, "herder-supervisor") if config.metrics else None
+    try:
+        # Built inside the loop: its gRPC channel belongs to the loop that creates it.
+        supervisor = Supervisor(config)
+        if endpoint is not None:
+            SupervisorMetrics(supervisor)
+        await supervisor.run()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class SupervisorConfig:
     capacity_memory_bytes: int = 0
     # The alert rules (herder.clients.alerts.parse_alert_overrides builds them from NAME.FIELD=VALUE).
     alert_rules: tuple[AlertRule, ...] = DEFAULT_RULES
+    # HOST:PORT of the Prometheus scrape endpoint; "" for none.
+    metrics: str = ""
 
 
 class Supervisor:

@@ -114,8 +114,13 @@ def test_base_dependencies_leave_the_server_out_and_the_extras_hold_it() -> None
     base = _names(project["dependencies"])
     assert not base & SERVER_DISTRIBUTIONS
     assert {"grpcio", "grpcio-status", "protobuf", "rich", "opentelemetry-api"} <= base
+    assert _names(extras["server"]) == SERVER_DISTRIBUTIONS | {"herder"}
+    # The coordinator serves --metrics: the server extra brings the metrics extra, which the base leaves out.
+    assert "herder[metrics]" in extras["server"]
+    assert _names(extras["metrics"]) == {"opentelemetry-sdk", "opentelemetry-exporter-prometheus"}
+    assert not base & _names(extras["metrics"])
     # The coordinator exports traces; the SDK client and Worker need only the API unless the app asks.
-    assert _names(extras["server"]) == SERVER_DISTRIBUTIONS | {"herder"} and "herder[traces]" in extras["server"]
+    assert "herder[traces]" in extras["server"]
     assert "opentelemetry-sdk" in _names(extras["traces"]) and "opentelemetry-sdk" not in base
     # `make setup` installs `.[dev,server]`, and `dev` alone still brings the server extra.
     assert "herder[server]" in extras["dev"]
