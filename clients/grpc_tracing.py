@@ -202,40 +202,31 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
         return call
 
 
+async def _start_streaming(continuation: Any, details: Any, request: Any) -> Any:
+    """Start a call with a stream on either side; its span ends when the call does, however it ends."""
+    span = _client_span(details)
+    try:
+        call = await continuation(_metadata_with_context(details, span), request)
+    except BaseException:
+        span.end()
+        raise
+    _end_on_done(span, call)
+    return call
+
+
 class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        span = _client_span(details)
-        try:
-            call = await continuation(_metadata_with_context(details, span), request)
-        except BaseException:
-            span.end()
-            raise
-        _end_on_done(span, call)
-        return call
+        return await _start_streaming(continuation, details, request)
 
 
 class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        span = _client_span(details)
-        try:
-            call = await continuation(_metadata_with_context(details, span), requests)
-        except BaseException:
-            span.end()
-            raise
-        _end_on_done(span, call)
-        return call
+        return await _start_streaming(continuation, details, requests)
 
 
 class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        span = _client_span(details)
-        try:
-            call = await continuation(_metadata_with_context(details, span), requests)
-        except BaseException:
-            span.end()
-            raise
-        _end_on_done(span, call)
-        return call
+        return await _start_streaming(continuation, details, requests)
 
 
 def client_interceptors() -> list[Any]:
