@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli import HERDER, register_examples, run
 from _cluster import Coordinator
 
-from herder.clients.cli import main
 from herder.clients.client import SyncClient
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
@@ -24,19 +24,6 @@ from herder.server import keys
 from herder.server._etcd import Etcd, prefix_end
 
 pytestmark = pytest.mark.timeout(90)
-
-
-HERDER = str(Path(sys.executable).parent / "herder")
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """`herder ARGS` in this process: exit code, stdout, stderr."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse usage errors and --help
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
@@ -74,10 +61,7 @@ def worker(coordinator: Coordinator) -> Iterator[subprocess.Popen[str]]:
 @pytest.fixture
 def address(coordinator: Coordinator) -> str:
     """The coordinator's address, with the example task types registered."""
-    with SyncClient(coordinator.address) as client:
-        client.register_task_type("examples.echo", examples_pb2.EchoRequest, examples_pb2.EchoResponse)
-        client.register_task_type("examples.sleep", examples_pb2.SleepRequest, examples_pb2.SleepResponse)
-    return coordinator.address
+    return register_examples(coordinator.address)
 
 
 def submit_json(capsys: pytest.CaptureFixture[str], address: str, *args: str) -> dict[str, object]:

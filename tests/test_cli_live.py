@@ -13,61 +13,43 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli import HERDER, herder_worker, register_examples
+from _cli import run as run_cli
 from _cluster import Coordinator
 from _timing import eventually_sync as eventually
 
-from herder.clients.cli import main
 from herder.clients.client import Retry, SyncClient
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.top import SECTIONS
 
 pytestmark = pytest.mark.timeout(90)
 
-HERDER = str(Path(sys.executable).parent / "herder")
 # Cursor movement and colours a forced terminal writes; the tests read the text between them.
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """`herder ARGS` in this process: exit code, stdout without terminal codes, stderr."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, *args)
     return code, _ANSI.sub("", out), err
 
 
 @pytest.fixture
 def address(coordinator: Coordinator) -> str:
     """The coordinator's address, with the example task types registered."""
-    with SyncClient(coordinator.address) as client:
-        client.register_task_type("examples.echo", examples_pb2.EchoRequest, examples_pb2.EchoResponse)
-        client.register_task_type("examples.sleep", examples_pb2.SleepRequest, examples_pb2.SleepResponse)
-    return coordinator.address
+    return register_examples(coordinator.address)
 
 
 @pytest.fixture
 def worker(address: str) -> Iterator[subprocess.Popen[str]]:
     """`herder worker` serving the example types, connected before the test starts."""
-    process = subprocess.Popen(
-        [HERDER, "worker", "--coordinator", address, "--slots", "4"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        with SyncClient(address) as client:
-            eventually(lambda: process.poll() is None and client.nodes(), "the worker to connect")
+    with herder_worker(address) as process:
         yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate(timeout=15)
 
 
 def finished_echo(address: str, text: str) -> str:

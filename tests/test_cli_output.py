@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from _cli import HERDER
 from _cluster import Coordinator
 from _timing import eventually_sync as eventually
 
@@ -25,8 +24,6 @@ from herder.clients.exit_codes import UsageError, WaitTimeoutError, exit_code
 from herder.clients.proto.examples.v1 import examples_pb2
 
 pytestmark = pytest.mark.timeout(90)
-
-HERDER = str(Path(sys.executable).parent / "herder")
 
 
 def herder(address: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _cli import herder_worker, register_examples, run
 from _cluster import Coordinator
 from _timing import eventually_sync as eventually
-
-from herder.clients.cli import main
-from herder.clients.client import SyncClient
-from herder.clients.proto.examples.v1 import examples_pb2
 
 pytestmark = pytest.mark.timeout(90)
 
 
-HERDER = str(Path(sys.executable).parent / "herder")
 T = TypeVar("T")
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """`herder ARGS` in this process: exit code, stdout, stderr."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_json(capsys: pytest.CaptureFixture[str], address: str, *args: str) -> Any:
@@ -46,27 +27,14 @@ def run_json(capsys: pytest.CaptureFixture[str], address: str, *args: str) -> An
 @pytest.fixture
 def address(coordinator: Coordinator) -> str:
     """The coordinator's address, with the example task types registered."""
-    with SyncClient(coordinator.address) as client:
-        client.register_task_type("examples.echo", examples_pb2.EchoRequest, examples_pb2.EchoResponse)
-        client.register_task_type("examples.sleep", examples_pb2.SleepRequest, examples_pb2.SleepResponse)
-    return coordinator.address
+    return register_examples(coordinator.address)
 
 
 @pytest.fixture
 def worker(address: str) -> Iterator[subprocess.Popen[str]]:
     """`herder worker` serving the example types with 4 slots, connected before the test starts."""
-    process = subprocess.Popen(
-        [HERDER, "worker", "--coordinator", address, "--slots", "4"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        with SyncClient(address) as client:
-            eventually(lambda: process.poll() is None and client.nodes(), "the worker to connect")
+    with herder_worker(address) as process:
         yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate(timeout=15)
 
 
 def limits_by_target(capsys: pytest.CaptureFixture[str], address: str) -> dict[tuple[str, str], dict[str, Any]]:

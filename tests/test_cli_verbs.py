@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from _cli import HERDER
 from _cluster import Coordinator
 from _raw_worker import RawWorker
 
@@ -19,7 +18,6 @@ from herder.clients.proto.v1 import task_pb2
 
 pytestmark = pytest.mark.timeout(90)
 
-HERDER = str(Path(sys.executable).parent / "herder")
 S = task_pb2
 
 

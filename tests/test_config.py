@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import HERDER
 from _cluster import Coordinator
 from _helpers import echo_spec, echo_stub, get
 
@@ -21,7 +22,6 @@ from herder.clients.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
 
-HERDER = str(Path(sys.executable).with_name("herder"))
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 

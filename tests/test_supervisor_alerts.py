@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from _cli import HERDER
 from _cluster import Coordinator
 from _helpers import process_group
 from _raw_worker import RawWorker
@@ -41,7 +42,6 @@ from herder.supervisor.alerting import Alerter
 pytestmark = pytest.mark.timeout(90)
 
 HANDLER = str(Path(__file__).with_name("_plain_handler.py"))
-HERDER = str(Path(sys.executable).parent / "herder")
 ECHO = "examples.echo"
 # The resource rules would fire on a busy test machine; each test enables only the rule it tests.
 QUIET = ("memory_pressure", "cpu_saturation", "disk_almost_full", "handler_unreachable", "heartbeat_lag")

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _cli import run
 from _cluster import Coordinator
 
-from herder.clients.cli import main
 from herder.clients.client import SyncClient
 from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
@@ -35,16 +35,6 @@ import "google/protobuf/duration.proto";
 message ResizeRequest { string url = 1; int32 width = 2; google.protobuf.Duration budget = 3; }
 message ResizeResult { string url = 1; }
 """
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """`herder ARGS` in this process: exit code, stdout, stderr."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
