@@ -343,14 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracing.configure_from_env("herder-coordinator")
     try:
         run_loop(serve(config))
-    except EtcdAuthError as exc:
+    except (EtcdAuthError, ListenError, MetricsError) as exc:  # each says what is wrong itself
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except EtcdError as exc:
         print(f"{PROG}: cannot reach etcd at {','.join(config.etcd)}: {exc}", file=sys.stderr)
-        return 1
-    except (ListenError, MetricsError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
