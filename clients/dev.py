@@ -93,6 +93,8 @@ class DevConfig:
     - `traces`: the span exporter every child is given (OTEL_TRACES_EXPORTER: `console` prints spans
       to each child's log, `otlp` sends them where the OTEL_EXPORTER_OTLP_* variables say); "" leaves
       the environment as it is.
+    - `metrics_port`: when not 0, the coordinator serves Prometheus metrics on 127.0.0.1:PORT and the
+      supervisor on the next port (`--metrics`); 0 serves none.
     - `stop_timeout`: seconds a child may take to exit after SIGTERM, beyond the worker's
       grace, before its process group is killed (10).
     """
@@ -110,6 +112,7 @@ class DevConfig:
     worker_grace: float = 5.0
     stop_timeout: float = 10.0
     traces: str = ""
+    metrics_port: int = 0
 
     @property
     def listen_host(self) -> str:
@@ -126,6 +129,13 @@ class DevConfig:
     @property
     def supervisor_address(self) -> str:
         return f"127.0.0.1:{self.supervisor_port}"
+
+    @property
+    def metrics_addresses(self) -> tuple[str, str]:
+        """The coordinator's and the supervisor's metrics addresses ("" each when off)."""
+        if not self.metrics_port:
+            return "", ""
+        return f"127.0.0.1:{self.metrics_port}", f"127.0.0.1:{self.metrics_port + 1}"
 
 
 class DevError(Exception):
@@ -226,6 +236,13 @@ def parse_args(argv: Sequence[str]) -> DevConfig:
         default=None,
         help="export every process's spans: console prints them to its log in DIR/logs (default: OTEL_* as set)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_metrics_port,
+        default=0,
+        metavar="PORT",
+        help="serve Prometheus metrics: the coordinator's on 127.0.0.1:PORT, the supervisor's on PORT+1 (default: off)",
+    )
     args = parser.parse_args(list(argv))
     return DevConfig(
         data_dir=args.data_dir,
@@ -238,6 +255,7 @@ def parse_args(argv: Sequence[str]) -> DevConfig:
         supervisor_port=args.supervisor_port,
         invoice=not args.no_invoice,
         traces=args.traces or "",
+        metrics_port=args.metrics_port,
     )
 
 
@@ -245,6 +263,13 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}")
     return int(text)
+
+
+def _metrics_port(text: str) -> int:
+    port = _port(text)
+    if port == 65535:
+        raise argparse.ArgumentTypeError("65535 leaves no next port for the supervisor's metrics")
+    return port
 
 
 def _host_port(text: str) -> str:
@@ -288,8 +313,14 @@ def run(config: DevConfig, console: Console) -> int:
     with _lock_data_dir(data_dir), _StopSignals() as signals:
         # Checked before anything starts, so a second `herder dev` leaves the first alone.
         ports = [(config.listen_host, config.listen_port), ("127.0.0.1", config.etcd_port)]
-        if config.invoice and INVOICE_SERVICE.is_file():
+        invoice = config.invoice and INVOICE_SERVICE.is_file()
+        if invoice:
             ports += [("127.0.0.1", config.invoice_port), ("127.0.0.1", config.supervisor_port)]
+        coordinator_metrics, supervisor_metrics = config.metrics_addresses
+        if coordinator_metrics:
+            ports.append(("127.0.0.1", config.metrics_port))
+        if supervisor_metrics and invoice:
+            ports.append(("127.0.0.1", config.metrics_port + 1))
         numbers = [port for _, port in ports]
         if len(set(numbers)) < len(numbers):
             raise DevError(f"the ports must differ, got {', '.join(map(str, numbers))}")
@@ -326,9 +357,10 @@ def _start_and_watch(
 
     console.print(f"[dim]starting the coordinator on {config.listen} (namespace {config.namespace})[/]")
     coordinator_command = [sys.executable, "-m", "herder.server", "--etcd", etcd.endpoint, "--listen", config.listen]
-    coordinator = _Spawned.start(
-        "coordinator", [*coordinator_command, "--namespace", config.namespace], logs, _trace_env(config)
-    )
+    coordinator_command += ["--namespace", config.namespace]
+    if config.metrics_port:
+        coordinator_command += ["--metrics", config.metrics_addresses[0]]
+    coordinator = _Spawned.start("coordinator", coordinator_command, logs, _trace_env(config))
     children.append(coordinator)
     if not _wait_until(lambda: _leads(config.listen), "lead", coordinator, children, signals, config):
         return 0
@@ -414,6 +446,7 @@ def _supervisor_args(config: DevConfig, node_id: str) -> list[str]:
         f"{config.worker_grace:g}",
         "--node-id",
         node_id,
+        *(["--metrics", config.metrics_addresses[1]] if config.metrics_port else []),
     ]
 
 
@@ -572,6 +605,7 @@ def _print_ready(
         ),
         ("invoices", invoice),
         ("supervisor", supervisor),
+        *_metrics_rows(config, supervisor=bool(supervisor_id)),
         ("data dir", str(data_dir)),
         ("logs", str(data_dir / "logs")),
     ]
@@ -585,6 +619,16 @@ def _print_ready(
     for line in _try_lines(config, invoice=bool(supervisor_id)):
         console.print(f"  {line}", markup=False)
     console.print()
+
+
+def _metrics_rows(config: DevConfig, *, supervisor: bool) -> list[tuple[str, str]]:
+    coordinator, supervisor_address = config.metrics_addresses
+    if not coordinator:
+        return []
+    scraped = [f"http://{coordinator}/metrics (coordinator)"]
+    if supervisor:
+        scraped.append(f"http://{supervisor_address}/metrics (supervisor)")
+    return [("metrics", ", ".join(scraped))]
 
 
 def _try_lines(config: DevConfig, *, invoice: bool) -> list[str]:

@@ -40,6 +40,8 @@ from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, super
 from herder.clients.resources import ResourceSampler, ResourceSettings
 
 _log = logging.getLogger(__name__)
+# The session stream, traced where it starts (tracing.start_stream), not by a channel interceptor.
+_CONNECT = "/herder.v1.CoordinatorService/Connect"
 
 # The canceled reason of attempts stopped by shutdown; the coordinator re-queues them.
 SHUTDOWN_REASON = "worker shutdown"
@@ -665,7 +667,7 @@ class SessionEngine:
                     versions = await self._runner.prepare(stub, self._settings.connect_timeout)
                     self._type_versions = dict(versions or {})
                     self._prepared = True
-                call = stub.Connect()
+                call = tracing.start_stream(_CONNECT, lambda metadata: stub.Connect(metadata=metadata))
                 welcome = await self._hello(call)
                 self._last_heard = time.monotonic()
                 async with _Session(call, welcome, address, self._settings) as session:

@@ -18,15 +18,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 
 from herder.clients.proto.v1 import task_pb2
 
 _log = logging.getLogger(__name__)
+_Call = TypeVar("_Call")
 _tracer = trace.get_tracer("herder")
 
 SYSTEM = "herder"
@@ -50,15 +52,19 @@ QUEUE_WAIT_MS = "herder.queue.wait_ms"
 EXPORTER_ENV = "OTEL_TRACES_EXPORTER"
 SAMPLER_ENV = "OTEL_TRACES_SAMPLER"
 # Herder's default when OTEL_TRACES_SAMPLER is unset: follow the caller's decision, and sample this
-# share of the traces that start here. Every task costs three spans on two processes: with all of them
-# sampled bench/throughput.py loses a third or more (README, "Tracing" has the figures).
-DEFAULT_SAMPLE_RATIO = 0.1
+# share of the traces that start here. Every sampled task costs three spans on two processes, each
+# ~30 us to make and as much to export: at 1% that is under 2 us a task, at 10% it was about half of
+# tracing's cost (README, "Tracing" has the figures). At 2,000 tasks/s, 1% is 20 traces a second.
+DEFAULT_SAMPLE_RATIO = 0.01
 _NO_EXPORTER = ("", "none")
 
 _configured = False
 # True when the installed sampler follows the parent's decision: a task whose stored context is not
 # sampled then gets no spans of its own, only its parent's context passed on (nothing to build).
 _parent_decides = False
+# True when the propagators are W3C trace context (and baggage), as by default: an unsampled context
+# is then read and written as a traceparent string directly, ~1 us instead of the propagators' ~5.
+_w3c = False
 
 
 def enabled_by_env(env: Mapping[str, str] | None = None) -> bool:
@@ -100,6 +106,11 @@ def configure_from_env(service_name: str) -> bool:
     if not named:
         sampler = ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
     _parent_decides = not named or named.startswith("parentbased_")
+    global _w3c
+    _w3c = os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(" ", "").lower() in (
+        "tracecontext,baggage",
+        "tracecontext",
+    )
     provider = TracerProvider(resource=resource, sampler=sampler)
     for name in os.environ.get(EXPORTER_ENV, "").split(","):
         exporter = _exporter(name.strip().lower())
@@ -165,6 +176,16 @@ def client_interceptors() -> list[Any]:
     return grpc_tracing.client_interceptors()
 
 
+def start_stream(method: str, start: Callable[[Sequence[tuple[str, str]]], _Call]) -> _Call:
+    """Start a stream-stream call with `start(metadata)`, in a CLIENT span when a tracer provider is
+    set (see grpc_tracing.start_stream: such calls are not intercepted)."""
+    if not _sdk_active():
+        return start(())
+    from herder.clients import grpc_tracing
+
+    return grpc_tracing.start_stream(method, start)
+
+
 # --------------------------------------------------------------------------- the queue's spans
 
 
@@ -182,9 +203,13 @@ def create_spans(tasks: Sequence[task_pb2.Task], parent: Mapping[str, str]) -> N
         return
     # Under the gRPC server span when the server is instrumented, else under the caller's metadata.
     ctx = None if trace.get_current_span().get_span_context().is_valid else propagate.extract(dict(parent))
-    if _unsampled(trace.get_current_span(ctx).get_span_context()):
+    current = trace.get_current_span(ctx).get_span_context()
+    if _unsampled(current):
         carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=ctx)
+        if _w3c and not current.trace_state and not baggage.get_all(ctx):
+            carrier["traceparent"] = f"00-{current.trace_id:032x}-{current.span_id:016x}-{current.trace_flags:02x}"
+        else:
+            propagate.inject(carrier, context=ctx)
         for task in tasks:
             task.trace_context.update(carrier)
         return
@@ -218,6 +243,14 @@ def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[
     """
     if not _sdk_active():
         yield trace.INVALID_SPAN
+        return
+    parent = _unsampled_parent(task.trace_context)
+    if parent is not None:
+        token = otel_context.attach(parent)
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            otel_context.detach(token)
         return
     queue = task.spec.queue or "default"
     parent = propagate.extract(dict(task.trace_context))
@@ -259,6 +292,24 @@ def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[
         yield span
 
 
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def _unsampled_parent(stored: Mapping[str, str]) -> otel_context.Context | None:
+    """The context of a stored lone W3C traceparent whose flags say unsampled, read without the
+    propagators; None when it is anything else (sampled, with tracestate or baggage, malformed)."""
+    if not (_w3c and _parent_decides and len(stored) == 1):
+        return None
+    found = _TRACEPARENT.fullmatch(stored.get("traceparent", ""))
+    if found is None:
+        return None
+    trace_id, span_id, flags = int(found[1], 16), int(found[2], 16), int(found[3], 16)
+    if flags & 1 or not trace_id or not span_id:
+        return None
+    span = trace.NonRecordingSpan(trace.SpanContext(trace_id, span_id, True, trace.TraceFlags(flags)))
+    return trace.set_span_in_context(span)
+
+
 def _unsampled(parent: trace.SpanContext) -> bool:
     """True when a span under `parent` would be dropped by the sampler anyway."""
     return _parent_decides and parent.is_valid and not parent.trace_flags.sampled
@@ -288,5 +339,6 @@ __all__ = [
     "server_interceptors",
     "set_outcome",
     "shutdown",
+    "start_stream",
     "traceparent_metadata",
 ]

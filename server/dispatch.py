@@ -108,7 +108,7 @@ class Dispatcher:
         waited = now - timestamp_seconds(task.queue_time)
         leader.book.dispatched(task.spec.queue, waited)
         if metrics.instruments is not None:
-            metrics.instruments.queue_wait.record(max(waited, 0.0), {"queue": task.spec.queue})
+            metrics.instruments.queue_wait.record(max(waited, 0.0), task.spec.queue)
         leader.timers.expiry.discard(task.id)
         leader.timers.arm_timeout(entry, now)
         if not entry.fresh:

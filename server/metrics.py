@@ -1,7 +1,8 @@
 """The coordinator's OpenTelemetry metrics and its one log line per task state change.
 
 Gauges (backlog and running per queue, sessions, leadership, watch subscribers) are observed at
-scrape time from the leader's memory, so they cost nothing per task. Counters and histograms are
+scrape time from the leader's memory, so they cost nothing per task. Counters (dict increments
+observed at scrape time) and histograms (herder.clients.metrics_setup.Histogram, plain lists) are
 recorded where things happen, through `task_changed` (called for every task record the leader
 writes) and a few direct calls; with no `--metrics` they are not created and each call site costs
 one `is None` check. Labels are queue, task type and outcome: never a task id, whose number is
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import metrics as otel
 
+from herder.clients import logs
+from herder.clients.metrics_setup import histogram
 from herder.clients.proto.v1 import task_pb2
 from herder.server.entries import ACTIVE, TERMINAL, S
 from herder.server.horizon import timestamp_seconds
@@ -58,23 +61,21 @@ class CoordinatorMetrics:
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
         meter = otel.get_meter("herder.server")
-        self.queue_wait = meter.create_histogram(
-            "herder.task.queue_wait",
-            unit="s",
-            description="Time a task waited queued before it was assigned",
-            explicit_bucket_boundaries_advisory=_SECONDS,
+        # Per-task histograms are plain lists served beside the exporter (see herder.clients.metrics_setup).
+        self.queue_wait = histogram(
+            "herder_task_queue_wait_seconds", "Time a task waited queued before it was assigned", _SECONDS, ("queue",)
         )
-        self.start_latency = meter.create_histogram(
-            "herder.task.start_latency",
-            unit="s",
-            description="Time from submission to the start of the attempt",
-            explicit_bucket_boundaries_advisory=_SECONDS,
+        self.start_latency = histogram(
+            "herder_task_start_latency_seconds",
+            "Time from submission to the start of the attempt",
+            _SECONDS,
+            ("queue", "type"),
         )
-        self.duration = meter.create_histogram(
-            "herder.task.duration",
-            unit="s",
-            description="Time from the last attempt's start (or assignment) to the task's end, by outcome",
-            explicit_bucket_boundaries_advisory=_SECONDS,
+        self.duration = histogram(
+            "herder_task_duration_seconds",
+            "Time from the last attempt's start (or assignment) to the task's end, by outcome",
+            _SECONDS,
+            ("queue", "type", "outcome"),
         )
         # Counted in plain dicts and observed at scrape time: an SDK counter's add costs ~5 us (its
         # attribute checks), a dict increment ~0.1 us, and these are on the hot path.
@@ -91,18 +92,10 @@ class CoordinatorMetrics:
             ("herder.leader.changes", self.leader_changes, "{change}", "Times this replica took office as leader"),
         ):
             meter.create_observable_counter(name, [counts.observe], unit=unit, description=description)
-        self.commit_duration = meter.create_histogram(
-            "herder.etcd.commit.duration",
-            unit="s",
-            description="Duration of the leader's etcd transactions",
-            explicit_bucket_boundaries_advisory=_SECONDS,
+        self.commit_duration = histogram(
+            "herder_etcd_commit_duration_seconds", "Duration of the leader's etcd transactions", _SECONDS
         )
-        self.commit_ops = meter.create_histogram(
-            "herder.etcd.commit.ops",
-            unit="{operation}",
-            description="Writes per etcd transaction",
-            explicit_bucket_boundaries_advisory=_OPS,
-        )
+        self.commit_ops = histogram("herder_etcd_commit_ops", "Writes per etcd transaction", _OPS)
         meter.create_observable_gauge(
             "herder.queue.backlog",
             [self._backlog],
@@ -159,15 +152,14 @@ class CoordinatorMetrics:
         spec = task.spec
         if state == _RUNNING:
             self.start_latency.record(
-                max(time.time() - timestamp_seconds(task.create_time), 0.0), {"queue": spec.queue, "type": spec.type}
+                max(time.time() - timestamp_seconds(task.create_time), 0.0), spec.queue, spec.type
             )
         elif state in TERMINAL:
             outcome = _NAMES.get(state, "unknown")
             self.finished.add(spec.queue, spec.type, outcome)
             if previous in ACTIVE:
                 began = task.start_time if task.HasField("start_time") else task.assign_time
-                labels = {"queue": spec.queue, "type": spec.type, "outcome": outcome}
-                self.duration.record(max(time.time() - timestamp_seconds(began), 0.0), labels)
+                self.duration.record(max(time.time() - timestamp_seconds(began), 0.0), spec.queue, spec.type, outcome)
             if state == _EXPIRED:
                 self.expirations.add(spec.queue, spec.type)
         elif previous in ACTIVE and state in _WAITING:
@@ -235,24 +227,24 @@ def log_change(task: task_pb2.Task, previous: int, state: int) -> None:
 
 def _line(task: task_pb2.Task, event: str, attempt: int, state: int) -> None:
     spec = task.spec
+    task_id, kind, queue, trace = task.id, spec.type, spec.queue, trace_id(task)
+    message = f"task {task_id} {event} attempt={attempt} type={kind} queue={queue} trace_id={trace or '-'}"
+    handler = logs.direct(task_log)
+    if handler is not None and not handler.json:
+        handler.line(task_log.name, message)  # the text format shows the message only: no fields to build
+        return
     fields: dict[str, object] = {
         "event": event,
-        "task_id": task.id,
+        "task_id": task_id,
         "attempt": attempt,
         "state": _NAMES.get(state, "unknown"),
-        "type": spec.type,
-        "queue": spec.queue,
-        "trace_id": trace_id(task),
+        "type": kind,
+        "queue": queue,
+        "trace_id": trace,
     }
     if event in ("failed", "retry_scheduled") and task.attempt_errors:
         fields["error_type"] = task.attempt_errors[-1].type
-    task_log.info(
-        "task %s %s attempt=%d type=%s queue=%s trace_id=%s",
-        task.id,
-        event,
-        attempt,
-        spec.type,
-        spec.queue,
-        fields["trace_id"] or "-",
-        extra={"fields": fields},
-    )
+    if handler is not None:
+        handler.line(task_log.name, message, fields)
+    else:
+        task_log.info(message, extra={"fields": fields})

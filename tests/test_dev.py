@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,9 @@ from typing import Any
 import grpc
 import psutil
 import pytest
+from _timing import eventually_sync
 
-from herder.clients.embedded_etcd import free_port
+from herder.clients.embedded_etcd import free_port, port_in_use
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 pytestmark = pytest.mark.timeout(150)
@@ -428,3 +431,23 @@ def test_traces_console_prints_every_processs_spans_to_its_log(tmp_path: Path) -
         while not (printed("coordinator", "PRODUCER") and printed("worker", "CONSUMER")):
             assert time.monotonic() < deadline, "no spans of the task in the coordinator's and worker's logs"
             time.sleep(0.1)
+
+
+def test_metrics_port_serves_the_coordinators_and_the_supervisors_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    while port_in_use("127.0.0.1", port + 1):
+        port = free_port()
+    with running_dev(tmp_path / "data", flags=("--metrics-port", str(port))) as dev:
+        assert f"http://127.0.0.1:{port}/metrics (coordinator)" in dev.out
+        assert f"http://127.0.0.1:{port + 1}/metrics (supervisor)" in dev.out
+        task_id = submit_echo(dev.address, "measured")
+        assert wait_finished(dev.address, task_id)["state"] == "TASK_STATE_SUCCEEDED"
+
+        def scraped(at: int) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{at}/metrics", timeout=5) as reply:
+                text: str = reply.read().decode()
+            return text
+
+        finished = re.compile(r'^herder_task_finished_total\{[^}]*outcome="succeeded"[^}]*type="examples.echo"', re.M)
+        eventually_sync(lambda: finished.search(scraped(port)), "the finished task in the coordinator's metrics")
+        assert "herder_supervisor_slots_limit" in scraped(port + 1)

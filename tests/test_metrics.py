@@ -23,6 +23,7 @@ from test_supervisor import handler, supervisor
 
 from herder.clients import Retry
 from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
+from herder.clients.metrics_setup import Histogram
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import task_pb2
 
@@ -222,3 +223,14 @@ def test_supervisor_metrics_without_the_packages_names_the_install() -> None:
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert done.stderr.count("\n") == 1 and "pip install 'herder[metrics]'" in done.stderr, done.stderr
+
+
+def test_histogram_buckets_are_cumulative_with_le_bounds_and_inf() -> None:
+    made = Histogram("h_seconds", "h", (0.1, 1.0), ("queue",))
+    for seconds in (0.05, 0.1, 0.5, 1.0, 7.0):
+        made.record(seconds, "q")
+    made.record(0.2, "other")
+    taken = dict(made.snapshot())
+    # A value equal to a bound is in that bound's bucket (Prometheus's le); 7.0 only in +Inf.
+    assert taken[("q",)] == [2, 4, 5, 0.05 + 0.1 + 0.5 + 1.0 + 7.0]
+    assert taken[("other",)] == [0, 1, 1, 0.2]

@@ -387,3 +387,31 @@ async def test_an_unsampled_trace_gets_no_spans_but_its_context_goes_on_to_the_h
     assert handle.task.trace_context["traceparent"].endswith("-00")
     assert [s for s in collector.spans if s.kind == "PRODUCER"] == []
     assert [c.trace_id for c in seen] == [0x5CE] and not seen[0].trace_flags.sampled
+
+
+@pytest.mark.parametrize(
+    ("stored", "read"),
+    [
+        ({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}, True),
+        ({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}, False),  # sampled
+        ({"traceparent": "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-00"}, False),  # not W3C hex
+        ({"traceparent": "00-00000000000000000000000000000000-00f067aa0ba902b7-00"}, False),  # invalid id
+        ({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", "tracestate": "a=b"}, False),
+        ({"traceparent": "not a traceparent"}, False),
+        ({}, False),
+    ],
+)
+def test_only_a_lone_unsampled_w3c_traceparent_skips_the_propagators(
+    monkeypatch: pytest.MonkeyPatch, stored: dict[str, str], read: bool
+) -> None:
+    monkeypatch.setattr(tracing, "_w3c", True)
+    monkeypatch.setattr(tracing, "_parent_decides", True)
+    context = tracing._unsampled_parent(stored)
+    assert (context is not None) == read
+    if context is not None:
+        span = trace.get_current_span(context).get_span_context()
+        assert f"{span.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736"
+        assert f"{span.span_id:016x}" == "00f067aa0ba902b7"
+        assert span.is_remote and not span.trace_flags.sampled
+    monkeypatch.setattr(tracing, "_w3c", False)  # other propagators configured: always theirs
+    assert tracing._unsampled_parent(stored) is None
