@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from herder.clients import logs, tracing
 from herder.clients.metrics_setup import MetricsError
 from herder.clients.runner import run as run_loop
+from herder.clients.runner import tune_gc
 from herder.clients.settings import (
     Setting,
     Settings,
@@ -341,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings["task_log"]:
         logging.getLogger("herder.tasks").setLevel(logging.WARNING)
     tracing.configure_from_env("herder-coordinator")
+    tune_gc()
     try:
         run_loop(serve(config))
     except (EtcdAuthError, ListenError, MetricsError) as exc:  # each says what is wrong itself

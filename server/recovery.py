@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from herder.clients import errors
 from herder.clients.proto.v1 import coordinator_pb2, task_pb2
+from herder.clients.runner import freeze_gc
 from herder.server import keys, placement
 from herder.server.entries import TERMINAL, Entry, S
 from herder.server.horizon import duration_seconds, timestamp_seconds
@@ -79,6 +80,7 @@ async def rebuild(leader: NamespaceLeader) -> None:
         # A retried task's ttl has passed already: RetryTask asked for it to run anyway.
         if task.attempt == 0 and not task.retries and task.spec.HasField("ttl"):
             leader.timers.expire(timestamp_seconds(task.create_time) + duration_seconds(task.spec.ttl), task.id)
+    freeze_gc()
     log.info(
         "namespace %s: rebuilt %d unfinished tasks from etcd in %.3fs",
         leader.namespace,

@@ -19,6 +19,7 @@ from herder.clients.endpoints import DEFAULT_ADDRESS, address_setting
 from herder.clients.metrics_setup import MetricsError
 from herder.clients.resources import MAX_INTERVAL, MIN_INTERVAL
 from herder.clients.runner import run as run_loop
+from herder.clients.runner import tune_gc
 from herder.clients.settings import Setting, Settings, integer, load, log_settings, metrics_setting, seconds, text
 from herder.supervisor.app import Supervisor, SupervisorConfig
 from herder.supervisor.metrics import SupervisorMetrics
@@ -181,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_of(settings)
     logs.configure(settings["log_level"], settings["log_format"])
     tracing.configure_from_env("herder-supervisor")
+    tune_gc()
     try:
         run_loop(_serve(config))
     except errors.HerderError as exc:
