@@ -33,4 +33,3 @@ def test_tune_gc_raises_the_thresholds_and_freezes_what_exists_and_only_then_fre
     assert after == [50_000, 20, 20]
     assert tuned_frozen > 1000  # the modules' objects
     assert frozen_later >= 1000  # the lists made after tuning
-
