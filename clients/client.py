@@ -66,6 +66,9 @@ TERMINAL_STATES: frozenset[State] = frozenset(
     }
 )
 _STATE_PREFIX = "TASK_STATE_"
+# Events per WatchTasks response the SDK asks for: what is ready goes in one message (the server's
+# one write per response is most of a watch's cost on a busy coordinator).
+WATCH_MAX_EVENTS = 256
 
 
 def state_name(state: State) -> str:
@@ -599,6 +602,7 @@ class Client:
             skip_initial=skip_initial,
             include_result_json=include_result_json,
             after_revision=after_revision,
+            max_events=WATCH_MAX_EVENTS,
         )
         loop = asyncio.get_running_loop()
         deadline: float | None = None  # `timeout` seconds after the first failure to open it
@@ -613,6 +617,8 @@ class Client:
                     async for response in call:
                         received = True
                         # A response without an event only flags the snapshot that follows (compaction).
+                        for event in response.events:
+                            yield event
                         if response.HasField("event"):
                             yield response.event
                 return

@@ -330,6 +330,16 @@ def validate_filter(
     return found
 
 
+MAX_WATCH_EVENTS = 1000
+
+
+def validate_max_events(value: int) -> list[FieldViolation]:
+    """WatchTasks' events per response: 0 or 1 (one, in `event`) up to MAX_WATCH_EVENTS."""
+    if value > MAX_WATCH_EVENTS:
+        return [FieldViolation("max_events", f"must be at most {MAX_WATCH_EVENTS}, got {value}")]
+    return []
+
+
 def validate_after_revision(value: int, current: int, field: str = "after_revision") -> list[FieldViolation]:
     """A WatchTasks resume point: a revision etcd has reached (`current`), or 0 for none."""
     if value < 0:

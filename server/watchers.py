@@ -162,6 +162,14 @@ class Subscription:
         self._bytes -= len(item.change.record)
         return item
 
+    def next_ready(self) -> Published | None:
+        """The next change if one is queued already, else None (without waiting)."""
+        if not self._backlog:
+            return None
+        item = self._backlog.popleft()
+        self._bytes -= len(item.change.record)
+        return item
+
 
 class WatchHub:
     """A replica's subscriptions, each indexed under one key: its ids, else its queue, else its

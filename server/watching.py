@@ -71,6 +71,7 @@ class Watching:
         settings = self._settings
         try:
             violations = validation.validate_filter(request.ids, request.states, request.tags, self._limits)
+            violations += validation.validate_max_events(request.max_events)
             if request.after_revision:
                 violations += validation.validate_after_revision(
                     request.after_revision, await self._current_revision(request.after_revision)
@@ -117,34 +118,41 @@ class Watching:
         seen: dict[str, int] = {}
         resume = request.after_revision
         last_sent = resume
+        out = _Events(context, request.max_events)
         try:
             try:
                 snapshot = not resume and not request.skip_initial
                 if resume and resume < start:
                     try:
-                        last_sent = await self._catch_up(request, task_filter, resume, start, context)
+                        last_sent = await self._catch_up(request, task_filter, resume, start, out)
                     except CompactedError as exc:
                         # Changes were lost to compaction: say so, then start over with the current state.
+                        await out.flush()
                         await context.write(coordinator_pb2.WatchTasksResponse(compacted_revision=exc.compact_revision))
                         snapshot, resume = True, 0
                 if snapshot:
-                    last_sent = max(last_sent, await self._snapshot(request, task_filter, start, seen, context))
+                    last_sent = max(last_sent, await self._snapshot(request, task_filter, start, seen, out))
+                await out.flush()
             except EtcdError as exc:
                 error = errors.UnavailableError(
                     f"cannot read etcd: {exc}; {_resume_hint(last_sent)}",
                 )
                 await context.abort_with_status(errors.to_status(error))
                 return
-            while (item := await sub.next()) is not None:
-                revision = item.change.revision
-                # The resume point and the snapshot already covered these; later changes (several may
-                # share one revision, one transaction) all follow, in order.
-                if revision <= resume or revision <= seen.get(item.task_id, 0):
-                    continue
-                if include and include not in item.responses:
-                    await self._load_type(item.task_type)
-                await context.write(self._change_response(item, include))
-                last_sent = revision
+            ready: Published | None
+            while (ready := await sub.next()) is not None:
+                # With max_events above 1, the changes queued already go out together.
+                while ready is not None:
+                    revision = ready.change.revision
+                    # The resume point and the snapshot already covered these; later changes (several
+                    # may share one revision, one transaction) all follow, in order.
+                    if revision > resume and revision > seen.get(ready.task_id, 0):
+                        if include and include not in ready.responses:
+                            await self._load_type(ready.task_type)
+                        await out.send(self._change_response(ready, include))
+                        last_sent = revision
+                    ready = sub.next_ready() if out.batched else None
+                await out.flush()
             # A dropped watcher learns it here, once gRPC took what it was sent before: the status could
             # not overtake those messages anyway, so there is nothing to gain by interrupting the write.
             if sub.dropped is not None:
@@ -163,7 +171,7 @@ class Watching:
         task_filter: TaskFilter,
         after: int,
         until: int,
-        context: Context,
+        out: _Events,
     ) -> int:
         """Send the matching changes in (after, until] from etcd's history; the last revision sent.
 
@@ -190,8 +198,9 @@ class Watching:
                     if event.prev is not None:
                         response.event.previous_state = task_pb2.Task.FromString(event.prev.value).state
                     response.event.revision = revision
-                    await context.write(response)
+                    await out.send(response)
                     last = revision
+                await out.flush()
                 # A progress notice means etcd sent everything up to its revision, which is past `until`.
                 if batch.progress or batch.revision >= until:
                     break
@@ -203,7 +212,7 @@ class Watching:
         task_filter: TaskFilter,
         start: int,
         seen: dict[str, int],
-        context: Context,
+        out: _Events,
     ) -> int:
         """Send the current state of the watched tasks, each at least as new as revision `start`; the
         highest revision sent. `seen` gets each task's revision, so the feed's older changes are dropped."""
@@ -216,7 +225,7 @@ class Watching:
                 event = task_pb2.TaskEvent(
                     task=self._render(task, request.include_result_json), initial=True, revision=revision
                 )
-                await context.write(coordinator_pb2.WatchTasksResponse(event=event))
+                await out.send(coordinator_pb2.WatchTasksResponse(event=event))
                 last = max(last, revision)
         return last
 
@@ -294,6 +303,32 @@ class Watching:
             "last revision received to resume where it ended"
         )
         return errors.to_status(error)
+
+
+class _Events:
+    """A stream's writes: each response as it comes, or with max_events above 1 its event gathered
+    into one response of up to max_events, written when full or flushed."""
+
+    __slots__ = ("_context", "_max", "_pending", "batched")
+
+    def __init__(self, context: Context, max_events: int) -> None:
+        self._context = context
+        self._max = max(max_events, 1)
+        self.batched = self._max > 1
+        self._pending = coordinator_pb2.WatchTasksResponse()
+
+    async def send(self, response: coordinator_pb2.WatchTasksResponse) -> None:
+        if not self.batched:
+            await self._context.write(response)
+            return
+        self._pending.events.append(response.event)
+        if len(self._pending.events) >= self._max:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.batched and self._pending.events:
+            pending, self._pending = self._pending, coordinator_pb2.WatchTasksResponse()
+            await self._context.write(pending)
 
 
 def _resume_hint(last_sent: int) -> str:

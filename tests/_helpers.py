@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 from typing import IO, Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from herder.clients.descriptors import task_type_for
 from herder.clients.proto.examples.v1 import examples_pb2
@@ -63,3 +65,14 @@ def process_group(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def violations(exc: grpc.aio.AioRpcError) -> list[str]:
+    """The fields named by the google.rpc.BadRequest details of a failed call."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    found = []
+    for detail in status.details if status else ():
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            found += [v.field for v in bad.field_violations]
+    return found

@@ -10,11 +10,10 @@ import time
 import grpc
 import pytest
 from _cluster import start_replicas
+from _helpers import violations
 from _raw_worker import RawWorker
 from _scheduling import ECHO, QUEUE, Api, S, complete, connect, get, queue_stats, set_limit, submit, submit_batch
 from _timing import eventually, quiet
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from herder.clients import errors
 from herder.clients.backoff import Backoff
@@ -41,16 +40,6 @@ async def fail_for_good(worker: RawWorker, task: task_pb2.Task) -> None:
 async def has_state(api: Api, task_id: str, wanted: int) -> task_pb2.Task | None:
     task = await get(api, task_id)
     return task if task.state == wanted else None
-
-
-def violations(exc: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    found = []
-    for detail in status.details if status else ():
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            found += [v.field for v in bad.field_violations]
-    return found
 
 
 async def test_retry_as_a_new_attempt_requeues_a_failed_task_with_its_attempts_again(api, coordinator) -> None:

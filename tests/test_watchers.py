@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from _cluster import Coordinator
+from _helpers import violations
 from _timing import eventually
 
 from herder.clients.descriptors import task_type_for
@@ -323,3 +324,52 @@ def test_with_only_id_watchers_other_tasks_need_no_parsing() -> None:
     assert hub.may_want("a") and not hub.may_want("b")
     hub.subscribe(TaskFilter(queue="q"))
     assert hub.may_want("b")
+
+
+async def _events(
+    call: grpc.aio.UnaryStreamCall[pb.WatchTasksRequest, pb.WatchTasksResponse], count: int
+) -> tuple[list[pb.TaskEvent], int]:
+    """The first `count` events of a stream, whichever field carries them, and the responses read."""
+    events: list[pb.TaskEvent] = []
+    responses = 0
+    while len(events) < count:
+        reply: pb.WatchTasksResponse = await asyncio.wait_for(call.read(), 10)  # type: ignore[assignment]
+        responses += 1
+        assert not (reply.events and reply.HasField("event")), reply
+        events.extend(reply.events or [reply.event])
+    return events, responses
+
+
+async def test_max_events_gathers_what_is_ready_into_one_response_in_the_same_order(etcd, namespace) -> None:
+    async with _serving(etcd, namespace) as cluster:
+        stub = cluster.stub
+        existing = await _submit(stub, [_spec("batched", str(i)) for i in range(30)])
+        single = stub.WatchTasks(pb.WatchTasksRequest(queue="batched"))
+        batched = stub.WatchTasks(pb.WatchTasksRequest(queue="batched", max_events=8))
+        # The snapshot: 30 initial events, at most 8 a response.
+        one, one_responses = await _events(single, 30)
+        many, many_responses = await _events(batched, 30)
+        assert [e.task.id for e in one] == [e.task.id for e in many]
+        assert sorted(e.task.id for e in many) == sorted(existing) and all(e.initial for e in many)
+        assert one_responses == 30 and 4 <= many_responses < 30
+        # Changes: one transaction's 40 new tasks, then their cancels, reach both streams in the same order.
+        created = await _submit(stub, [_spec("batched", f"new {i}") for i in range(40)])
+        await stub.CancelTasks(pb.CancelTasksRequest(filter=pb.TaskFilter(queue="batched")))
+        one, _ = await _events(single, 110)
+        many, responses = await _events(batched, 110)
+        assert [(e.task.id, e.task.state, e.revision) for e in one] == [
+            (e.task.id, e.task.state, e.revision) for e in many
+        ]
+        assert {e.task.id for e in many[:40]} == set(created)
+        assert responses < 110
+        single.cancel()
+        batched.cancel()
+
+
+async def test_max_events_above_1000_is_invalid_argument_naming_the_field(etcd, namespace) -> None:
+    async with _serving(etcd, namespace) as cluster:
+        call = cluster.stub.WatchTasks(pb.WatchTasksRequest(max_events=1001))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await asyncio.wait_for(call.read(), 10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violations(raised.value) == ["max_events"]

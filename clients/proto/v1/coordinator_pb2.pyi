@@ -442,6 +442,7 @@ class WatchTasksRequest(_message.Message):
     SKIP_INITIAL_FIELD_NUMBER: _builtins.int
     INCLUDE_RESULT_JSON_FIELD_NUMBER: _builtins.int
     AFTER_REVISION_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     type: _builtins.str
     skip_initial: _builtins.bool
@@ -454,6 +455,11 @@ class WatchTasksRequest(_message.Message):
     When etcd has compacted that revision away, the stream starts with a response carrying
     only compacted_revision, then a fresh snapshot (initial events). 0: not resuming.
     Negative or above etcd's current revision: INVALID_ARGUMENT.
+    """
+    max_events: _builtins.int
+    """Up to this many events per response, in WatchTasksResponse.events: the events ready when one is
+    sent go together (a busy stream costs one write per batch, not per event). 0 or 1: one event per
+    response, in WatchTasksResponse.event. At most 1000.
     """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -474,10 +480,11 @@ class WatchTasksRequest(_message.Message):
         skip_initial: _builtins.bool = ...,
         include_result_json: _builtins.bool = ...,
         after_revision: _builtins.int = ...,
+        max_events: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_revision", b"after_revision", "ids", b"ids", "include_result_json", b"include_result_json", "queue", b"queue", "skip_initial", b"skip_initial", "states", b"states", "tags", b"tags", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_revision", b"after_revision", "ids", b"ids", "include_result_json", b"include_result_json", "max_events", b"max_events", "queue", b"queue", "skip_initial", b"skip_initial", "states", b"states", "tags", b"tags", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,27 +492,32 @@ Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
 
 @_typing.final
 class WatchTasksResponse(_message.Message):
-    """One event; or, first on a resumed stream whose after_revision was compacted, no event and
-    compacted_revision set (the oldest revision etcd still keeps): the events that follow are a
-    fresh snapshot (initial), then changes as usual.
+    """One event (in `event`, or with max_events above 1 in `events`: one or more, in order); or, first
+    on a resumed stream whose after_revision was compacted, no event and compacted_revision set (the
+    oldest revision etcd still keeps): the events that follow are a fresh snapshot (initial), then
+    changes as usual.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
     COMPACTED_REVISION_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     compacted_revision: _builtins.int
     @_builtins.property
     def event(self) -> _task_pb2.TaskEvent: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskEvent]: ...
     def __init__(
         self,
         *,
         event: _task_pb2.TaskEvent | None = ...,
         compacted_revision: _builtins.int = ...,
+        events: _abc.Iterable[_task_pb2.TaskEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted_revision", b"compacted_revision", "event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted_revision", b"compacted_revision", "event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
