@@ -124,6 +124,9 @@ class Committer:
         self._limits = limits or CommitLimits()
         # Requests not yet sent, oldest first.
         self._pending: deque[_Request] = deque()
+        # Each key written by a waiting request, to that request: a later write of the same keys
+        # replaces it before it is sent (a task's RUNNING record, when its result is already in).
+        self._pending_by_key: dict[bytes, _Request] = {}
         self._pending_ops = 0
         self._in_flight: deque[_Batch] = deque()
         self._busy: set[bytes] = set()
@@ -132,6 +135,8 @@ class Committer:
         self.error: FencedError | None = None
         self.transactions = 0
         self.operations = 0
+        # Requests that replaced a waiting one instead of queuing.
+        self.superseded = 0
         self._task = asyncio.create_task(self._run(), name="herder-committer")
 
     @property
@@ -142,15 +147,20 @@ class Committer:
     def submit(self, writes: list[Write]) -> asyncio.Future[int]:
         """Queue writes to land together; the future resolves with the revision they landed at.
 
+        Writes that rewrite every key of a request still waiting (not sent) replace it in its place,
+        and its caller's future is theirs too: the replaced values never reach etcd, which is what a
+        crash before they were sent would have left anyway. A no-op task's RUNNING record, still
+        waiting when its result comes in, is the common case: one write a task less under load.
+
         Raises RequestTooLargeError (queuing nothing) when no transaction could hold them.
         """
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if self.error is not None:
-            future.set_exception(self.error)
-            return future
-        if not writes:
-            future.set_result(0)
-            return future
+        if self.error is not None or not writes:
+            settled: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            if self.error is not None:
+                settled.set_exception(self.error)
+            else:
+                settled.set_result(0)
+            return settled
         size = sum(len(w.key) + len(w.value or b"") for w in writes)
         keys = frozenset(w.key for w in writes)
         if len(writes) > self._limits.max_ops or size > self._limits.max_request_bytes or len(keys) < len(writes):
@@ -158,10 +168,38 @@ class Committer:
                 f"{len(writes)} writes of {size} bytes in all (distinct keys: {len(keys)}): one transaction takes"
                 f" at most {self._limits.max_ops} writes to distinct keys and {self._limits.max_request_bytes} bytes"
             )
-        self._pending.append(_Request(future, writes, keys, size))
+        earlier = self._supersedable(keys)
+        if earlier is not None:
+            # Not sent yet, and every key it writes is written again here: it is replaced, in its place.
+            for key in keys - earlier.keys:
+                self._pending_by_key[key] = earlier
+            self._pending_ops += len(writes) - len(earlier.writes)
+            earlier.writes, earlier.keys, earlier.size = writes, keys, size
+            self.superseded += 1
+            return earlier.future
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        request = _Request(future, writes, keys, size)
+        self._pending.append(request)
+        for key in keys:
+            self._pending_by_key[key] = request
         self._pending_ops += len(writes)
         self._wakeup.set()
         return future
+
+    def _supersedable(self, keys: frozenset[bytes]) -> _Request | None:
+        """The waiting request these keys would replace whole: one not sent yet whose keys are all
+        among them, with none of the other keys waiting in another request (whose order would change)."""
+        earlier: _Request | None = None
+        for key in keys:
+            found = self._pending_by_key.get(key)
+            if found is None:
+                continue
+            if earlier is not None and found is not earlier:
+                return None
+            earlier = found
+        if earlier is None or not earlier.keys <= keys:
+            return None
+        return earlier
 
     async def commit(self, writes: list[Write]) -> int:
         return await self.submit(writes)
@@ -217,6 +255,9 @@ class Committer:
             ):
                 break
             pending.popleft()
+            for key in keys:
+                if self._pending_by_key.get(key) is request:
+                    del self._pending_by_key[key]
             size += request.size
             batch.keys |= keys
             batch.ops.extend(
@@ -287,6 +328,7 @@ class Committer:
         self._in_flight.clear()
         self._settle(list(self._pending), self.error)
         self._pending.clear()
+        self._pending_by_key.clear()
         self._pending_ops = 0
         self.failed.set()
 
