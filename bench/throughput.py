@@ -21,8 +21,9 @@ Starts its own etcd, coordinator and worker processes, then measures:
   through the supervisor;
 - ha: --followers more coordinator replicas on the same etcd and namespace (followers watching etcd;
   the first coordinator stays leader), one RPC each and batches against the leader, the leader's and
-  each follower's CPU per 1,000 tasks, and the leader's beside the single coordinator's from this run
-  (from the single and batches phases, or measured first when they did not run): leader_cost_vs_single_pct.
+  each follower's CPU per 1,000 tasks, and the leader's beside the coordinator's alone in the same two
+  runs just before the followers start (leader_cost_vs_single_pct). The followers serve no watchers
+  here, so their task feeds (started by a WatchTasks) do not run.
 For every run of N tasks end to end: CPU per 1,000 tasks of the coordinator(s), workers, etcd and this
 bench process, and etcd's durable work per task from its /metrics before and after (proposals committed,
 multi-op txns, puts, deletes, WAL fsyncs and bytes).
@@ -625,23 +626,18 @@ async def high_availability(
     stack: Stack,
     stub: CoordinatorServiceAsyncStub,
     args: argparse.Namespace,
-    single_coordinator: dict[str, dict[str, object]],
 ) -> dict[str, object]:
-    """One RPC each and batches against the leader with args.followers follower replicas running.
-
-    single_coordinator: the same runs' figures with one coordinator, from this bench run ("one_rpc_each"
-    and "batches"); those missing are measured here first, before the followers start.
-    """
+    """One RPC each and batches against the leader with args.followers follower replicas running,
+    beside the same two runs with the coordinator alone, measured just before the followers start
+    (not taken from the single and batches phases: the coordinator's state and the machine's load
+    by then are closer to the runs they are compared with)."""
     workers = [f"worker-{i}" for i in range(args.workers)]
     alone = Meter(stack, ("coordinator", *workers))
     runs: dict[str, Callable[[str], Awaitable[dict[str, float]]]] = {
         "one_rpc_each": lambda tag: one_rpc_each(stub, args.tasks, args.submitters, tag=tag),
         "batches": lambda tag: batches(stub, args.tasks, args.batch, args.batch_concurrency, tag=tag),
     }
-    baseline = dict(single_coordinator)
-    for name, run in runs.items():
-        if name not in baseline:
-            baseline[name] = await measured(alone, run("-ha-single"))
+    baseline = {name: await measured(alone, run("-ha-single")) for name, run in runs.items()}
     followers = await stack.start_followers(args.followers)
     await asyncio.sleep(1)  # past the followers' start-up reads of etcd
     meter = Meter(stack, ("coordinator", *followers, *workers))
@@ -679,18 +675,13 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 print(f"idle latency: {figures['idle']}", flush=True)
             # The in-process path's costs, to set beside the sidecar's and the ha phase's.
             meter = Meter(stack, list(stack.named))  # the coordinator and worker-<i>
-            single_coordinator: dict[str, dict[str, object]] = {}
             if "single" in args.phases:
-                single_coordinator["one_rpc_each"] = await measured(
-                    meter, one_rpc_each(stub, args.tasks, args.submitters)
-                )
-                figures["one_rpc_each"] = single_coordinator["one_rpc_each"]
+                figures["one_rpc_each"] = await measured(meter, one_rpc_each(stub, args.tasks, args.submitters))
                 print(f"one RPC each: {figures['one_rpc_each']}", flush=True)
             if "batches" in args.phases:
-                single_coordinator["batches"] = await measured(
+                figures["batches"] = await measured(
                     meter, batches(stub, args.tasks, args.batch, args.batch_concurrency)
                 )
-                figures["batches"] = single_coordinator["batches"]
                 print(f"batches:      {figures['batches']}", flush=True)
             if "fair" in args.phases:
                 figures["fair"] = await fairness_and_limits(stub, meter, args)
@@ -703,7 +694,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 figures["sidecar"] = await through_supervisor(stack, stub, args)
                 print(f"through the supervisor: {figures['sidecar']}", flush=True)
             if "ha" in args.phases:  # last: the followers run until the end
-                figures["ha"] = await high_availability(stack, stub, args, single_coordinator)
+                figures["ha"] = await high_availability(stack, stub, args)
                 print(f"with {args.followers} followers: {figures['ha']}", flush=True)
         return {**figures, "cpus": os.cpu_count()}
     finally:
