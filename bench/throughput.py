@@ -473,7 +473,8 @@ async def open_loop(
     Sends wait only when max_in_flight submissions are unanswered; a send more than LATE_AFTER behind
     its time is counted late. Submit-to-start joins the time each SubmitTask was called (by the task id
     it returned) with the handler's start time from the task's result, read on one WatchTasks stream.
-    Returns once every accepted task has SUCCEEDED (at most 600 s after the last submission).
+    Returns once every accepted task has SUCCEEDED; raises RuntimeError when they have not 600 s after
+    the last answer, or when the watch ends first (the coordinator ends a watcher that falls behind).
     """
     queue = f"open-loop-{rate}{tag}"
     total = max(int(rate * seconds), 1)
@@ -536,7 +537,14 @@ async def open_loop(
         expected = len(submitted)
         if len(started) >= expected:
             all_started.set()
-        await asyncio.wait_for(all_started.wait(), 600)
+        # The coordinator ends a watch that falls too far behind (RESOURCE_EXHAUSTED): stop waiting then.
+        waiter = asyncio.create_task(all_started.wait())
+        await asyncio.wait((waiter, consumer), timeout=600, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not all_started.is_set():
+            error = consumer.exception() if consumer.done() else None
+            why = f"the watch ended ({error or 'no error'})" if consumer.done() else "not within 600 s"
+            raise RuntimeError(f"open loop at {rate}/s: {len(started)} of {expected} tasks seen started: {why}")
     finally:
         for send in sends:
             send.cancel()
@@ -545,11 +553,12 @@ async def open_loop(
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             await consumer
     to_start = [started[task_id] - t0 for task_id, t0 in submitted.items() if task_id in started]
+    last_start = max(started.values(), default=0.0)
     return {
         "tasks": total,
         "offered_per_s": rate,
         "submitted_per_s": round(len(submitted) / (last_answer - wall_begin)),
-        "started_per_s": round(len(started) / (max(started.values(), default=wall_begin) - wall_begin + 1e-9)),
+        "started_per_s": round(len(started) / (last_start - wall_begin)) if started else 0,
         "submit_to_start_p50_ms": round(_pct(to_start, 50) * 1000, 2),
         "submit_to_start_p99_ms": round(_pct(to_start, 99) * 1000, 2),
         "late": late,
@@ -558,13 +567,12 @@ async def open_loop(
     }
 
 
-def _held(run: dict[str, object]) -> bool:
+def _held(run: dict[str, float]) -> bool:
     """The rate was held: started/s within 5% of offered, no failed submission, at most 1% late."""
-    offered, tasks = float(run["offered_per_s"]), float(run["tasks"])  # type: ignore[arg-type]
     return (
-        float(run["started_per_s"]) >= 0.95 * offered  # type: ignore[arg-type]
+        run["started_per_s"] >= 0.95 * run["offered_per_s"]
         and run["failed"] == 0
-        and float(run["late"]) <= 0.01 * tasks  # type: ignore[arg-type]
+        and run["late"] <= 0.01 * run["tasks"]
     )
 
 
@@ -577,9 +585,13 @@ async def open_loop_rates(
 ) -> dict[str, object]:
     """open_loop at each of args.rates, each metered, and the highest rate held with p99 under 25 ms."""
     runs: list[dict[str, object]] = []
+    good: list[int] = []
     for rate in args.rates:
-        run = await measured(meter, open_loop(stub, rate, args.rate_seconds, args.max_in_flight, tag, task_type))
-        runs.append(run)
+        await meter.start()
+        run = await open_loop(stub, rate, args.rate_seconds, args.max_in_flight, tag, task_type)
+        runs.append({**run, **await meter.report(int(run["tasks"]))})
+        if _held(run) and run["submit_to_start_p99_ms"] < 25:
+            good.append(rate)
         print(
             f"  open loop{tag} {rate}/s: submitted {run['submitted_per_s']}/s, started {run['started_per_s']}/s,"
             f" submit-to-start p50 {run['submit_to_start_p50_ms']} ms p99 {run['submit_to_start_p99_ms']} ms,"
@@ -587,7 +599,6 @@ async def open_loop_rates(
             flush=True,
         )
         await asyncio.sleep(1)  # let the last run's writes settle before the next is metered
-    good = [int(r["offered_per_s"]) for r in runs if _held(r) and float(r["submit_to_start_p99_ms"]) < 25]  # type: ignore[call-overload, arg-type]
     return {"rates": runs, "highest_rate_p99_under_25ms": max(good, default=None)}
 
 
