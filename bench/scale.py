@@ -8,7 +8,8 @@ Grows one stack (etcd, one coordinator; no worker serves the backlog, whose queu
 - rebuild_s (the new leader's log line) and kill_to_serving_s: SIGKILL the coordinator, start a fresh
   one on a new address (so it probes the dead leader's address and ends its term without waiting out
   the lease), from the kill until ListQueues answers with every backlog task queued;
-  coordinator_rss_after_rebuild_mb is the new leader's RSS then;
+  coordinator_rss_after_rebuild_mb is the new leader's RSS then, kill_to_serving_cpu the CPU seconds
+  the new coordinator and etcd spent from the kill until then;
 - dispatch_per_s_with_backlog: --dispatch tasks submitted to a fresh queue, submit to SUCCEEDED, by a
   worker process (bench/throughput.py's) serving the backlog's type while the backlog stays paused;
   dispatch_per_s_empty is the same on the empty stack, before any backlog (each after an unmeasured
@@ -42,7 +43,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).parent))
 
 import throughput
-from throughput import TASK_TYPE, Stack, _answers, _track, _until, batches
+from throughput import TASK_TYPE, Stack, _answers, _cpu, _track, _until, batches
 
 from herder.clients.embedded_etcd import free_port
 from herder.clients.proto.examples.v1 import examples_pb2
@@ -164,8 +165,11 @@ async def submit(stub: Stub, count: int, in_flight: int, payload_bytes: int) -> 
     return done / (time.perf_counter() - start)
 
 
-async def rebuild(stack: ScaleStack, expected: int) -> dict[str, float]:
+async def rebuild(stack: ScaleStack, expected: int) -> dict[str, object]:
     """Kill the coordinator, start a fresh one, and time it until it leads with the backlog rebuilt."""
+    assert stack.etcd.pid is not None
+    etcd = psutil.Process(stack.etcd.pid)
+    etcd_cpu = _cpu(etcd)
     killed = stack.restart_coordinator()
     async with grpc.aio.insecure_channel(stack.address) as channel:
         stub: Stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
@@ -178,6 +182,8 @@ async def rebuild(stack: ScaleStack, expected: int) -> dict[str, float]:
 
         await _until(serving, 600, "the new leader")
         serving_s = time.perf_counter() - killed
+        # Whose CPU the rebuild takes: the new coordinator's (its start included) and etcd's.
+        cpu = {"coordinator_cpu_s": round(_cpu(stack.coordinator), 1), "etcd_cpu_s": round(_cpu(etcd) - etcd_cpu, 1)}
         match = REBUILT.search(stack.log_text())
         if match is None:
             raise SystemExit("bench: the new leader did not log its rebuild")
@@ -186,6 +192,7 @@ async def rebuild(stack: ScaleStack, expected: int) -> dict[str, float]:
             "rebuilt_tasks": int(match.group(1)),
             "kill_to_serving_s": round(serving_s, 3),
             "coordinator_rss_after_rebuild_mb": round(stack.coordinator.memory_info().rss / MB, 1),
+            "kill_to_serving_cpu": cpu,
         }
 
 
