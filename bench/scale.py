@@ -13,7 +13,8 @@ Grows one stack (etcd, one coordinator; no worker serves the backlog, whose queu
 - dispatch_per_s_with_backlog: --dispatch tasks submitted to a fresh queue, submit to SUCCEEDED, by a
   worker process (bench/throughput.py's) serving the backlog's type while the backlog stays paused;
   dispatch_per_s_empty is the same on the empty stack, before any backlog (each after an unmeasured
-  round of 1,000 tasks in another fresh queue);
+  round of 1,000 tasks in another fresh queue); dispatch_cpu_ms_per_1000_* is the coordinator's and
+  etcd's CPU per 1,000 of those tasks;
 - at the last size, backlog_drain_per_s: the backlog's queue resumed, until the worker has finished
   its first --dispatch tasks.
 etcd's backend quota is EmbeddedEtcd's fixed 4 GiB (it takes no option for it) with revision
@@ -196,18 +197,27 @@ async def rebuild(stack: ScaleStack, expected: int) -> dict[str, object]:
         }
 
 
-async def dispatch(stack: ScaleStack, args: argparse.Namespace, tag: str) -> float:
-    """--dispatch tasks into a fresh queue, submit to SUCCEEDED, with one worker; tasks/s."""
+async def dispatch(stack: ScaleStack, args: argparse.Namespace, tag: str) -> dict[str, object]:
+    """--dispatch tasks into a fresh queue, submit to SUCCEEDED, with one worker: tasks/s, and the
+    coordinator's and etcd's CPU milliseconds per 1,000 tasks."""
+    assert stack.etcd.pid is not None
+    etcd = psutil.Process(stack.etcd.pid)
     async with grpc.aio.insecure_channel(stack.address) as channel:
         stub: Stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         await stack.start_worker(stub)
         try:
             # A first, unmeasured round: the worker's first tasks and the new queue's set-up are slower.
             await batches(stub, min(args.dispatch, 2 * BATCH), BATCH, args.in_flight, tag=f"{tag}-warm-up")
+            cpu = {"coordinator": _cpu(stack.coordinator), "etcd": _cpu(etcd)}
             figures = await batches(stub, args.dispatch, BATCH, args.in_flight, tag=tag)
+            tasks = int(figures["tasks"])
+            per_1000 = {
+                name: round((_cpu(process) - cpu[name]) * 1e6 / tasks, 1)
+                for name, process in (("coordinator", stack.coordinator), ("etcd", etcd))
+            }
         finally:
             await stack.stop_worker(stub)
-    return float(figures["end_to_end_per_s"])
+    return {"per_s": round(figures["end_to_end_per_s"]), "cpu_ms_per_1000": per_1000}
 
 
 async def drain(stack: ScaleStack, args: argparse.Namespace) -> float:
@@ -240,8 +250,10 @@ async def grow(stack: ScaleStack, args: argparse.Namespace, size: int, queued: i
     rebuilt = await rebuild(stack, count)
     print(f"  rebuild: {rebuilt}", flush=True)
     figures |= rebuilt
-    figures["dispatch_per_s_with_backlog"] = round(await dispatch(stack, args, f"-backlog-{size}"))
-    print(f"  dispatch with the backlog: {figures['dispatch_per_s_with_backlog']}/s", flush=True)
+    beside = await dispatch(stack, args, f"-backlog-{size}")
+    figures["dispatch_per_s_with_backlog"] = beside["per_s"]
+    figures["dispatch_cpu_ms_per_1000_with_backlog"] = beside["cpu_ms_per_1000"]
+    print(f"  dispatch with the backlog: {beside}", flush=True)
     return figures
 
 
@@ -249,8 +261,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     stack = ScaleStack(args.slots)
     try:
         await stack.start()
-        empty = round(await dispatch(stack, args, "-empty"))
-        print(f"dispatch on the empty stack: {empty}/s", flush=True)
+        empty = await dispatch(stack, args, "-empty")
+        print(f"dispatch on the empty stack: {empty}", flush=True)
         async with grpc.aio.insecure_channel(stack.address) as channel:
             stub: Stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             await stub.SetQueuePaused(pb.SetQueuePausedRequest(queue=BACKLOG, paused=True))
@@ -260,7 +272,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         sizes = sorted({s for s in (args.small, args.tasks) if s > 0})
         for size in sizes:
             at_size = await grow(stack, args, size, queued)
-            at_size["dispatch_per_s_empty"] = empty
+            at_size["dispatch_per_s_empty"] = empty["per_s"]
+            at_size["dispatch_cpu_ms_per_1000_empty"] = empty["cpu_ms_per_1000"]
             queued = int(str(at_size["tasks_queued"]))
             figures[str(size)] = at_size
         if sizes and args.drain:
