@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +63,7 @@ import grpc
 import psutil
 
 from herder.clients import tracing
+from herder.clients.client import WATCH_MAX_EVENTS
 from herder.clients.descriptors import task_type_for
 from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
 from herder.clients.proto.examples.v1 import examples_pb2
@@ -215,20 +216,35 @@ def _spec(queue: str, key: str = "", task_type: str = TASK_TYPE) -> task_pb2.Tas
     return spec
 
 
+def _watch_succeeded(
+    stub: CoordinatorServiceAsyncStub, queue: str
+) -> grpc.aio.UnaryStreamCall[pb.WatchTasksRequest, pb.WatchTasksResponse]:
+    """The queue's tasks as they succeed, from now on, batched like the SDK's watches."""
+    request = pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True, max_events=WATCH_MAX_EVENTS)
+    return stub.WatchTasks(request)
+
+
+def _events(reply: pb.WatchTasksResponse) -> Sequence[task_pb2.TaskEvent]:
+    """A response's events: several with max_events (as the SDK asks), else the one."""
+    return reply.events or [reply.event]
+
+
 def _keys(count: int) -> list[str]:
     return [f"tenant-{i}" for i in range(count)] if count else [""]
 
 
 async def _track(stub: CoordinatorServiceAsyncStub, queue: str, count: int) -> asyncio.Task[float]:
     """Watch a queue until `count` tasks have SUCCEEDED; the task's result is the time of the last one."""
-    call = stub.WatchTasks(pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True))
+    call = stub.WatchTasks(
+        pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True, max_events=WATCH_MAX_EVENTS)
+    )
     ready = asyncio.Event()
 
     async def consume() -> float:
         done: set[str] = set()
         ready.set()
         async for reply in call:
-            done.add(reply.event.task.id)
+            done.update(event.task.id for event in _events(reply))
             if len(done) >= count:
                 call.cancel()
                 return time.perf_counter()
@@ -322,12 +338,15 @@ async def idle_latency(
     fall on all alike; one result per type, in the given order.
     """
     queue = f"idle{tag}"
-    call = stub.WatchTasks(pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True))
+    call = stub.WatchTasks(
+        pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True, max_events=WATCH_MAX_EVENTS)
+    )
     finished: asyncio.Queue[task_pb2.Task] = asyncio.Queue()
 
     async def consume() -> None:
         async for reply in call:
-            await finished.put(reply.event.task)
+            for event in _events(reply):
+                await finished.put(event.task)
 
     consumer = asyncio.create_task(consume())
     await asyncio.sleep(0.2)
@@ -480,7 +499,9 @@ async def open_loop(
     queue = f"open-loop-{rate}{tag}"
     total = max(int(rate * seconds), 1)
     request = pb.SubmitTaskRequest(spec=_spec(queue, task_type=task_type))
-    call = stub.WatchTasks(pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True))
+    call = stub.WatchTasks(
+        pb.WatchTasksRequest(queue=queue, states=[SUCCEEDED], skip_initial=True, max_events=WATCH_MAX_EVENTS)
+    )
     started: dict[str, float] = {}
     submitted: dict[str, float] = {}
     expected = total  # lowered to the accepted submissions once all are answered
@@ -489,8 +510,9 @@ async def open_loop(
     async def consume() -> None:
         output = examples_pb2.EchoResponse()
         async for reply in call:
-            reply.event.task.result.Unpack(output)
-            started[reply.event.task.id] = float(output.text)
+            for event in _events(reply):
+                event.task.result.Unpack(output)
+                started[event.task.id] = float(output.text)
             if len(started) >= expected:
                 all_started.set()
 
