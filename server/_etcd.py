@@ -313,20 +313,43 @@ class Etcd:
         reply = await self._call(self._kv.Range, request)
         return (key_value(reply.kvs[0]) if reply.kvs else None), reply.header.revision
 
-    async def scan_prefix(self, prefix: bytes, *, page: int = 2000) -> AsyncGenerator[KeyValue, None]:
+    async def scan_prefix(
+        self, prefix: bytes, *, page: int = 2000, window: int = 50_000
+    ) -> AsyncGenerator[KeyValue, None]:
         """Every key under prefix, read page by page at one revision (a consistent snapshot).
 
-        The next page is read while the caller works through the current one (a rebuild would
-        otherwise wait out one etcd round trip per page). Closing the iterator early cancels it.
+        etcd (3.5) counts every key from a page's start to its range's end to answer it, so pages over
+        the whole prefix cost O(keys) each and a million keys took minutes. The keys are read in
+        windows of `window` keys instead: one keys-only read finds where a window ends, and its pages
+        count only up to there.
         """
         end = prefix_end(prefix)
-        kvs, more, revision = await self.range(prefix, end, limit=page)
+        start, revision = prefix, 0
+        while True:
+            request = rpc.RangeRequest(key=start, range_end=end, limit=window, revision=revision, keys_only=True)
+            reply = await self._call(self._kv.Range, request, timeout=max(self.timeout, 30.0))
+            # The first read fixes the snapshot (a reply's header has etcd's current revision, not the one read at).
+            revision = revision or reply.header.revision
+            if not reply.kvs:
+                return
+            window_end = reply.kvs[-1].key + b"\0" if reply.more else end
+            async with contextlib.aclosing(self._pages(start, window_end, page, revision)) as pages:
+                async for kv in pages:
+                    yield kv
+            if not reply.more:
+                return
+            start = window_end
+
+    async def _pages(self, start: bytes, end: bytes, page: int, revision: int) -> AsyncGenerator[KeyValue, None]:
+        """The keys in [start, end) at `revision`, page by page. The next page is read while the caller
+        works through the current one (a rebuild would otherwise wait out one etcd round trip per
+        page). Closing the iterator early cancels it."""
+        kvs, more, _ = await self.range(start, end, limit=page, revision=revision)
         while True:
             following: asyncio.Task[tuple[list[KeyValue], bool, int]] | None = None
             if more and kvs:
-                start = kvs[-1].key + b"\0"
                 following = asyncio.create_task(
-                    self.range(start, end, limit=page, revision=revision), name="herder-etcd-read-ahead"
+                    self.range(kvs[-1].key + b"\0", end, limit=page, revision=revision), name="herder-etcd-read-ahead"
                 )
             try:
                 for kv in kvs:
