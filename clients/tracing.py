@@ -244,18 +244,10 @@ def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[
     if not _sdk_active():
         yield trace.INVALID_SPAN
         return
-    parent = _unsampled_parent(task.trace_context)
-    if parent is not None:
-        token = otel_context.attach(parent)
-        try:
-            yield trace.INVALID_SPAN
-        finally:
-            otel_context.detach(token)
-        return
-    queue = task.spec.queue or "default"
-    parent = propagate.extract(dict(task.trace_context))
+    unsampled = _unsampled_parent(task.trace_context)
+    parent = unsampled if unsampled is not None else propagate.extract(dict(task.trace_context))
     producer = trace.get_current_span(parent).get_span_context()
-    if _unsampled(producer):
+    if unsampled is not None or _unsampled(producer):
         # Not sampled: the handler still sees the trace's context, at no span's cost.
         token = otel_context.attach(parent)
         try:
@@ -263,6 +255,7 @@ def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[
         finally:
             otel_context.detach(token)
         return
+    queue = task.spec.queue or "default"
     attributes: dict[str, str | int | float] = {
         MESSAGING_SYSTEM: SYSTEM,
         OPERATION_TYPE: "process",
