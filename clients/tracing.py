@@ -236,14 +236,21 @@ def create_spans(tasks: Sequence[task_pb2.Task], parent: Mapping[str, str]) -> N
         span.end()
 
 
-@contextlib.contextmanager
-def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[trace.Span]:
+# What process_span gives without a tracer provider: reusable, and no generator made per attempt.
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
+def process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> contextlib.AbstractContextManager[trace.Span]:
     """The CONSUMER `<queue> process` span of one attempt, current inside the block: parented on the
     task's stored context (its PRODUCER span) and linked to it. Set its outcome with `set_outcome`.
     """
     if not _sdk_active():
-        yield trace.INVALID_SPAN
-        return
+        return _NO_SPAN
+    return _process_span(task, attempt, worker_id)
+
+
+@contextlib.contextmanager
+def _process_span(task: task_pb2.Task, attempt: int, worker_id: str) -> Iterator[trace.Span]:
     unsampled = _unsampled_parent(task.trace_context)
     parent = unsampled if unsampled is not None else propagate.extract(dict(task.trace_context))
     producer = trace.get_current_span(parent).get_span_context()

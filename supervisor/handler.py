@@ -39,8 +39,8 @@ from herder.clients.outcomes import (
 from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, handler_pb2, handler_pb2_grpc, task_pb2
 
 _log = logging.getLogger("herder.supervisor")
-
-# Trace context keys passed to the handler as call metadata (W3C trace context).
+# What of a task's stored trace context goes to the handler when this supervisor traces nothing itself.
+_TRACE_KEYS = ("traceparent", "tracestate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,26 +211,29 @@ class HandlerRunner:
         remaining = _remaining(task)
         if remaining is not None and remaining <= 0:
             return _failed(HANDLER_DEADLINE_EXCEEDED, "the task's timeout passed before the attempt started")
-        # The attempt's process span (current here) is the handler's parent, so its spans join the trace.
-        metadata = tracing.traceparent_metadata()
+        # The attempt's process span (current here) is the handler's parent, so its spans join the trace;
+        # with no tracer set up here, the task's stored context is passed on as it is.
+        metadata = tracing.traceparent_metadata() or [
+            (key, value) for key, value in task.trace_context.items() if key in _TRACE_KEYS
+        ]
         metadata += [("herder-task-id", task.id), ("herder-attempt", str(task.attempt))]
         call = self._stub.Execute(handler_pb2.ExecuteRequest(task=task), timeout=remaining, metadata=metadata)
-        reader = asyncio.create_task(self._consume(call, context, remaining))
-        cancelled = asyncio.create_task(context.cancelled.wait())
+        # Cancelling the attempt cancels the call (the handler sees it cancelled); a callback rather
+        # than a task per attempt waiting for the signal.
+        remove = context.cancelled.add_callback(call.cancel)
         try:
-            await asyncio.wait({reader, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            result = await self._consume(call, context, remaining)
         except asyncio.CancelledError:
             call.cancel()
-            reader.cancel()
+            current = asyncio.current_task()
+            if context.cancelled and current is not None and not current.cancelling():
+                return coordinator_pb2.AttemptResult(canceled=context.cancelled.reason)  # the call's cancel
             raise
         finally:
-            cancelled.cancel()
-        if reader.done():
-            return reader.result()
-        call.cancel()  # the handler sees its call cancelled
-        reader.cancel()
-        await asyncio.wait({reader})
-        return coordinator_pb2.AttemptResult(canceled=context.cancelled.reason)
+            remove()
+        if context.cancelled and call.cancelled():
+            return coordinator_pb2.AttemptResult(canceled=context.cancelled.reason)
+        return result
 
     async def _consume(
         self,

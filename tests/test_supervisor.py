@@ -28,7 +28,7 @@ from herder.clients.context import TaskContext
 from herder.clients.embedded_etcd import free_port
 from herder.clients.outcomes import HANDLER_DEADLINE_EXCEEDED, HANDLER_NO_RESULT, HANDLER_UNAVAILABLE, TIMEOUT
 from herder.clients.proto.examples.v1 import examples_pb2
-from herder.clients.proto.v1 import supervisor_pb2, supervisor_pb2_grpc, task_pb2
+from herder.clients.proto.v1 import coordinator_pb2, coordinator_pb2_grpc, supervisor_pb2, supervisor_pb2_grpc, task_pb2
 from herder.supervisor import HandlerRunner
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,6 +117,25 @@ async def test_typed_round_trip_with_progress_and_metadata(coordinator: Coordina
     assert result.text == "typed" and result.attributes["attempt"] == "1"
     metadata = json.loads(_marked(markers, handle.id, "metadata"))
     assert metadata["herder-task-id"] == handle.id and metadata["herder-attempt"] == "1"
+
+
+async def test_a_supervisor_tracing_nothing_passes_the_stored_trace_context_on(
+    coordinator: Coordinator, markers: Path
+) -> None:
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    port = free_port()
+    with handler(port, "echo", 0, markers), supervisor(coordinator, port):
+        async with client(coordinator) as c, grpc.aio.insecure_channel(coordinator.address) as channel:
+            await _connected(c)
+            spec = task_pb2.TaskSpec(type=ECHO, payload_json=json.dumps({"text": "traced elsewhere"}))
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            # The submitter traces (its context in the metadata); neither the coordinator nor the supervisor does.
+            reply = await stub.SubmitTask(
+                coordinator_pb2.SubmitTaskRequest(spec=spec), metadata=[("traceparent", parent)]
+            )
+            await (await c.handle(reply.task.id)).result(30)
+    metadata = json.loads(_marked(markers, reply.task.id, "metadata"))
+    assert metadata["traceparent"] == parent
 
 
 async def test_timeout_cancels_execute(coordinator: Coordinator, markers: Path) -> None:

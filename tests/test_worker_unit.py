@@ -240,6 +240,20 @@ async def test_cancel_signal_is_truthy_once_set() -> None:
         await ctx.cancelled.wait()
 
 
+def test_cancel_callbacks_run_once_when_set_at_once_when_late_and_not_once_removed() -> None:
+    signal = TaskContext(_task()).cancelled
+    calls: list[str] = []
+    signal.add_callback(lambda: calls.append("first"))
+    remove = signal.add_callback(lambda: calls.append("removed"))
+    remove()
+    remove()  # twice is harmless
+    signal.set("stop")
+    signal.set("again")
+    assert calls == ["first"]
+    signal.add_callback(lambda: calls.append("late"))
+    assert calls == ["first", "late"]
+
+
 def test_retry_after_and_non_retryable_errors_carry_their_fields() -> None:
     assert RetryAfter(1.5).message == "retry after 1.5s"
     with pytest.raises(ValueError, match="RetryAfter"):
