@@ -17,6 +17,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 DEFAULT_PORT = 9464
@@ -63,15 +64,7 @@ class Histogram:
 
     def snapshot(self) -> list[tuple[tuple[str, ...], list[float]]]:
         """(label values, cumulative counts per bound then +Inf, sum) copies, safe from another thread."""
-        taken = []
-        for labels, series in list(self._series.items()):
-            counts, total = series[:-1], series[-1]
-            cumulative, running = [], 0.0
-            for count in counts:
-                running += count
-                cumulative.append(running)
-            taken.append((labels, [*cumulative, total]))
-        return taken
+        return [(labels, [*accumulate(series[:-1]), series[-1]]) for labels, series in list(self._series.items())]
 
 
 # Every Histogram the process records, served by the endpoint (instruments are created once a process).

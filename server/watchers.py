@@ -158,14 +158,13 @@ class Subscription:
                 await self._waiter
             finally:
                 self._waiter = None
-        item = self._backlog.popleft()
-        self._bytes -= len(item.change.record)
-        return item
+        return self._pop()
 
     def next_ready(self) -> Published | None:
         """The next change if one is queued already, else None (without waiting)."""
-        if not self._backlog:
-            return None
+        return self._pop() if self._backlog else None
+
+    def _pop(self) -> Published:
         item = self._backlog.popleft()
         self._bytes -= len(item.change.record)
         return item
