@@ -220,8 +220,10 @@ class Endpoints:
     ) -> T:
         """`attempt(channel, seconds_left)` until it succeeds, retrying UnavailableError (NotLeaderError
         included) on the next address, at once after a redirect, else after `backoff`, until `timeout`
-        seconds have passed; then the last error is raised. Any other error is raised at once, and so is
-        DeadlineExceededError (the attempt had all the time left). Cancellation cancels the attempt.
+        seconds have passed; then the last error is raised. An overloaded leader's OverloadedError
+        (nothing written) is retried after the delay it asks for, or `backoff` if longer, while the time
+        left allows. Any other error is raised at once, and so is DeadlineExceededError (the attempt had
+        all the time left). Cancellation cancels the attempt.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -230,6 +232,12 @@ class Endpoints:
             address = await self.target()
             try:
                 return await attempt(self.channel(address), max(deadline - loop.time(), 0.001))
+            except errors.OverloadedError as exc:
+                waits += 1
+                pause = max(exc.retry_after, backoff.delay(waits))
+                if deadline - loop.time() <= pause:
+                    raise
+                await asyncio.sleep(pause)
             except errors.UnavailableError as exc:
                 # Two replicas naming each other (a stale hint) must not loop without a pause.
                 redirects = redirects + 1 if self.failed(address, exc) else 0

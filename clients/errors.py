@@ -76,6 +76,15 @@ class ResourceExhaustedError(HerderError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OverloadedError(ResourceExhaustedError):
+    """The coordinator is too busy to take new work now; nothing was written. Retry after `retry_after`
+    seconds (sent as a `google.rpc.RetryInfo` detail); the SDK does so until the call's timeout."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UnavailableError(HerderError):
     """The coordinator or etcd cannot be reached; the call may be retried."""
 
@@ -212,6 +221,12 @@ def to_status_proto(error: HerderError) -> status_pb2.Status:
             )
         )
         status.details.append(detail)
+    if isinstance(error, OverloadedError):
+        retry = any_pb2.Any()
+        delay = error_details_pb2.RetryInfo()
+        delay.retry_delay.FromMilliseconds(max(round(error.retry_after * 1000), 1))
+        retry.Pack(delay)
+        status.details.append(retry)
     return status
 
 
@@ -242,6 +257,16 @@ def violations_of(status: status_pb2.Status) -> list[FieldViolation]:
     return found
 
 
+def retry_delay_of(status: status_pb2.Status) -> float | None:
+    """Seconds a status's RetryInfo detail asks the caller to wait, or None without one."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToMilliseconds()) / 1000
+    return None
+
+
 def from_status_proto(status: status_pb2.Status) -> HerderError:
     """The error for a `google.rpc.Status` (as SubmitTasks reports a rejected item)."""
     code = _code_of(status.code)
@@ -263,7 +288,11 @@ def from_rpc_error(error: grpc.RpcError) -> HerderError:
             leader = value if isinstance(value, str) else value.decode()
             return NotLeaderError(details, leader_address=leader)
         if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
-            violations = violations_of(status_pb2.Status.FromString(value))
+            status = status_pb2.Status.FromString(value)
+            violations = violations_of(status)
+            delay = retry_delay_of(status)
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None:
+                return OverloadedError(details, retry_after=delay)
     cls = _BY_CODE.get(code, HerderError)
     if cls is HerderError:
         err = HerderError(f"{code.name}: {details}", violations=violations)
@@ -294,6 +323,7 @@ __all__ = [
     "LockLostError",
     "NotFoundError",
     "NotLeaderError",
+    "OverloadedError",
     "ResourceExhaustedError",
     "StaleAttemptError",
     "TaskFailedError",
@@ -302,6 +332,7 @@ __all__ = [
     "bad_request",
     "from_rpc_error",
     "from_status_proto",
+    "retry_delay_of",
     "to_status",
     "to_status_proto",
 ]

@@ -309,17 +309,19 @@ class _HandlerRunner:
             return result
 
         handler = asyncio.create_task(_invoke(registration, request, context))
-        cancelled = asyncio.create_task(context.cancelled.wait())
+        # A cancel reaches the handler as CancelledError at its next await, through a callback rather
+        # than a second task waiting on the signal for every attempt.
+        stop_watching = context.cancelled.add_callback(handler.cancel)
         try:
-            await asyncio.wait({handler, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            if not handler.done():
-                handler.cancel()  # the handler sees CancelledError at its next await
-                await asyncio.wait({handler})
-        except asyncio.CancelledError:
-            handler.cancel()
-            raise
+            await handler
+        except (Exception, asyncio.CancelledError):
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                handler.cancel()  # this runner is cancelled (abandoned), not just the handler
+                raise
+            # Otherwise it is the handler's own outcome, read from the task below.
         finally:
-            cancelled.cancel()
+            stop_watching()
         return _result_of(registration, context, handler, result)
 
 

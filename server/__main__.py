@@ -199,6 +199,21 @@ SETTINGS: list[Setting] = [
         metavar="S",
     ),
     Setting(
+        "max_loop_lag",
+        seconds(0, 60),
+        CoordinatorConfig.max_loop_lag,
+        "seconds the coordinator's event loop may run behind before SubmitTask(s) and RetryTask are refused"
+        " with RESOURCE_EXHAUSTED and a retry delay (overload); 0 never refuses",
+        metavar="S",
+    ),
+    Setting(
+        "max_pending_calls",
+        integer(100, 1_000_000),
+        CoordinatorConfig.max_pending_calls,
+        "calls gRPC holds before the coordinator picks them up; past it gRPC cancels new ones",
+        metavar="N",
+    ),
+    Setting(
         "max_watchers",
         integer(1),
         _WATCH.max_watchers,
@@ -332,6 +347,8 @@ def config_of(settings: Settings) -> CoordinatorConfig:
         watch=WatchSettings(max_watchers=settings["max_watchers"], max_backlog=settings["watch_backlog"]),
         task_types=tuple(declared.task_type for declared in settings["task_types"]),
         metrics=settings["metrics"],
+        max_loop_lag=settings["max_loop_lag"],
+        max_pending_calls=settings["max_pending_calls"],
     )
 
 

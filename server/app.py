@@ -38,6 +38,7 @@ from herder.server.forwarding import Forwarder
 from herder.server.horizon import set_timestamp
 from herder.server.leader import LeaderSettings, NamespaceLeader
 from herder.server.lock_service import LockServicer
+from herder.server.overload import Admission, LoopLag
 from herder.server.reflection import ContractReflection
 from herder.server.service import CoordinatorServicer
 from herder.server.watchers import WatchSettings
@@ -72,6 +73,10 @@ class CoordinatorConfig:
     task_types: tuple[task_pb2.TaskType, ...] = ()
     # HOST:PORT of the Prometheus scrape endpoint; "" for none.
     metrics: str = ""
+    # Seconds the event loop may run behind before submissions are refused (server/overload.py); 0: never.
+    max_loop_lag: float = 1.0
+    # Calls gRPC holds before the coordinator picks them up; past it gRPC itself cancels new ones.
+    max_pending_calls: int = 10_000
 
 
 class Coordinator:
@@ -97,6 +102,8 @@ class Coordinator:
         # Followers pass ListQueues and ListNodes on to the leader through it.
         self.forwarder = Forwarder()
         self.started = time.time()
+        self.loop_lag = LoopLag()
+        self.admission = Admission(config.max_loop_lag, self.loop_lag)
 
     @property
     def address(self) -> str:
@@ -129,6 +136,10 @@ class Coordinator:
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
+                # One bound instead of gRPC's random early drops between 1,000 and 3,000 calls: under
+                # load the overload check (server/overload.py) answers them first, clearly.
+                ("grpc.server.max_pending_requests", self.config.max_pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit", self.config.max_pending_calls),
             ],
         )
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self), server)
@@ -149,6 +160,7 @@ class Coordinator:
             raise ListenError(f"cannot listen on {self.config.listen}: the address is in use or invalid")
         await server.start()
         self._server = server
+        self.loop_lag.start()
         self.forwarder.own_address = self.address
         await self._set_health()
         me = membership.Member(self.replica_id, self.address, self.started, _version())
@@ -341,6 +353,7 @@ class Coordinator:
     async def stop(self, grace: float = 2.0) -> None:
         """Step down (releasing the leader key at once), end sessions and stop serving."""
         self._stop.set()
+        self.loop_lag.stop()
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task

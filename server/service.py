@@ -137,6 +137,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.SubmitTaskResponse:
         leader = self._leader()
+        self._coordinator.admission.check()
         spec = request.spec
         # Fields this version does not know would be stored and grow the record unseen: dropped here.
         spec.DiscardUnknownFields()
@@ -150,6 +151,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.SubmitTasksResponse:
         leader = self._leader()
+        self._coordinator.admission.check()
         validation.raise_if(validation.validate_batch_size(len(request.specs), "specs", self._limits), "invalid batch")
         request.DiscardUnknownFields()
         results = [coordinator_pb2.SubmitTaskResult() for _ in request.specs]
@@ -264,7 +266,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         elif request.idempotency_key and request.mode != coordinator_pb2.RETRY_MODE_COPY:
             violations.append(errors.FieldViolation("idempotency_key", "applies to RETRY_MODE_COPY only"))
         validation.raise_if(violations, "invalid retry request")
-        task = await self._leader().verbs.retry(request.id, request.mode, request.reason, request.idempotency_key)
+        leader = self._leader()
+        self._coordinator.admission.check()
+        task = await leader.verbs.retry(request.id, request.mode, request.reason, request.idempotency_key)
         return coordinator_pb2.RetryTaskResponse(task=self._render(task, False))
 
     @_unary

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from typing import Any
 
 import pytest
-from google.protobuf import duration_pb2, empty_pb2
+from google.protobuf import any_pb2, duration_pb2, empty_pb2
 
 from herder.clients.backoff import Backoff
 from herder.clients.embedded_etcd import free_port
 from herder.clients.examples import FlakyError, build_example_worker, echo, flaky, sleep
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import task_pb2
-from herder.clients.worker import NonRetryableError, RetryAfter, TaskContext, Worker, WorkerSettings
+from herder.clients.worker import NonRetryableError, RetryAfter, TaskContext, Worker, WorkerSettings, _HandlerRunner
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -290,3 +291,71 @@ async def test_example_flaky_fails_its_first_attempts() -> None:
         with pytest.raises(FlakyError):
             await flaky(request, TaskContext(_task(attempt)))
     assert (await flaky(request, TaskContext(_task(3)))).attempt == 3
+
+
+# --- the handler runner: one attempt's outcome ---
+
+
+def _echo_attempt(handler: Any) -> tuple[_HandlerRunner, TaskContext]:
+    """A runner serving examples.echo with `handler`, and a context for one attempt of it."""
+    worker = Worker("127.0.0.1:1")
+    worker.add_task("examples.echo", handler)
+    payload = any_pb2.Any()
+    payload.Pack(examples_pb2.EchoRequest(text="hi"))
+    task = task_pb2.Task(id="t1", attempt=1, spec=task_pb2.TaskSpec(type="examples.echo", payload=payload))
+    return _HandlerRunner(worker.registrations), TaskContext(task)
+
+
+async def test_runner_turns_each_way_a_handler_ends_into_its_result() -> None:
+    started = asyncio.Event()
+
+    async def waits(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+        started.set()
+        await asyncio.sleep(60)
+        return examples_pb2.EchoResponse(text=request.text)
+
+    async def cancels_itself(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+        raise asyncio.CancelledError
+
+    async def fails(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+        raise NonRetryableError("no", type="app.bad")
+
+    runner, ctx = _echo_attempt(echo)
+    output = examples_pb2.EchoResponse()
+    (await runner.run(ctx)).output.Unpack(output)
+    assert output.text == "hi"
+
+    runner, ctx = _echo_attempt(fails)
+    result = await runner.run(ctx)
+    assert (result.error.type, result.error.retryable) == ("app.bad", False)
+
+    runner, ctx = _echo_attempt(cancels_itself)  # not cancelled by the worker: a retryable error
+    result = await runner.run(ctx)
+    assert (result.error.type, result.error.retryable) == ("CancelledError", True)
+
+    runner, ctx = _echo_attempt(waits)  # the cancel signal ends the handler; the attempt says why
+    running = asyncio.create_task(runner.run(ctx))
+    await started.wait()
+    ctx.cancelled.set("operator")
+    result = await asyncio.wait_for(running, 10)
+    assert result.canceled == "operator"
+
+
+async def test_cancelling_the_runner_cancels_its_handler() -> None:
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def waits(request: examples_pb2.EchoRequest, ctx: TaskContext) -> examples_pb2.EchoResponse:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            ended.set()
+        return examples_pb2.EchoResponse()
+
+    runner, ctx = _echo_attempt(waits)
+    running = asyncio.create_task(runner.run(ctx))
+    await started.wait()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await asyncio.wait_for(ended.wait(), 10)

@@ -1,0 +1,155 @@
+"""Overload: a coordinator whose event loop runs behind refuses new work with RESOURCE_EXHAUSTED and a
+RetryInfo, writes nothing for it, keeps serving everything else, and takes work again once it catches up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from _timing import eventually
+from google.protobuf import empty_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from herder.clients import Client, errors
+from herder.clients.descriptors import task_type_for
+from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
+from herder.clients.proto.v1 import coordinator_pb2 as pb
+from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
+from herder.server.app import Coordinator, CoordinatorConfig
+from herder.server.overload import MAX_RETRY_AFTER, MIN_RETRY_AFTER, Admission, LoopLag
+
+pytestmark = pytest.mark.timeout(60)
+
+MAX_LAG = 0.03
+# How long the hog below holds the loop each turn: well past MAX_LAG, so every probe runs late.
+HOLD = 0.1
+
+
+async def test_loop_lag_sees_a_blocked_loop_and_admission_refuses_with_a_retry_delay() -> None:
+    lag = LoopLag(interval=0.01)
+    lag.start()
+    try:
+        admission = Admission(0.1, lag)
+        admission.check()  # nothing blocked yet: taken
+        time.sleep(0.3)  # noqa: ASYNC251 -- holds the loop on purpose: the probe is now ~290 ms overdue
+        assert lag.seconds() >= 0.25
+        with pytest.raises(errors.OverloadedError, match=r"runs \d+ ms behind, the limit is 100 ms") as caught:
+            admission.check()
+        assert MIN_RETRY_AFTER <= caught.value.retry_after <= MAX_RETRY_AFTER
+        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert admission.refused == 1
+        Admission(0, lag).check()  # 0: never refuses
+
+        async def caught_up() -> bool:
+            return lag.seconds() < 0.1
+
+        await eventually(caught_up, "the lag to fall once the loop runs", timeout=10)
+        admission.check()
+    finally:
+        lag.stop()
+
+
+@contextlib.asynccontextmanager
+async def _hogged() -> AsyncIterator[None]:
+    """The loop held HOLD seconds every turn (what a saturated coordinator's loop looks like)."""
+
+    async def hog() -> None:
+        while True:
+            time.sleep(HOLD)  # noqa: ASYNC251 -- holds the loop on purpose
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(hog())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def coordinator(etcd: EmbeddedEtcd, namespace: str) -> AsyncIterator[Coordinator]:
+    # In this process, so the test can hold the coordinator's own event loop.
+    node = Coordinator(
+        CoordinatorConfig(
+            etcd=(etcd.endpoint,),
+            listen=f"127.0.0.1:{free_port()}",
+            namespace=namespace,
+            max_loop_lag=MAX_LAG,
+        )
+    )
+    await node.start()
+    try:
+
+        async def leading() -> bool:
+            return node.leader is not None
+
+        await eventually(leading, "the coordinator to lead", timeout=20)
+        yield node
+    finally:
+        await node.stop()
+
+
+def _spec(key: str) -> task_pb2.TaskSpec:
+    spec = task_pb2.TaskSpec(type="overload.noop", queue="q", idempotency_key=key)
+    spec.payload.Pack(empty_pb2.Empty())
+    return spec
+
+
+async def test_an_overloaded_coordinator_refuses_submissions_clearly_and_recovers(coordinator: Coordinator) -> None:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        task_type = task_type_for("overload.noop", empty_pb2.Empty, empty_pb2.Empty)
+        await stub.RegisterTaskType(pb.RegisterTaskTypeRequest(task_type=task_type))
+        async with _hogged():
+            for call in (
+                stub.SubmitTask(pb.SubmitTaskRequest(spec=_spec("a"))),
+                stub.SubmitTasks(pb.SubmitTasksRequest(specs=[_spec("b"), _spec("c")])),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "overloaded" in (caught.value.details() or "")
+                status = rpc_status.from_call(caught.value)
+                assert status is not None
+                [detail] = status.details
+                info = error_details_pb2.RetryInfo()
+                assert detail.Unpack(info)
+                assert MIN_RETRY_AFTER <= info.retry_delay.ToMilliseconds() / 1000 <= MAX_RETRY_AFTER
+            # Reads and other calls are still served.
+            listed = await stub.ListTasks(pb.ListTasksRequest())
+            assert list(listed.tasks) == []  # nothing was written for the refused submissions
+            assert isinstance(errors.from_rpc_error(caught.value), errors.OverloadedError)
+            # The SDK retries after the delay asked for while its timeout allows.
+            refused = coordinator.admission.refused
+            client = Client(coordinator.address, timeout=30)
+            submitting = asyncio.create_task(
+                client.submit("overload.noop", empty_pb2.Empty(), queue="q", idempotency_key="sdk")
+            )
+
+            async def retried() -> bool:
+                return coordinator.admission.refused >= refused + 2
+
+            await eventually(retried, "the SDK to retry a refused submission", timeout=20)
+        handle = await asyncio.wait_for(submitting, 30)  # the loop caught up: the retry was taken
+        await client.close()
+        assert handle.id
+
+        # Caught up: taken again.
+        async def taken() -> bool:
+            try:
+                await stub.SubmitTask(pb.SubmitTaskRequest(spec=_spec("a")))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                return False
+            return True
+
+        await eventually(taken, "a submission taken once the loop catches up", timeout=20)
+        listed = await stub.ListTasks(pb.ListTasksRequest())
+        assert sorted(task.spec.idempotency_key for task in listed.tasks) == ["a", "sdk"]
