@@ -146,14 +146,15 @@ class Feed:
                 # Deletes are retention removing finished tasks: not a change of state.
                 if event.deleted:
                     continue
-                if not hub.may_want(event.kv.key[len(self._prefix) :].decode()):
+                if not hub.may_want(event.key[len(self._prefix) :].decode()):
                     continue
-                data = event.kv.value
+                data = event.value
                 task = task_pb2.Task.FromString(data)
                 if not hub.wants(task.id, task.spec.queue, task.spec.type):
                     continue
                 previous = task_pb2.TASK_STATE_UNSPECIFIED
-                if event.prev is not None:
-                    previous = task_pb2.Task.FromString(event.prev.value).state
-                hub.publish(task, Change(data, previous, event.kv.mod_revision))
+                prev_value = event.prev_value
+                if prev_value is not None:
+                    previous = task_pb2.Task.FromString(prev_value).state
+                hub.publish(task, Change(data, previous, event.mod_revision))
         self.revision = max(self.revision, batch.revision)
