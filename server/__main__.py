@@ -199,6 +199,14 @@ SETTINGS: list[Setting] = [
         metavar="S",
     ),
     Setting(
+        "max_waiting_calls",
+        integer(0, 1_000_000),
+        CoordinatorConfig.max_waiting_calls,
+        "calls that may wait in gRPC to be picked up before SubmitTask(s) and RetryTask are refused with"
+        " RESOURCE_EXHAUSTED and a retry delay (overload); 0 never refuses for this",
+        metavar="N",
+    ),
+    Setting(
         "max_loop_lag",
         seconds(0, 60),
         CoordinatorConfig.max_loop_lag,
@@ -347,6 +355,7 @@ def config_of(settings: Settings) -> CoordinatorConfig:
         watch=WatchSettings(max_watchers=settings["max_watchers"], max_backlog=settings["watch_backlog"]),
         task_types=tuple(declared.task_type for declared in settings["task_types"]),
         metrics=settings["metrics"],
+        max_waiting_calls=settings["max_waiting_calls"],
         max_loop_lag=settings["max_loop_lag"],
         max_pending_calls=settings["max_pending_calls"],
     )

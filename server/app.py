@@ -38,7 +38,7 @@ from herder.server.forwarding import Forwarder
 from herder.server.horizon import set_timestamp
 from herder.server.leader import LeaderSettings, NamespaceLeader
 from herder.server.lock_service import LockServicer
-from herder.server.overload import Admission, LoopLag
+from herder.server.overload import Overload, server_ids
 from herder.server.reflection import ContractReflection
 from herder.server.service import CoordinatorServicer
 from herder.server.watchers import WatchSettings
@@ -73,7 +73,9 @@ class CoordinatorConfig:
     task_types: tuple[task_pb2.TaskType, ...] = ()
     # HOST:PORT of the Prometheus scrape endpoint; "" for none.
     metrics: str = ""
-    # Seconds the event loop may run behind before submissions are refused (server/overload.py); 0: never.
+    # Submissions are refused while more calls than this wait in gRPC to be picked up, or the event
+    # loop runs this many seconds behind (server/overload.py); 0 turns either check off.
+    max_waiting_calls: int = 1000
     max_loop_lag: float = 1.0
     # Calls gRPC holds before the coordinator picks them up; past it gRPC itself cancels new ones.
     max_pending_calls: int = 10_000
@@ -102,8 +104,7 @@ class Coordinator:
         # Followers pass ListQueues and ListNodes on to the leader through it.
         self.forwarder = Forwarder()
         self.started = time.time()
-        self.loop_lag = LoopLag()
-        self.admission = Admission(config.max_loop_lag, self.loop_lag)
+        self.overload = Overload(config.max_loop_lag, config.max_waiting_calls)
 
     @property
     def address(self) -> str:
@@ -130,9 +131,10 @@ class Coordinator:
     async def start(self) -> None:
         """Connect to etcd, bind the server and start campaigning. Raises EtcdError or ListenError."""
         await self.etcd.connect()
+        servers_before = server_ids()
         server = grpc.aio.server(
             # Undecodable requests to any service below are INVALID_ARGUMENT, not UNKNOWN with a traceback.
-            interceptors=[DecodingInterceptor(), *tracing.server_interceptors()],
+            interceptors=[DecodingInterceptor(calls=self.overload.calls), *tracing.server_interceptors()],
             options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
@@ -160,7 +162,8 @@ class Coordinator:
             raise ListenError(f"cannot listen on {self.config.listen}: the address is in use or invalid")
         await server.start()
         self._server = server
-        self.loop_lag.start()
+        self.overload.watch_server(servers_before)
+        self.overload.start()
         self.forwarder.own_address = self.address
         await self._set_health()
         me = membership.Member(self.replica_id, self.address, self.started, _version())
@@ -353,7 +356,7 @@ class Coordinator:
     async def stop(self, grace: float = 2.0) -> None:
         """Step down (releasing the leader key at once), end sessions and stop serving."""
         self._stop.set()
-        self.loop_lag.stop()
+        self.overload.stop()
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task

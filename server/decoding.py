@@ -27,6 +27,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 
 from herder.clients import errors
+from herder.server.overload import Calls
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,11 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
     FromString and one isinstance check per call. Sync (non-asyncio) behaviours are left as grpc runs them.
     """
 
-    def __init__(self, limiter: LogLimiter | None = None) -> None:
+    def __init__(self, limiter: LogLimiter | None = None, calls: Calls | None = None) -> None:
         self._limiter = limiter or LogLimiter()
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        # Calls the wrapped handlers hold now (the overload check tells them from calls still waiting).
+        self._calls = calls or Calls()
 
     async def intercept_service(
         self,
@@ -121,29 +124,39 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
     def _check(
         self, method: str, behaviour: Callable[[Any, Context], Awaitable[Any]]
     ) -> Callable[[Any, Context], Awaitable[Any]]:
+        calls = self._calls
+
         async def checked(request: Any, context: Context) -> Any:
-            if isinstance(request, UndecodableRequestError):
-                await self._reject(method, request, context)
+            calls.open += 1
             try:
+                if isinstance(request, UndecodableRequestError):
+                    await self._reject(method, request, context)
                 return await behaviour(request, context)
             except UndecodableRequestError as exc:
                 await self._reject(method, exc, context)
+            finally:
+                calls.open -= 1
 
         return checked
 
     def _check_stream(
         self, method: str, behaviour: Callable[[Any, Context], AsyncGenerator[Any, None]]
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        calls = self._calls
+
         async def checked(request: Any, context: Context) -> AsyncIterator[Any]:
-            if isinstance(request, UndecodableRequestError):
-                await self._reject(method, request, context)
+            calls.open += 1
             try:
+                if isinstance(request, UndecodableRequestError):
+                    await self._reject(method, request, context)
                 # aclosing: when grpc closes this generator, the servicer's closes at once too.
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
                         yield response
             except UndecodableRequestError as exc:
                 await self._reject(method, exc, context)
+            finally:
+                calls.open -= 1
 
         return checked
 

@@ -1,39 +1,92 @@
-"""Overload: while the coordinator's event loop runs too far behind, new work is refused with a clear status.
+"""Overload: while the coordinator cannot keep up, new work is refused at once with a clear status.
 
-Every call waits for the one event loop: in gRPC's queue of calls not yet picked up, and then in the
-loop's queue of ready callbacks. When submissions arrive faster than the loop can serve them, both
-grow; left alone, gRPC sheds calls past its pending limits at random with a bare CANCELLED, and the
-ones it keeps wait seconds. Instead, while the loop lags more than `max_lag`, SubmitTask, SubmitTasks
-and RetryTask answer RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` before anything is written, and
-cheaply, so the loop catches up; results, acknowledgements, heartbeats, cancels and reads (what drains
-the work already taken) are served as usual.
+Submissions that arrive faster than the coordinator serves them wait in two places: in gRPC's queue of
+calls received but not yet picked up (gRPC's asyncio server picks up one call per turn of the event
+loop), and in the event loop's own queue of ready callbacks. Left alone, both grow: calls wait
+seconds, and past its pending limit gRPC drops them with a bare CANCELLED. Instead, while
 
-The lag is measured by a probe scheduled every `interval`: how late it last ran, or how overdue the
-next one is now, whichever is larger.
+- more than `max_waiting` calls wait in gRPC to be picked up, or
+- the event loop runs more than `max_lag` seconds behind,
+
+SubmitTask, SubmitTasks and RetryTask answer RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` before
+anything is written, and cheaply, so the backlog drains; results, acknowledgements, heartbeats,
+cancels and reads (what drains the work already taken) are served as usual.
+
+A probe every `interval` measures both: how late it runs (or how overdue the next one is now,
+whichever is larger) is the lag; the calls gRPC's channelz counts as started and not finished on this
+server, less those the coordinator's handlers hold (`Calls`, counted by the decoding interceptor), are
+the waiting calls. Without channelz (a gRPC that lacks it) only the lag is watched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import json
+import logging
+from typing import Any
 
 from herder.clients.errors import OverloadedError
 
-# How often the probe runs: a lag is seen within this, and the probe costs ~20 calls a second.
+log = logging.getLogger(__name__)
+
+# What grpcio-channelz serves from; absent (another gRPC build), the waiting calls are not known.
+_channelz: Any = importlib.import_module("grpc._cython.cygrpc")
+if not hasattr(_channelz, "channelz_get_server"):  # pragma: no cover - grpcio 1.85 has it
+    _channelz = None
+
+# How often the probe runs: what it sees is at most this old; each costs ~60 us (channelz's JSON).
 PROBE_INTERVAL = 0.05
 # What a refused caller is asked to wait, at least and at most.
 MIN_RETRY_AFTER = 0.1
 MAX_RETRY_AFTER = 5.0
 
 
-class LoopLag:
-    """How far behind the running event loop is, in seconds. start() in the loop; stop() when done."""
+class Calls:
+    """Calls the coordinator's handlers have picked up and not finished (kept by DecodingInterceptor)."""
 
-    def __init__(self, interval: float = PROBE_INTERVAL) -> None:
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = 0
+
+
+def server_ids() -> set[int]:
+    """The channelz ids of this process's gRPC servers (empty without channelz)."""
+    if _channelz is None:
+        return set()
+    try:
+        listed = json.loads(_channelz.channelz_get_servers(0))
+    except (ValueError, RuntimeError):
+        return set()
+    return {int(server["ref"]["serverId"]) for server in listed.get("server", ())}
+
+
+class Overload:
+    """The overload check of one coordinator. start() in its event loop once its server runs; stop() when done."""
+
+    def __init__(self, max_lag: float, max_waiting: int, interval: float = PROBE_INTERVAL) -> None:
+        self.max_lag = max_lag
+        self.max_waiting = max_waiting
+        self.calls = Calls()
         self._interval = interval
-        self._last = 0.0
+        self._server_id: int | None = None
+        self._last_lag = 0.0
         self._due = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Calls waiting in gRPC at the last probe.
+        self.waiting = 0
+        # Calls refused since start.
+        self.refused = 0
+
+    def watch_server(self, before: set[int]) -> None:
+        """Count the waiting calls of the gRPC server created since `before` (server_ids() just before it)."""
+        created = server_ids() - before
+        if len(created) == 1:
+            self._server_id = created.pop()
+        elif self.max_waiting:
+            log.warning("overload: cannot count the calls waiting in gRPC (no channelz); watching the loop's lag only")
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -52,29 +105,52 @@ class LoopLag:
     def _probe(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        self._last = now - self._due
+        self._last_lag = now - self._due
+        self.waiting = self._waiting()
         self._schedule(now)
 
-    def seconds(self) -> float:
+    def _counts(self) -> tuple[int, int] | None:
+        """(calls received, calls ended) on this server since it started, as channelz counts them."""
+        if self._server_id is None:
+            return None
+        try:
+            data = json.loads(_channelz.channelz_get_server(self._server_id))["server"]["data"]
+        except (ValueError, RuntimeError, KeyError):
+            return None
+        ended = int(data.get("callsSucceeded", 0)) + int(data.get("callsFailed", 0))
+        return int(data.get("callsStarted", 0)), ended
+
+    def received(self) -> int:
+        """Calls this server has received since it started (0 when not known)."""
+        counts = self._counts()
+        return counts[0] if counts is not None else 0
+
+    def _waiting(self) -> int:
+        counts = self._counts()
+        if counts is None:
+            return 0
+        started, ended = counts
+        return max(started - ended - self.calls.open, 0)
+
+    def lag(self) -> float:
+        """Seconds the event loop runs behind now."""
         if self._loop is None or self._handle is None:
             return 0.0
-        return max(self._last, self._loop.time() - self._due, 0.0)
-
-
-class Admission:
-    """Whether new work is taken now; `max_lag` 0 takes everything."""
-
-    def __init__(self, max_lag: float, lag: LoopLag) -> None:
-        self.max_lag = max_lag
-        self._lag = lag
-        # Calls refused since start, for the metrics and the bench.
-        self.refused = 0
+        return max(self._last_lag, self._loop.time() - self._due, 0.0)
 
     def check(self) -> None:
-        """Raise OverloadedError (RESOURCE_EXHAUSTED with a RetryInfo) while the loop lags past max_lag."""
+        """Raise OverloadedError (RESOURCE_EXHAUSTED with a RetryInfo) while either bound is passed."""
+        if self.max_waiting and self.waiting > self.max_waiting:
+            self.refused += 1
+            retry_after = MIN_RETRY_AFTER
+            raise OverloadedError(
+                f"the coordinator is overloaded ({self.waiting} calls wait to be read, the limit is"
+                f" {self.max_waiting}); nothing was written: retry after {retry_after:.1f}s",
+                retry_after=retry_after,
+            )
         if not self.max_lag:
             return
-        lag = self._lag.seconds()
+        lag = self.lag()
         if lag <= self.max_lag:
             return
         self.refused += 1
@@ -86,4 +162,4 @@ class Admission:
         )
 
 
-__all__ = ["Admission", "LoopLag"]
+__all__ = ["Calls", "Overload", "server_ids"]

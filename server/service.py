@@ -137,7 +137,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.SubmitTaskResponse:
         leader = self._leader()
-        self._coordinator.admission.check()
+        self._coordinator.overload.check()
         spec = request.spec
         # Fields this version does not know would be stored and grow the record unseen: dropped here.
         spec.DiscardUnknownFields()
@@ -151,7 +151,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.SubmitTasksResponse:
         leader = self._leader()
-        self._coordinator.admission.check()
+        self._coordinator.overload.check()
         validation.raise_if(validation.validate_batch_size(len(request.specs), "specs", self._limits), "invalid batch")
         request.DiscardUnknownFields()
         results = [coordinator_pb2.SubmitTaskResult() for _ in request.specs]
@@ -267,7 +267,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             violations.append(errors.FieldViolation("idempotency_key", "applies to RETRY_MODE_COPY only"))
         validation.raise_if(violations, "invalid retry request")
         leader = self._leader()
-        self._coordinator.admission.check()
+        self._coordinator.overload.check()
         task = await leader.verbs.retry(request.id, request.mode, request.reason, request.idempotency_key)
         return coordinator_pb2.RetryTaskResponse(task=self._render(task, False))
 

@@ -4,9 +4,11 @@ RetryInfo, writes nothing for it, keeps serving everything else, and takes work 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -21,7 +23,7 @@ from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
 from herder.server.app import Coordinator, CoordinatorConfig
-from herder.server.overload import MAX_RETRY_AFTER, MIN_RETRY_AFTER, Admission, LoopLag
+from herder.server.overload import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PROBE_INTERVAL, Overload
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,28 +32,29 @@ MAX_LAG = 0.03
 HOLD = 0.1
 
 
-async def test_loop_lag_sees_a_blocked_loop_and_admission_refuses_with_a_retry_delay() -> None:
-    lag = LoopLag(interval=0.01)
-    lag.start()
+async def test_the_probe_sees_a_blocked_loop_and_refuses_with_a_retry_delay() -> None:
+    overload = Overload(max_lag=0.1, max_waiting=0, interval=0.01)
+    overload.start()
     try:
-        admission = Admission(0.1, lag)
-        admission.check()  # nothing blocked yet: taken
+        overload.check()  # nothing blocked yet: taken
         time.sleep(0.3)  # noqa: ASYNC251 -- holds the loop on purpose: the probe is now ~290 ms overdue
-        assert lag.seconds() >= 0.25
+        assert overload.lag() >= 0.25
         with pytest.raises(errors.OverloadedError, match=r"runs \d+ ms behind, the limit is 100 ms") as caught:
-            admission.check()
+            overload.check()
         assert MIN_RETRY_AFTER <= caught.value.retry_after <= MAX_RETRY_AFTER
         assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert admission.refused == 1
-        Admission(0, lag).check()  # 0: never refuses
+        assert overload.refused == 1
 
         async def caught_up() -> bool:
-            return lag.seconds() < 0.1
+            return overload.lag() < 0.1
 
         await eventually(caught_up, "the lag to fall once the loop runs", timeout=10)
-        admission.check()
+        overload.check()
+        overload.max_lag = 0  # 0: never refuses
+        time.sleep(0.3)  # noqa: ASYNC251 -- as above
+        overload.check()
     finally:
-        lag.stop()
+        overload.stop()
 
 
 @contextlib.asynccontextmanager
@@ -72,16 +75,11 @@ async def _hogged() -> AsyncIterator[None]:
             await task
 
 
-@pytest.fixture
-async def coordinator(etcd: EmbeddedEtcd, namespace: str) -> AsyncIterator[Coordinator]:
+@contextlib.asynccontextmanager
+async def _leading(etcd: EmbeddedEtcd, namespace: str, **overload: Any) -> AsyncIterator[Coordinator]:
     # In this process, so the test can hold the coordinator's own event loop.
     node = Coordinator(
-        CoordinatorConfig(
-            etcd=(etcd.endpoint,),
-            listen=f"127.0.0.1:{free_port()}",
-            namespace=namespace,
-            max_loop_lag=MAX_LAG,
-        )
+        CoordinatorConfig(etcd=(etcd.endpoint,), listen=f"127.0.0.1:{free_port()}", namespace=namespace, **overload)
     )
     await node.start()
     try:
@@ -90,9 +88,20 @@ async def coordinator(etcd: EmbeddedEtcd, namespace: str) -> AsyncIterator[Coord
             return node.leader is not None
 
         await eventually(leading, "the coordinator to lead", timeout=20)
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            task_type = task_type_for("overload.noop", empty_pb2.Empty, empty_pb2.Empty)
+            await coordinator_pb2_grpc.CoordinatorServiceStub(channel).RegisterTaskType(
+                pb.RegisterTaskTypeRequest(task_type=task_type)
+            )
         yield node
     finally:
         await node.stop()
+
+
+@pytest.fixture
+async def coordinator(etcd: EmbeddedEtcd, namespace: str) -> AsyncIterator[Coordinator]:
+    async with _leading(etcd, namespace, max_loop_lag=MAX_LAG, max_waiting_calls=0) as node:
+        yield node
 
 
 def _spec(key: str) -> task_pb2.TaskSpec:
@@ -104,8 +113,6 @@ def _spec(key: str) -> task_pb2.TaskSpec:
 async def test_an_overloaded_coordinator_refuses_submissions_clearly_and_recovers(coordinator: Coordinator) -> None:
     async with grpc.aio.insecure_channel(coordinator.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-        task_type = task_type_for("overload.noop", empty_pb2.Empty, empty_pb2.Empty)
-        await stub.RegisterTaskType(pb.RegisterTaskTypeRequest(task_type=task_type))
         async with _hogged():
             for call in (
                 stub.SubmitTask(pb.SubmitTaskRequest(spec=_spec("a"))),
@@ -126,14 +133,14 @@ async def test_an_overloaded_coordinator_refuses_submissions_clearly_and_recover
             assert list(listed.tasks) == []  # nothing was written for the refused submissions
             assert isinstance(errors.from_rpc_error(caught.value), errors.OverloadedError)
             # The SDK retries after the delay asked for while its timeout allows.
-            refused = coordinator.admission.refused
+            refused = coordinator.overload.refused
             client = Client(coordinator.address, timeout=30)
             submitting = asyncio.create_task(
                 client.submit("overload.noop", empty_pb2.Empty(), queue="q", idempotency_key="sdk")
             )
 
             async def retried() -> bool:
-                return coordinator.admission.refused >= refused + 2
+                return coordinator.overload.refused >= refused + 2
 
             await eventually(retried, "the SDK to retry a refused submission", timeout=20)
         handle = await asyncio.wait_for(submitting, 30)  # the loop caught up: the retry was taken
@@ -153,3 +160,53 @@ async def test_an_overloaded_coordinator_refuses_submissions_clearly_and_recover
         await eventually(taken, "a submission taken once the loop catches up", timeout=20)
         listed = await stub.ListTasks(pb.ListTasksRequest())
         assert sorted(task.spec.idempotency_key for task in listed.tasks) == ["a", "sdk"]
+
+
+async def test_calls_waiting_in_grpc_past_the_limit_are_refused_and_nothing_is_written(
+    etcd: EmbeddedEtcd, namespace: str
+) -> None:
+    calls = 40
+    async with _leading(etcd, namespace, max_loop_lag=0, max_waiting_calls=10) as node:
+        received = node.overload.received()
+        # A client on its own threads sends while this loop (the coordinator's) is held: the calls
+        # reach gRPC and wait there, none picked up.
+        channel = grpc.insecure_channel(node.address)
+        submit = channel.unary_unary(
+            "/herder.v1.CoordinatorService/SubmitTask",
+            request_serializer=pb.SubmitTaskRequest.SerializeToString,
+            response_deserializer=pb.SubmitTaskResponse.FromString,
+        )
+        try:
+            futures = [submit.future(pb.SubmitTaskRequest(spec=_spec(f"k{i}")), timeout=60) for i in range(calls)]
+            deadline = time.monotonic() + 30
+            while node.overload.received() < received + calls:  # held until gRPC has them all
+                assert time.monotonic() < deadline, "the calls did not reach the coordinator's gRPC server"
+                time.sleep(0.01)  # noqa: ASYNC251 -- holds the loop on purpose
+            # ... and past the probe's next turn, so it runs (and counts them) before any is picked up.
+            time.sleep(2 * PROBE_INTERVAL)  # noqa: ASYNC251
+            outcomes = await asyncio.gather(*(asyncio.wrap_future(_as_future(f)) for f in futures))
+        finally:
+            channel.close()
+        refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+        taken = [o for o in outcomes if not isinstance(o, grpc.RpcError)]
+        assert refused, "no call was refused with 40 waiting and a limit of 10"
+        for error in refused:
+            assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            assert "calls wait to be read, the limit is 10" in (error.details() or "")
+        async with grpc.aio.insecure_channel(node.address) as aio_channel:
+            listed = await coordinator_pb2_grpc.CoordinatorServiceStub(aio_channel).ListTasks(pb.ListTasksRequest())
+        assert sorted(t.spec.idempotency_key for t in listed.tasks) == sorted(
+            r.task.spec.idempotency_key for r in taken
+        )
+
+
+def _as_future(call: Any) -> concurrent.futures.Future[Any]:
+    """A grpc future as a concurrent one, holding its response or its RpcError."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def done(finished: Any) -> None:
+        error = finished.exception()
+        future.set_result(error if error is not None else finished.result())
+
+    call.add_done_callback(done)
+    return future
