@@ -124,22 +124,16 @@ class Dispatcher:
             if session.held.get(task_id) != attempt or session.closed:
                 return
             session.send_assignment(entry.committed)
-            entry.ack_timer = asyncio.get_running_loop().call_later(
-                self._leader.settings.sessions.ack_timeout,
-                self._leader.guarded,
-                "an ack timer",
-                self._ack_expired,
-                entry,
-                session,
-                attempt,
-            )
+            leader = self._leader
+            leader.timers.await_ack(entry, time.time() + leader.settings.sessions.ack_timeout)
 
         written.add_done_callback(send)
 
-    def _ack_expired(self, entry: Entry, session: Session, attempt: int) -> None:
+    def ack_expired(self, entry: Entry, attempt: int) -> None:
+        """The ack window of this attempt passed (Timers): re-queue it unless it was acknowledged meanwhile."""
         task = entry.task
-        entry.ack_timer = None
-        if task.attempt != attempt or task.state != S.TASK_STATE_ASSIGNED or entry.session is not session:
+        session = entry.session
+        if task.attempt != attempt or task.state != S.TASK_STATE_ASSIGNED or session is None:
             return
         log.info("task %s attempt %d not acknowledged by %s; re-queued", task.id, attempt, session.worker_id)
         leader = self._leader

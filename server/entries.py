@@ -50,7 +50,8 @@ class Entry:
     committed: bytes = b""
     revision: int = 0
     session: Session | None = None
-    ack_timer: asyncio.TimerHandle | None = None
+    # The attempt sent and not acknowledged yet (0: none); its deadline is in Timers.acks.
+    ack_attempt: int = 0
     # Monotonic time after which an attempt no session holds is re-queued.
     orphan_deadline: float = 0.0
     # The attempt whose timeout is armed.

@@ -188,9 +188,6 @@ class NamespaceLeader:
             task.cancel()
         # A loop that failed was logged when it did; stopping must not raise it again.
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for entry in self.entries.values():
-            if entry.ack_timer is not None:
-                entry.ack_timer.cancel()
         self.workers.end_all()
         await self.committer.close()
 
@@ -446,9 +443,7 @@ class NamespaceLeader:
         if self.scheduler.finished(task.id):
             self.dispatcher.schedule()
         self.timers.discard(task.id)
-        if entry.ack_timer is not None:
-            entry.ack_timer.cancel()
-            entry.ack_timer = None
+        self.timers.acknowledged(entry)
         if entry.session is not None:
             if entry.session.held.get(task.id) == task.attempt:
                 del entry.session.held[task.id]

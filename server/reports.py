@@ -47,9 +47,7 @@ class Reports:
         entry = self._held_by(session, ref)
         if entry is None or entry.task.state != S.TASK_STATE_ASSIGNED:
             return
-        if entry.ack_timer is not None:
-            entry.ack_timer.cancel()
-            entry.ack_timer = None
+        self._leader.timers.acknowledged(entry)
         entry.task.state = S.TASK_STATE_RUNNING
         stamp_now(entry.task.start_time)
         self._leader.write(entry, S.TASK_STATE_ASSIGNED)

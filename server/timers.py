@@ -1,4 +1,5 @@
-"""The leader's timers: delays and backoffs ending, unstarted tasks expiring, attempts timing out.
+"""The leader's timers: delays and backoffs ending, unstarted tasks expiring, attempts timing out,
+assignments left unacknowledged.
 
 A timer is a due time for a task id, in memory only: a new leader arms them
 again from the stored tasks (recovery.py). One that fires acts only if the
@@ -40,7 +41,12 @@ class Timers:
         self.delayed = Deadlines()
         self.expiry = Deadlines()
         self.timeouts = Deadlines()
+        # Assignments sent and not acknowledged, by when their ack window ends: one heap instead of an
+        # event-loop timer per assignment, and a later deadline never wakes the timer loop.
+        self.acks = Deadlines()
         self.wakeup = asyncio.Event()
+        # When the timer loop wakes next by itself (inf: not before something is pushed).
+        self._next_wake = float("inf")
 
     def delay(self, due: float, task_id: str) -> None:
         """Re-queue a PENDING task at `due` (seconds since the epoch)."""
@@ -60,8 +66,21 @@ class Timers:
             self.timeouts.push(started + clamp_delay(duration_seconds(task.spec.timeout)), task.id)
             self.wakeup.set()
 
+    def await_ack(self, entry: Entry, due: float) -> None:
+        """Re-queue the entry's current attempt (and quarantine its worker) unless acknowledged by `due`."""
+        entry.ack_attempt = entry.task.attempt
+        self.acks.push(due, entry.task.id)
+        if due < self._next_wake:
+            self.wakeup.set()
+
+    def acknowledged(self, entry: Entry) -> None:
+        """The attempt's ack came (or it is no longer waiting for one)."""
+        if entry.ack_attempt:
+            entry.ack_attempt = 0
+            self.acks.discard(entry.task.id)
+
     def discard(self, task_id: str) -> None:
-        """Disarm every timer of the task."""
+        """Disarm every timer of the task but its ack window (see acknowledged)."""
         self.delayed.discard(task_id)
         self.expiry.discard(task_id)
         self.timeouts.discard(task_id)
@@ -69,18 +88,21 @@ class Timers:
     async def run(self) -> None:
         """Delays and backoffs ending, unstarted tasks expiring, attempts timing out."""
         leader = self._leader
-        timers = (self.delayed, self.expiry, self.timeouts)
+        timers = (self.delayed, self.expiry, self.timeouts, self.acks)
         while True:
             self.wakeup.clear()
             dues = [due for due in (t.next_due() for t in timers) if due is not None]
             if not dues:
+                self._next_wake = float("inf")
                 await self.wakeup.wait()
                 continue
-            wait = min(dues) - time.time()
+            self._next_wake = min(dues)
+            wait = self._next_wake - time.time()
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), wait)
                 continue
+            self._next_wake = float("-inf")  # handling what is due: anything pushed meanwhile is seen next turn
             now = time.time()
             for task_id in self.delayed.pop_due(now, TURN):
                 entry = leader.entries.get(task_id)
@@ -95,6 +117,11 @@ class Timers:
                 entry = leader.entries.get(task_id)
                 if entry is not None and entry.task.state in ACTIVE and entry.task.attempt == entry.timeout_attempt:
                     self._time_out(entry)
+            for task_id in self.acks.pop_due(now, TURN):
+                entry = leader.entries.get(task_id)
+                if entry is not None and entry.ack_attempt:
+                    attempt, entry.ack_attempt = entry.ack_attempt, 0
+                    leader.dispatcher.ack_expired(entry, attempt)
             # Thousands due at once are handled a turn at a time: the loop (and the lease keep-alive
             # with it) runs in between.
             await asyncio.sleep(0)

@@ -80,9 +80,7 @@ class Workers:
             previous = entry.task.state
             if entry.session is not None and entry.session.held.get(ref.task_id) == ref.attempt:
                 del entry.session.held[ref.task_id]
-            if entry.ack_timer is not None:
-                entry.ack_timer.cancel()
-                entry.ack_timer = None
+            self._leader.timers.acknowledged(entry)
             entry.session = session
             self.adopt(entry)
             session.held[ref.task_id] = ref.attempt
@@ -153,9 +151,7 @@ class Workers:
         for task_id, attempt in list(session.held.items()):
             entry = self._leader.entries.get(task_id)
             if entry is not None and entry.session is session and entry.task.attempt == attempt:
-                if entry.ack_timer is not None:
-                    entry.ack_timer.cancel()
-                    entry.ack_timer = None
+                self._leader.timers.acknowledged(entry)
                 entry.session = None
                 self.orphan(entry, deadline)
         session.held.clear()
