@@ -8,7 +8,8 @@ seconds, and past its pending limit gRPC drops them with a bare CANCELLED. Inste
 - more than `max_waiting` calls wait in gRPC to be picked up, or
 - the event loop runs more than `max_lag` seconds behind,
 
-SubmitTask, SubmitTasks and RetryTask answer RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` before
+a share of SubmitTask, SubmitTasks and RetryTask calls (growing from none at the bound to all at
+twice it, and at most REFUSALS_PER_SECOND) answer RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` before
 anything is written, and cheaply, so the backlog drains; results, acknowledgements, heartbeats,
 cancels and reads (what drains the work already taken) are served as usual.
 
@@ -24,6 +25,7 @@ import asyncio
 import importlib
 import json
 import logging
+import random
 from typing import Any
 
 from herder.clients.errors import OverloadedError
@@ -37,6 +39,11 @@ if not hasattr(_channelz, "channelz_get_server"):  # pragma: no cover - grpcio 1
 
 # How often the probe runs: what it sees is at most this old; each costs ~60 us (channelz's JSON).
 PROBE_INTERVAL = 0.05
+# Refusals a second at most: a refusal costs the coordinator about as much gRPC work as a small call
+# (~250 us on the development machine), so refusing without a bound under a sustained overload from
+# callers that do not back off takes its whole core and leaves nothing for the calls it takes. Past
+# the budget, calls are taken and the excess waits in gRPC (bounded by --max-pending-calls).
+REFUSALS_PER_SECOND = 1000
 # What a refused caller is asked to wait, at least and at most.
 MIN_RETRY_AFTER = 0.1
 MAX_RETRY_AFTER = 5.0
@@ -79,6 +86,9 @@ class Overload:
         self.waiting = 0
         # Calls refused since start.
         self.refused = 0
+        # Refusals the budget still allows, and when it was last topped up.
+        self._tokens = float(REFUSALS_PER_SECOND)
+        self._topped = 0.0
 
     def watch_server(self, before: set[int]) -> None:
         """Count the waiting calls of the gRPC server created since `before` (server_ids() just before it)."""
@@ -138,28 +148,39 @@ class Overload:
             return 0.0
         return max(self._last_lag, self._loop.time() - self._due, 0.0)
 
+    def _spend(self) -> bool:
+        """Take one refusal from the budget (REFUSALS_PER_SECOND); False when it is spent."""
+        now = self._loop.time() if self._loop is not None else 0.0
+        self._tokens = min(self._tokens + (now - self._topped) * REFUSALS_PER_SECOND, float(REFUSALS_PER_SECOND))
+        self._topped = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        self.refused += 1
+        return True
+
     def check(self) -> None:
-        """Raise OverloadedError (RESOURCE_EXHAUSTED with a RetryInfo) while either bound is passed."""
-        if self.max_waiting and self.waiting > self.max_waiting:
-            self.refused += 1
-            retry_after = MIN_RETRY_AFTER
+        """Raise OverloadedError (RESOURCE_EXHAUSTED with a RetryInfo) for a share of the calls while a bound
+        is passed: none at the bound, all at twice it. Refusing every call the moment the bound is passed
+        would refuse nearly all under a sustained overload (the backlog never falls below it while calls
+        keep coming faster than they are picked up); refusing the excess keeps serving at capacity."""
+        waiting, limit = self.waiting, self.max_waiting
+        if limit and waiting > limit and random.random() < (waiting - limit) / limit and self._spend():
             raise OverloadedError(
-                f"the coordinator is overloaded ({self.waiting} calls wait to be read, the limit is"
-                f" {self.max_waiting}); nothing was written: retry after {retry_after:.1f}s",
-                retry_after=retry_after,
+                f"the coordinator is overloaded ({waiting} calls wait to be read, the limit is {limit});"
+                f" nothing was written: retry after {MIN_RETRY_AFTER:.1f}s",
+                retry_after=MIN_RETRY_AFTER,
             )
         if not self.max_lag:
             return
         lag = self.lag()
-        if lag <= self.max_lag:
-            return
-        self.refused += 1
-        retry_after = min(max(lag, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
-        raise OverloadedError(
-            f"the coordinator is overloaded (its event loop runs {lag * 1000:.0f} ms behind, the limit is"
-            f" {self.max_lag * 1000:.0f} ms); nothing was written: retry after {retry_after:.1f}s",
-            retry_after=retry_after,
-        )
+        if lag > self.max_lag and random.random() < (lag - self.max_lag) / self.max_lag and self._spend():
+            retry_after = min(max(lag, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+            raise OverloadedError(
+                f"the coordinator is overloaded (its event loop runs {lag * 1000:.0f} ms behind, the limit is"
+                f" {self.max_lag * 1000:.0f} ms); nothing was written: retry after {retry_after:.1f}s",
+                retry_after=retry_after,
+            )
 
 
 __all__ = ["Calls", "Overload", "server_ids"]
