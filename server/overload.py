@@ -9,9 +9,9 @@ seconds, and past its pending limit gRPC drops them with a bare CANCELLED. Inste
 - the event loop runs more than `max_lag` seconds behind,
 
 a share of SubmitTask, SubmitTasks and RetryTask calls (growing from none at the bound to all at
-twice it, and at most REFUSALS_PER_SECOND) answer RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` before
-anything is written, and cheaply, so the backlog drains; results, acknowledgements, heartbeats,
-cancels and reads (what drains the work already taken) are served as usual.
+twice it, and at most REFUSALS_PER_SECOND) answer RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo`
+before anything is written, so callers back off; results, acknowledgements, heartbeats, cancels and
+reads (what drains the work already taken) are served as usual.
 
 A probe every `interval` measures both: how late it runs (or how overdue the next one is now,
 whichever is larger) is the lag; the calls gRPC's channelz counts as started and not finished on this
