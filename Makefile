@@ -27,6 +27,7 @@ lint: setup
 	$(BIN)/ruff check clients server supervisor tests bench scripts examples
 	$(BIN)/ruff format --check clients server supervisor tests bench scripts examples
 	$(BIN)/mypy -p herder.clients -p herder.server -p herder.supervisor
+	MYPYPATH=tests $(BIN)/mypy bench
 # The example imports its generated package `gen` from beside service.py, as it runs.
 	cd examples/invoice && MYPYPATH=. ../../$(BIN)/mypy --strict service.py
 	$(BIN)/buf lint

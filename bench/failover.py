@@ -36,8 +36,8 @@ from pathlib import Path
 import grpc
 from aetcd import rpc
 
+from herder.clients import errors
 from herder.clients.descriptors import task_type_for
-from herder.clients.errors import LEADER_METADATA_KEY
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
@@ -100,7 +100,8 @@ class Flow:
                 reply = stub.SubmitTasks(pb.SubmitTasksRequest(specs=specs), timeout=5)
         except grpc.RpcError as exc:
             self.errors += 1
-            hint = dict(exc.trailing_metadata() or ()).get(LEADER_METADATA_KEY, "")  # type: ignore[attr-defined]
+            refused = errors.from_rpc_error(exc)
+            hint = refused.leader_address if isinstance(refused, errors.NotLeaderError) else ""
             others = [a for a in self.addresses if a != self._leader]
             self._leader = hint or others[self.errors % len(others)]
             return False

@@ -34,7 +34,7 @@ async def _serve(port_file: str) -> None:
         return struct.pack("d", time.time())
 
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(call)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(call)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Hop", {"Call": handler}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -50,7 +50,7 @@ def _ms(values: list[float], pct: int) -> float:
 async def _measure(port: int, calls: int, gaps: list[float]) -> list[dict[str, float]]:
     results = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(METHOD)
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(METHOD)
         for _ in range(200):  # warm up the connection
             await call(b"x" * 100)
         for gap in gaps:

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import psutil
@@ -40,6 +41,9 @@ from throughput import Stack, _spec, one_rpc_each
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc
 from herder.clients.runner import run as run_loop
+
+if TYPE_CHECKING:
+    from herder.clients.proto.v1.coordinator_pb2_grpc import CoordinatorServiceAsyncStub
 
 STREAMS_PER_CHANNEL = 50
 DROPPED = "ended and its backlog released"
@@ -91,7 +95,7 @@ class Watchers:
         self.process = self.stack._spawn(args, self.log.name)
         # A stream's first event tells it is registered: submit markers until every one has had one.
         async with grpc.aio.insecure_channel(self.stack.address) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            stub: CoordinatorServiceAsyncStub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             deadline = time.monotonic() + 60
             while "ready" not in self.log.read_text(errors="replace"):
                 if time.monotonic() > deadline or self.process.poll() is not None:
@@ -142,7 +146,7 @@ def _cpu(process: psutil.Process) -> float:
 
 async def measured(
     stack: Stack,
-    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    stub: CoordinatorServiceAsyncStub,
     tasks: int,
     submitters: int,
     tag: str,
@@ -155,7 +159,7 @@ async def measured(
 
 
 async def until_ended(
-    stack: Stack, stub: coordinator_pb2_grpc.CoordinatorServiceStub, args: argparse.Namespace, watchers: Watchers
+    stack: Stack, stub: CoordinatorServiceAsyncStub, args: argparse.Namespace, watchers: Watchers
 ) -> dict[str, object]:
     """Runs of 500 tasks until the coordinator has ended every non-reading watcher (or --give-up seconds pass)."""
     meter = Meter(stack, watchers)
@@ -172,7 +176,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     try:
         await stack.start()
         async with grpc.aio.insecure_channel(stack.address) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            stub: CoordinatorServiceAsyncStub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
             figures: dict[str, object] = {}
             figures["no_watchers"] = await measured(stack, stub, args.tasks, args.submitters, "-none")
             print(f"no watchers:                {figures['no_watchers']}", flush=True)

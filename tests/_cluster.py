@@ -167,7 +167,7 @@ class Coordinator:
         try:
             with grpc.insecure_channel(self.address) as channel:
                 coordinator_pb2_grpc.CoordinatorServiceStub(channel).ListNodes(
-                    coordinator_pb2.ListNodesRequest(), timeout=1.0, metadata=[(FORWARDED_METADATA_KEY, "1")]
+                    coordinator_pb2.ListNodesRequest(), timeout=1.0, metadata=((FORWARDED_METADATA_KEY, "1"),)
                 )
         except grpc.RpcError:
             return False
