@@ -117,6 +117,25 @@ class CoordinatorMetrics:
         meter.create_observable_gauge(
             "herder.watch.subscribers", [self._subscribers], unit="{watcher}", description="WatchTasks streams open"
         )
+        overload = coordinator.overload
+        meter.create_observable_counter(
+            "herder.overload.refused",
+            [lambda _options: [otel.Observation(overload.refused)]],
+            unit="{call}",
+            description="Submissions refused with RESOURCE_EXHAUSTED because the coordinator was overloaded",
+        )
+        meter.create_observable_gauge(
+            "herder.grpc.waiting_calls",
+            [lambda _options: [otel.Observation(overload.waiting)]],
+            unit="{call}",
+            description="Calls waiting in gRPC to be picked up, at the last overload probe",
+        )
+        meter.create_observable_gauge(
+            "herder.event_loop.lag",
+            [lambda _options: [otel.Observation(overload.lag())]],
+            unit="s",
+            description="How far behind the coordinator's event loop runs",
+        )
 
     # ----------------------------------------------------------------- observed at scrape time
 

@@ -97,6 +97,11 @@ async def test_coordinator_serves_task_queue_etcd_and_leader_metrics(metered: tu
     assert value(samples, "herder_leader_status", namespace=node.namespace) == 1
     assert value(samples, "herder_leader_changes_total", namespace=node.namespace) == 1
     assert value(samples, "herder_watch_subscribers") == 0
+    for name in ("herder_overload_refused_total", "herder_grpc_waiting_calls", "herder_event_loop_lag_seconds"):
+        assert len(samples.get(name, [])) == 1, name
+    assert value(samples, "herder_overload_refused_total") == 0
+    assert 0 <= value(samples, "herder_grpc_waiting_calls") < 1000
+    assert 0 <= value(samples, "herder_event_loop_lag_seconds") < 30
     assert value(samples, "herder_etcd_commit_duration_seconds_count") >= 5
     assert value(samples, "herder_etcd_commit_ops_count") == value(samples, "herder_etcd_commit_duration_seconds_count")
     assert value(samples, "herder_etcd_commit_ops_sum") >= value(samples, "herder_etcd_commit_ops_count")
