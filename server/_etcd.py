@@ -72,8 +72,8 @@ class EtcdMember:
 
 
 class WatchEvent:
-    """A put (value set) or a delete (deleted=True) at a revision; `prev` when the watch asked for it
-    and the key existed before.
+    """A put (value set) or a delete (deleted=True) at a revision; `prev_value` when the watch asked for
+    it and the key existed before.
 
     Fields are read from etcd's message when used (`key`, `value`, `mod_revision` and `prev_value`
     without building a KeyValue): the task feed reads a few fields of thousands of events a second.
@@ -101,11 +101,6 @@ class WatchEvent:
     @property
     def mod_revision(self) -> int:
         return int(self._event.kv.mod_revision)
-
-    @property
-    def prev(self) -> KeyValue | None:
-        event = self._event
-        return key_value(event.prev_kv) if self._prev and event.HasField("prev_kv") else None
 
     @property
     def prev_value(self) -> bytes | None:

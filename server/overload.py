@@ -148,6 +148,11 @@ class Overload:
             return 0.0
         return max(self._last_lag, self._loop.time() - self._due, 0.0)
 
+    def _refuse(self, value: float, limit: float) -> bool:
+        """Whether to refuse this call: with a chance growing from none at `limit` to certain at twice it,
+        while the refusal budget lasts."""
+        return value > limit and random.random() < (value - limit) / limit and self._spend()
+
     def _spend(self) -> bool:
         """Take one refusal from the budget (REFUSALS_PER_SECOND); False when it is spent."""
         now = self._loop.time() if self._loop is not None else 0.0
@@ -165,7 +170,7 @@ class Overload:
         would refuse nearly all under a sustained overload (the backlog never falls below it while calls
         keep coming faster than they are picked up); refusing the excess keeps serving at capacity."""
         waiting, limit = self.waiting, self.max_waiting
-        if limit and waiting > limit and random.random() < (waiting - limit) / limit and self._spend():
+        if limit and self._refuse(waiting, limit):
             raise OverloadedError(
                 f"the coordinator is overloaded ({waiting} calls wait to be read, the limit is {limit});"
                 f" nothing was written: retry after {MIN_RETRY_AFTER:.1f}s",
@@ -174,7 +179,7 @@ class Overload:
         if not self.max_lag:
             return
         lag = self.lag()
-        if lag > self.max_lag and random.random() < (lag - self.max_lag) / self.max_lag and self._spend():
+        if self._refuse(lag, self.max_lag):
             retry_after = min(max(lag, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
             raise OverloadedError(
                 f"the coordinator is overloaded (its event loop runs {lag * 1000:.0f} ms behind, the limit is"

@@ -185,18 +185,19 @@ class Watching:
         async with contextlib.aclosing(batches) as history:
             async for batch in history:
                 for event in batch.events:
-                    revision = event.kv.mod_revision
+                    revision = event.mod_revision
                     if event.deleted or revision > until:
                         continue
-                    task = task_pb2.Task.FromString(event.kv.value)
+                    task = task_pb2.Task.FromString(event.value)
                     if not task_filter.matches(task):
                         continue
                     response = coordinator_pb2.WatchTasksResponse()
                     if request.include_result_json:
                         await self._load_type(task.spec.type)
                     response.event.task.CopyFrom(self._render(task, request.include_result_json))
-                    if event.prev is not None:
-                        response.event.previous_state = task_pb2.Task.FromString(event.prev.value).state
+                    prev_value = event.prev_value
+                    if prev_value is not None:
+                        response.event.previous_state = task_pb2.Task.FromString(prev_value).state
                     response.event.revision = revision
                     await out.send(response)
                     last = revision
