@@ -169,6 +169,14 @@ SETTINGS: list[Setting] = [
         metavar="S",
     ),
     Setting(
+        "running_write_delay",
+        seconds(0, 60),
+        LeaderSettings().running_write_delay,
+        "seconds an attempt runs before its RUNNING state is written; one that ends sooner is written once,"
+        " with its outcome (0: at once, unless the outcome is already waiting to be written)",
+        metavar="S",
+    ),
+    Setting(
         "memory_pressure",
         _share,
         PlacementSettings().memory_pressure,
@@ -342,6 +350,7 @@ def config_of(settings: Settings) -> CoordinatorConfig:
             retention=settings["retention"],
             idempotency_window=settings["idempotency_window"],
             quarantine=settings["quarantine"],
+            running_write_delay=settings["running_write_delay"],
             placement=PlacementSettings(memory_pressure=settings["memory_pressure"]),
             # A second transaction goes out beside one in flight once a full one's worth waits.
             commit=dataclasses.replace(

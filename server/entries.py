@@ -56,6 +56,8 @@ class Entry:
     orphan_deadline: float = 0.0
     # The attempt whose timeout is armed.
     timeout_attempt: int = 0
+    # RUNNING in memory, its record not written yet (NamespaceLeader.attempt_started); its due time is in Timers.starts.
+    start_unwritten: bool = False
     # A progress write is on its way; later updates wait for it and go in one write.
     progress_writing: bool = False
     progress_dirty: bool = False

@@ -152,9 +152,5 @@ class Feed:
                 task = task_pb2.Task.FromString(data)
                 if not hub.wants(task.id, task.spec.queue, task.spec.type):
                     continue
-                previous = task_pb2.TASK_STATE_UNSPECIFIED
-                prev_value = event.prev_value
-                if prev_value is not None:
-                    previous = task_pb2.Task.FromString(prev_value).state
-                hub.publish(task, Change(data, previous, event.mod_revision))
+                hub.publish(task, Change(data, event.prev_value, event.mod_revision))
         self.revision = max(self.revision, batch.revision)

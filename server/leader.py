@@ -69,6 +69,8 @@ class LeaderSettings:
     idempotency_window: seconds after submission during which an idempotency key returns its task;
     a finished task is kept at least that long, so the key keeps answering.
     gc_interval: how often finished tasks past their retention are deleted.
+    running_write_delay: seconds an acknowledged attempt runs before its RUNNING record is written;
+    one that ends sooner is written once, with its outcome (0: on the timer loop's next turn).
     commit: how the committer batches writes into etcd transactions.
     """
 
@@ -78,6 +80,7 @@ class LeaderSettings:
     retention: float = 24 * 3600.0
     idempotency_window: float = 24 * 3600.0
     gc_interval: float = 1.0
+    running_write_delay: float = 0.1
     # A worker that lets an assignment's ack window pass gets no assignments for this long.
     quarantine: float = 60.0
     placement: PlacementSettings = field(default_factory=PlacementSettings)
@@ -213,11 +216,10 @@ class NamespaceLeader:
         task = entry.task
         data = task.SerializeToString()
         state = task.state
-        self.book.transition(task.spec.queue, previous_state, state)
-        if previous_state != state:
-            metrics.log_change(task, previous_state, state)
-            if metrics.instruments is not None:
-                metrics.instruments.task_changed(task, previous_state, state)
+        if entry.start_unwritten:
+            # This record carries the RUNNING state the acknowledgement left for later.
+            entry.start_unwritten = False
+        self._changed(task, previous_state, state)
         try:
             future = self.committer.submit([Write(keys.task(self.prefix, task.id), data), *extra])
         except RequestTooLargeError as exc:
@@ -246,6 +248,30 @@ class NamespaceLeader:
 
         future.add_done_callback(committed)
         return future, data
+
+    def _changed(self, task: task_pb2.Task, previous_state: int, state: int) -> None:
+        """Counts, logs and metrics of a state change, made when memory changes (before it is written)."""
+        self.book.transition(task.spec.queue, previous_state, state)
+        if previous_state != state:
+            metrics.log_change(task, previous_state, state)
+            if metrics.instruments is not None:
+                metrics.instruments.task_changed(task, previous_state, state)
+
+    def attempt_started(self, entry: Entry) -> None:
+        """The worker acknowledged the entry's assignment: it is RUNNING from now.
+
+        The RUNNING record is written `running_write_delay` later, and only if nothing else was
+        written for the task by then: an attempt that ends sooner goes from ASSIGNED to its outcome
+        in one write. Nothing leans on RUNNING being stored: a new leader treats an ASSIGNED
+        attempt exactly as a RUNNING one (its worker re-claims it, or it fails as worker lost), and
+        readers and watchers are told only of what is written.
+        """
+        task = entry.task
+        task.state = S.TASK_STATE_RUNNING
+        stamp_now(task.start_time)
+        self._changed(task, S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING)
+        entry.start_unwritten = True
+        self.timers.write_start(entry, time.time() + self.settings.running_write_delay)
 
     async def await_commit(self, future: asyncio.Future[_T]) -> _T:
         try:

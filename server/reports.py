@@ -48,9 +48,7 @@ class Reports:
         if entry is None or entry.task.state != S.TASK_STATE_ASSIGNED:
             return
         self._leader.timers.acknowledged(entry)
-        entry.task.state = S.TASK_STATE_RUNNING
-        stamp_now(entry.task.start_time)
-        self._leader.write(entry, S.TASK_STATE_ASSIGNED)
+        self._leader.attempt_started(entry)
 
     def progress(self, session: Session, update: coordinator_pb2.ProgressUpdate) -> None:
         entry = self._held_by(session, update.ref)

@@ -1,5 +1,5 @@
 """The leader's timers: delays and backoffs ending, unstarted tasks expiring, attempts timing out,
-assignments left unacknowledged.
+assignments left unacknowledged, RUNNING records written late.
 
 A timer is a due time for a task id, in memory only: a new leader arms them
 again from the stored tasks (recovery.py). One that fires acts only if the
@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from herder.clients.outcomes import EXPIRED, TIMEOUT
@@ -44,6 +45,9 @@ class Timers:
         # Assignments sent and not acknowledged, by when their ack window ends: one heap instead of an
         # event-loop timer per assignment, and a later deadline never wakes the timer loop.
         self.acks = Deadlines()
+        # Acknowledged attempts whose RUNNING record is written when due, unless a write carried it
+        # first: (due, entry, attempt) in acknowledgement order, which one fixed delay makes due order.
+        self.starts: deque[tuple[float, Entry, int]] = deque()
         self.wakeup = asyncio.Event()
         # When the timer loop wakes next by itself (inf: not before something is pushed).
         self._next_wake = float("inf")
@@ -79,6 +83,22 @@ class Timers:
             entry.ack_attempt = 0
             self.acks.discard(entry.task.id)
 
+    def write_start(self, entry: Entry, due: float) -> None:
+        """Write the entry's RUNNING record at `due` unless a write has carried it by then."""
+        self.starts.append((due, entry, entry.task.attempt))
+        if due < self._next_wake:
+            self.wakeup.set()
+
+    def _next_start(self) -> float | None:
+        """When the earliest RUNNING write still waiting is due; those already carried are dropped."""
+        starts = self.starts
+        while starts:
+            due, entry, attempt = starts[0]
+            if entry.start_unwritten and entry.task.attempt == attempt:
+                return due
+            starts.popleft()
+        return None
+
     def discard(self, task_id: str) -> None:
         """Disarm every timer of the task but its ack window (see acknowledged)."""
         self.delayed.discard(task_id)
@@ -91,7 +111,7 @@ class Timers:
         timers = (self.delayed, self.expiry, self.timeouts, self.acks)
         while True:
             self.wakeup.clear()
-            dues = [due for due in (t.next_due() for t in timers) if due is not None]
+            dues = [due for due in (*(t.next_due() for t in timers), self._next_start()) if due is not None]
             if not dues:
                 self._next_wake = float("inf")
                 await self.wakeup.wait()
@@ -122,6 +142,13 @@ class Timers:
                 if entry is not None and entry.ack_attempt:
                     attempt, entry.ack_attempt = entry.ack_attempt, 0
                     leader.dispatcher.ack_expired(entry, attempt)
+            for _ in range(TURN):
+                due = self._next_start()
+                if due is None or due > now:
+                    break
+                _, entry, _ = self.starts.popleft()
+                if leader.entries.get(entry.task.id) is entry:
+                    leader.write(entry, S.TASK_STATE_RUNNING)
             # Thousands due at once are handled a turn at a time: the loop (and the lease keep-alive
             # with it) runs in between.
             await asyncio.sleep(0)

@@ -83,11 +83,20 @@ class TaskFilter:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A committed change: the record as stored, its state before, and the revision it landed at."""
+    """A committed change: the record as stored, the record it replaced (None for a new task), and
+    the revision it landed at."""
 
     record: bytes
-    previous_state: int
+    previous_record: bytes | None
     revision: int
+
+    @property
+    def previous_state(self) -> int:
+        """The state before the change (UNSPECIFIED for a new task). Parsed only for a change some
+        watcher is sent: most changes a filter (of states, say) lets through are never rendered."""
+        if self.previous_record is None:
+            return task_pb2.TASK_STATE_UNSPECIFIED
+        return task_pb2.Task.FromString(self.previous_record).state
 
 
 @dataclass(eq=False, slots=True)

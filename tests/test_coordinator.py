@@ -359,6 +359,8 @@ async def test_late_watcher_sees_current_state_then_every_change(stub, coordinat
     collector = asyncio.create_task(collect())
     async with RawWorker(coordinator.address, "w", [ECHO]) as worker:
         await worker.start_next()
+        # RUNNING is written once the attempt has run --running-write-delay (0.1 s by default).
+        await eventually(lambda: _seen(events, S.TASK_STATE_RUNNING), what="the RUNNING change watched")
         await worker.succeed(task.id, 1, examples_pb2.EchoResponse(text="done"))
     await asyncio.wait_for(collector, 10)
     call.cancel()
@@ -368,6 +370,10 @@ async def test_late_watcher_sees_current_state_then_every_change(stub, coordinat
     revisions = [e.revision for e in events]
     assert revisions == sorted(set(revisions))
     assert json.loads(events[-1].task.result_json) == {"text": "done"}
+
+
+async def _seen(events: list[task_pb2.TaskEvent], state: int) -> bool:
+    return any(e.task.state == state for e in events)
 
 
 async def test_cluster_status_and_nodes(stub, coordinator) -> None:

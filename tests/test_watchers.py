@@ -53,7 +53,7 @@ def _task(task_id: str, queue: str = "q", type: str = "t", state: int = S.TASK_S
 
 
 def _publish(hub: WatchHub, task: task_pb2.Task, revision: int) -> None:
-    hub.publish(task, Change(task.SerializeToString(), S.TASK_STATE_UNSPECIFIED, revision))
+    hub.publish(task, Change(task.SerializeToString(), None, revision))
 
 
 async def _drain(sub: Subscription) -> list[str]:
