@@ -23,7 +23,7 @@ from herder.clients.embedded_etcd import EmbeddedEtcd, free_port
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
 from herder.server.app import Coordinator, CoordinatorConfig
-from herder.server.overload import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PROBE_INTERVAL, Overload
+from herder.server.overload import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PROBE_INTERVAL, SLOW_READS, Overload
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,6 +53,46 @@ async def test_the_probe_sees_a_blocked_loop_and_refuses_with_a_retry_delay() ->
         overload.max_lag = 0  # 0: never refuses
         time.sleep(0.3)  # noqa: ASYNC251 -- as above
         overload.check()
+    finally:
+        overload.stop()
+
+
+class _CountedReads(Overload):
+    """The probe with its reads of gRPC's counts counted, and what they find set by the test."""
+
+    def __init__(self, max_waiting: int, interval: float) -> None:
+        super().__init__(max_lag=0, max_waiting=max_waiting, interval=interval)
+        self.probes = 0
+        self.reads = 0
+        self.found = 0
+
+    def _probe(self) -> None:
+        self.probes += 1
+        super()._probe()
+
+    def _waiting(self) -> int:
+        self.reads += 1
+        return self.found
+
+
+async def test_the_probe_reads_grpcs_counts_every_probe_only_near_the_limit() -> None:
+    overload = _CountedReads(max_waiting=100, interval=0.05)
+    overload.start()
+    try:
+
+        async def probed(count: int) -> bool:
+            return overload.probes >= count
+
+        await eventually(lambda: probed(20), "20 probes", timeout=20)
+        # Far below the limit: a read every SLOW_READS-th probe (and at a late one).
+        assert overload.reads < overload.probes
+        overload.found = 25  # a quarter of the limit: from the next read on, every probe reads
+        probes = overload.probes
+        await eventually(lambda: probed(probes + SLOW_READS), "the next read", timeout=20)
+        probes, reads = overload.probes, overload.reads
+        await eventually(lambda: probed(probes + 10), "10 more probes", timeout=20)
+        assert overload.reads - reads == overload.probes - probes
+        assert overload.waiting == 25
     finally:
         overload.stop()
 
