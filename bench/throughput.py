@@ -668,7 +668,8 @@ async def high_availability(
     """One RPC each and batches against the leader with args.followers follower replicas running,
     beside the same two runs with the coordinator alone, measured just before the followers start
     (not taken from the single and batches phases: the coordinator's state and the machine's load
-    by then are closer to the runs they are compared with)."""
+    by then are closer to the runs they are compared with); then, with the followers, the idle
+    latency and (when open_loop is among the phases) the open-loop rates."""
     workers = [f"worker-{i}" for i in range(args.workers)]
     alone = Meter(stack, ("coordinator", *workers))
     runs: dict[str, Callable[[str], Awaitable[dict[str, float]]]] = {
@@ -694,6 +695,9 @@ async def high_availability(
             "single_end_to_end_per_s": baseline[name]["end_to_end_per_s"],
             "leader_cost_vs_single_pct": round((leader / single - 1) * 100, 1),
         }
+    (figures["idle"],) = await idle_latency(stub, args.latency_samples, "-ha")
+    if "open_loop" in args.phases:
+        figures["open_loop"] = await open_loop_rates(stub, meter, args, "-ha")
     return figures
 
 
