@@ -16,7 +16,10 @@ reads (what drains the work already taken) are served as usual.
 A probe every `interval` measures both: how late it runs (or how overdue the next one is now,
 whichever is larger) is the lag; the calls gRPC's channelz counts as started and not finished on this
 server, less those the coordinator's handlers hold (`Calls`, counted by the decoding interceptor), are
-the waiting calls. Without channelz (a gRPC that lacks it) only the lag is watched.
+the waiting calls. Calls gRPC dropped past its pending limit, or whose callers gave up before they were
+picked up, stay in the server's count forever; while that count says many wait, the calls open on
+each connection are counted instead (at most once a second) to take them out. Without channelz (a
+gRPC that lacks it) only the lag is watched.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ PROBE_INTERVAL = 0.05
 # under load (1% of a busy coordinator's CPU at every probe), and a backlog building from there is
 # seen at most 0.15 s later.
 SLOW_READS = 4
+# The calls open on every connection are counted at most this often (seconds), and only while the
+# server's own count says many wait; SOCKETS_PAGE connections are read per channelz page.
+RECOUNT_INTERVAL = 1.0
+SOCKETS_PAGE = 100
 # Refusals a second at most: a refusal costs the coordinator about as much gRPC work as a small call
 # (~250 us on the development machine), so refusing without a bound under a sustained overload from
 # callers that do not back off takes its whole core and leaves nothing for the calls it takes. Past
@@ -90,6 +97,10 @@ class Overload:
         # Calls waiting in gRPC at the last read, and probes since it.
         self.waiting = 0
         self._unread = 0
+        # Calls counted as started and never as ended that are not open (see _open_streams), as of the
+        # last recount, and when that was (loop time).
+        self._dropped = 0
+        self._recounted = float("-inf")
         # Calls refused since start.
         self.refused = 0
         # Refusals the budget still allows, and when it was last topped up.
@@ -124,9 +135,9 @@ class Overload:
         self._last_lag = now - self._due
         self._unread += 1
         # A late probe means a busy loop: the very time calls pile up unread in gRPC.
-        if self._unread >= SLOW_READS or self.waiting * 4 >= self.max_waiting or self._last_lag > self._interval:
+        if self._unread >= SLOW_READS or self._many(self.waiting) or self._last_lag > self._interval:
             self._unread = 0
-            self.waiting = self._waiting()
+            self.waiting = self.count_waiting()
         self._schedule(now)
 
     def _counts(self) -> tuple[int, int] | None:
@@ -145,12 +156,56 @@ class Overload:
         counts = self._counts()
         return counts[0] if counts is not None else 0
 
-    def _waiting(self) -> int:
+    def count_waiting(self) -> int:
+        """The calls waiting in gRPC to be picked up now (a channelz read; 0 when not known)."""
         counts = self._counts()
         if counts is None:
             return 0
         started, ended = counts
-        return max(started - ended - self.calls.open, 0)
+        waiting = started - ended - self._dropped - self.calls.open
+        if self._many(waiting) and self._loop is not None:
+            now = self._loop.time()
+            if now - self._recounted >= RECOUNT_INTERVAL:
+                # Possibly calls gRPC dropped or their callers gave up on: see _open_streams.
+                self._recounted = now
+                open_streams = self._open_streams()
+                if open_streams is not None:
+                    self._dropped = max(started - ended - open_streams, 0)
+                    waiting = started - ended - self._dropped - self.calls.open
+        return max(waiting, 0)
+
+    def _many(self, waiting: int) -> bool:
+        """Whether this many waiting calls is a quarter of the limit or more (any, with no limit)."""
+        return waiting * 4 >= max(self.max_waiting, 1)
+
+    def _open_streams(self) -> int | None:
+        """Calls open on this server's connections now (picked up or waiting), as their transports count
+        them; None when channelz does not answer.
+
+        A call gRPC drops past its pending limit, or whose caller cancels it before it is picked up, is
+        counted by the server as started and never as ended, so (started - ended) keeps every such call
+        forever; its connection counts it as a failed stream. Reading every connection costs a channelz
+        call each, so this recount runs only when the server's count says many calls wait, at most once
+        every RECOUNT_INTERVAL.
+        """
+        total, start = 0, 0
+        try:
+            while True:
+                page = json.loads(_channelz.channelz_get_server_sockets(self._server_id, start, SOCKETS_PAGE))
+                refs = page.get("socketRef", ())
+                for ref in refs:
+                    socket_id = int(ref["socketId"])
+                    start = max(start, socket_id + 1)
+                    data = json.loads(_channelz.channelz_get_socket(socket_id))["socket"].get("data", {})
+                    total += (
+                        int(data.get("streamsStarted", 0))
+                        - int(data.get("streamsSucceeded", 0))
+                        - int(data.get("streamsFailed", 0))
+                    )
+                if page.get("end", True) or not refs:
+                    return total
+        except (ValueError, RuntimeError, KeyError):
+            return None
 
     def lag(self) -> float:
         """Seconds the event loop runs behind now."""

@@ -70,7 +70,7 @@ class _CountedReads(Overload):
         self.probes += 1
         super()._probe()
 
-    def _waiting(self) -> int:
+    def count_waiting(self) -> int:
         self.reads += 1
         return self.found
 
@@ -238,6 +238,41 @@ async def test_calls_waiting_in_grpc_past_the_limit_are_refused_and_nothing_is_w
         assert sorted(t.spec.idempotency_key for t in listed.tasks) == sorted(
             r.task.spec.idempotency_key for r in taken
         )
+
+
+async def test_calls_grpc_dropped_past_its_pending_limit_do_not_count_as_waiting(
+    etcd: EmbeddedEtcd, namespace: str
+) -> None:
+    calls, pending = 60, 20
+    async with _leading(etcd, namespace, max_loop_lag=0, max_waiting_calls=8, max_pending_calls=pending) as node:
+        received = node.overload.received()
+        channel = grpc.insecure_channel(node.address)
+        submit = channel.unary_unary(
+            "/herder.v1.CoordinatorService/SubmitTask",
+            request_serializer=pb.SubmitTaskRequest.SerializeToString,
+            response_deserializer=pb.SubmitTaskResponse.FromString,
+        )
+        try:
+            futures = [submit.future(pb.SubmitTaskRequest(spec=_spec(f"d{i}")), timeout=60) for i in range(calls)]
+            deadline = time.monotonic() + 30
+            while node.overload.received() < received + calls:  # held: gRPC keeps 20 and drops the rest
+                assert time.monotonic() < deadline, "the calls did not reach the coordinator's gRPC server"
+                time.sleep(0.01)  # noqa: ASYNC251 -- holds the loop on purpose
+            outcomes = await asyncio.gather(*(asyncio.wrap_future(_as_future(f)) for f in futures))
+        finally:
+            channel.close()
+        dropped = [o for o in outcomes if isinstance(o, grpc.RpcError) and o.code() is grpc.StatusCode.CANCELLED]
+        assert len(dropped) >= calls // 2, f"{len(dropped)} of {calls} dropped by gRPC, with room for {pending}"
+
+        # gRPC counts each dropped call as started and never as ended: they must not stay "waiting".
+        async def nothing_waits() -> bool:
+            return node.overload.count_waiting() == 0
+
+        await eventually(nothing_waits, "the dropped calls no longer counted as waiting", timeout=20)
+        async with grpc.aio.insecure_channel(node.address) as aio_channel:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(aio_channel)
+            for i in range(20):  # each would be refused while the dropped calls counted
+                await stub.SubmitTask(pb.SubmitTaskRequest(spec=_spec(f"after{i}")))
 
 
 def _as_future(call: Any) -> concurrent.futures.Future[Any]:
