@@ -207,26 +207,8 @@ async def test_calls_waiting_in_grpc_past_the_limit_are_refused_and_nothing_is_w
 ) -> None:
     calls = 40
     async with _leading(etcd, namespace, max_loop_lag=0, max_waiting_calls=10) as node:
-        received = node.overload.received()
-        # A client on its own threads sends while this loop (the coordinator's) is held: the calls
-        # reach gRPC and wait there, none picked up.
-        channel = grpc.insecure_channel(node.address)
-        submit = channel.unary_unary(
-            "/herder.v1.CoordinatorService/SubmitTask",
-            request_serializer=pb.SubmitTaskRequest.SerializeToString,
-            response_deserializer=pb.SubmitTaskResponse.FromString,
-        )
-        try:
-            futures = [submit.future(pb.SubmitTaskRequest(spec=_spec(f"k{i}")), timeout=60) for i in range(calls)]
-            deadline = time.monotonic() + 30
-            while node.overload.received() < received + calls:  # held until gRPC has them all
-                assert time.monotonic() < deadline, "the calls did not reach the coordinator's gRPC server"
-                time.sleep(0.01)  # noqa: ASYNC251 -- holds the loop on purpose
-            # ... and past the probe's next turn, so it runs (and counts them) before any is picked up.
-            time.sleep(2 * PROBE_INTERVAL)  # noqa: ASYNC251
-            outcomes = await asyncio.gather(*(asyncio.wrap_future(_as_future(f)) for f in futures))
-        finally:
-            channel.close()
+        # Past the probe's next turn too, so it runs (and counts them) before any is picked up.
+        outcomes = await _sent_while_held(node, calls, "k", 2 * PROBE_INTERVAL)
         refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
         taken = [o for o in outcomes if not isinstance(o, grpc.RpcError)]
         assert refused, "no call was refused with 40 waiting and a limit of 10"
@@ -245,22 +227,7 @@ async def test_calls_grpc_dropped_past_its_pending_limit_do_not_count_as_waiting
 ) -> None:
     calls, pending = 60, 20
     async with _leading(etcd, namespace, max_loop_lag=0, max_waiting_calls=8, max_pending_calls=pending) as node:
-        received = node.overload.received()
-        channel = grpc.insecure_channel(node.address)
-        submit = channel.unary_unary(
-            "/herder.v1.CoordinatorService/SubmitTask",
-            request_serializer=pb.SubmitTaskRequest.SerializeToString,
-            response_deserializer=pb.SubmitTaskResponse.FromString,
-        )
-        try:
-            futures = [submit.future(pb.SubmitTaskRequest(spec=_spec(f"d{i}")), timeout=60) for i in range(calls)]
-            deadline = time.monotonic() + 30
-            while node.overload.received() < received + calls:  # held: gRPC keeps 20 and drops the rest
-                assert time.monotonic() < deadline, "the calls did not reach the coordinator's gRPC server"
-                time.sleep(0.01)  # noqa: ASYNC251 -- holds the loop on purpose
-            outcomes = await asyncio.gather(*(asyncio.wrap_future(_as_future(f)) for f in futures))
-        finally:
-            channel.close()
+        outcomes = await _sent_while_held(node, calls, "d")  # gRPC keeps 20 of them and drops the rest
         dropped = [o for o in outcomes if isinstance(o, grpc.RpcError) and o.code() is grpc.StatusCode.CANCELLED]
         assert len(dropped) >= calls // 2, f"{len(dropped)} of {calls} dropped by gRPC, with room for {pending}"
 
@@ -273,6 +240,30 @@ async def test_calls_grpc_dropped_past_its_pending_limit_do_not_count_as_waiting
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(aio_channel)
             for i in range(20):  # each would be refused while the dropped calls counted
                 await stub.SubmitTask(pb.SubmitTaskRequest(spec=_spec(f"after{i}")))
+
+
+async def _sent_while_held(node: Coordinator, calls: int, prefix: str, hold_after: float = 0.0) -> list[Any]:
+    """Send `calls` SubmitTasks from a client on its own threads while this loop (the coordinator's)
+    is held, until gRPC has them all (and `hold_after` seconds more): they wait there, none picked up.
+    Returns each call's response or RpcError."""
+    received = node.overload.received()
+    channel = grpc.insecure_channel(node.address)
+    submit = channel.unary_unary(
+        "/herder.v1.CoordinatorService/SubmitTask",
+        request_serializer=pb.SubmitTaskRequest.SerializeToString,
+        response_deserializer=pb.SubmitTaskResponse.FromString,
+    )
+    try:
+        specs = [pb.SubmitTaskRequest(spec=_spec(f"{prefix}{i}")) for i in range(calls)]
+        futures = [submit.future(request, timeout=60) for request in specs]
+        deadline = time.monotonic() + 30
+        while node.overload.received() < received + calls:
+            assert time.monotonic() < deadline, "the calls did not reach the coordinator's gRPC server"
+            time.sleep(0.01)  # noqa: ASYNC251 -- holds the loop on purpose
+        time.sleep(hold_after)  # noqa: ASYNC251
+        return await asyncio.gather(*(asyncio.wrap_future(_as_future(f)) for f in futures))
+    finally:
+        channel.close()
 
 
 def _as_future(call: Any) -> concurrent.futures.Future[Any]:
