@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Timers of each kind handled before the loop lets everything else run.
 TURN = 500
+# RUNNING writes wait up to this much past their due time, so the loop wakes for them at most ~100
+# times a second however many long attempts start (each is one record, not worth a wake-up alone).
+START_SLACK = 0.01
 
 
 class Timers:
@@ -86,7 +89,7 @@ class Timers:
     def write_start(self, entry: Entry, due: float) -> None:
         """Write the entry's RUNNING record at `due` unless a write has carried it by then."""
         self.starts.append((due, entry, entry.task.attempt))
-        if due < self._next_wake:
+        if due + START_SLACK < self._next_wake:
             self.wakeup.set()
 
     def _next_start(self) -> float | None:
@@ -111,7 +114,10 @@ class Timers:
         timers = (self.delayed, self.expiry, self.timeouts, self.acks)
         while True:
             self.wakeup.clear()
-            dues = [due for due in (*(t.next_due() for t in timers), self._next_start()) if due is not None]
+            start = self._next_start()
+            dues = [due for due in (t.next_due() for t in timers) if due is not None]
+            if start is not None:
+                dues.append(start + START_SLACK)
             if not dues:
                 self._next_wake = float("inf")
                 await self.wakeup.wait()
