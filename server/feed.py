@@ -25,7 +25,7 @@ from herder.clients.backoff import Backoff
 from herder.clients.proto.v1 import task_pb2
 from herder.server import keys
 from herder.server._etcd import CompactedError, Etcd, EtcdError, WatchBatch, prefix_end
-from herder.server.watchers import Change, Subscription, TaskFilter, WatchHub, WatchSettings
+from herder.server.watchers import Subscription, TaskFilter, WatchHub, WatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -152,5 +152,5 @@ class Feed:
                 task = task_pb2.Task.FromString(data)
                 if not hub.wants(task.id, task.spec.queue, task.spec.type):
                     continue
-                hub.publish(task, Change(data, event.prev_value, event.mod_revision))
+                hub.publish(task, data, event.prev_value, event.mod_revision)
         self.revision = max(self.revision, batch.revision)

@@ -83,20 +83,11 @@ class TaskFilter:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A committed change: the record as stored, the record it replaced (None for a new task), and
-    the revision it landed at."""
+    """A committed change: the record as stored, its state before, and the revision it landed at."""
 
     record: bytes
-    previous_record: bytes | None
+    previous_state: int
     revision: int
-
-    @property
-    def previous_state(self) -> int:
-        """The state before the change (UNSPECIFIED for a new task). Parsed only for a change some
-        watcher is sent: most changes a filter (of states, say) lets through are never rendered."""
-        if self.previous_record is None:
-            return task_pb2.TASK_STATE_UNSPECIFIED
-        return task_pb2.Task.FromString(self.previous_record).state
 
 
 @dataclass(eq=False, slots=True)
@@ -235,8 +226,12 @@ class WatchHub:
         """Whether any subscription could match a change of this task (then it is worth parsing)."""
         return bool(self._everything) or task_id in self._by_id or queue in self._by_queue or task_type in self._by_type
 
-    def publish(self, task: task_pb2.Task, change: Change) -> None:
-        """Queue the change for every subscription it matches; drop those it puts too far behind."""
+    def publish(self, task: task_pb2.Task, record: bytes, previous_record: bytes | None, revision: int) -> None:
+        """Queue the change (`task`, stored as `record` over `previous_record`, None for a new task, at
+        `revision`) for every subscription it matches; drop those it puts too far behind.
+
+        The previous record is parsed (for its state) only for a change some subscription takes: most
+        changes that pass the hub's id, queue and type indexes fail a filter of states."""
         spec = task.spec
         item: Published | None = None
         dropped: list[Subscription] = []
@@ -251,7 +246,10 @@ class WatchHub:
             for sub in subs:
                 if sub.filter.matches(task):
                     if item is None:
-                        item = Published(change, task.id, spec.type)
+                        previous = task_pb2.TASK_STATE_UNSPECIFIED
+                        if previous_record is not None:
+                            previous = task_pb2.Task.FromString(previous_record).state
+                        item = Published(Change(record, previous, revision), task.id, spec.type)
                     if not sub.offer(item):
                         dropped.append(sub)
         for sub in dropped:
@@ -262,7 +260,7 @@ class WatchHub:
                 sub.name or "?",
                 changes,
                 size,
-                change.revision,
+                revision,
             )
 
     def close_all(self) -> None:

@@ -25,7 +25,7 @@ from herder.clients.embedded_etcd import EmbeddedEtcd
 from herder.clients.proto.examples.v1 import examples_pb2
 from herder.clients.proto.v1 import coordinator_pb2 as pb
 from herder.clients.proto.v1 import coordinator_pb2_grpc, task_pb2
-from herder.server.watchers import Change, Subscription, TaskFilter, WatchHub, WatchSettings
+from herder.server.watchers import Subscription, TaskFilter, WatchHub, WatchSettings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,7 +53,7 @@ def _task(task_id: str, queue: str = "q", type: str = "t", state: int = S.TASK_S
 
 
 def _publish(hub: WatchHub, task: task_pb2.Task, revision: int) -> None:
-    hub.publish(task, Change(task.SerializeToString(), None, revision))
+    hub.publish(task, task.SerializeToString(), None, revision)
 
 
 async def _drain(sub: Subscription) -> list[str]:
