@@ -1283,7 +1283,7 @@ Global___AttemptRef: _TypeAlias = AttemptRef  # noqa: Y015
 
 @_typing.final
 class AssignmentAck(_message.Message):
-    """The worker accepts assignments; the tasks become RUNNING."""
+    """The worker accepts assignments; the tasks become RUNNING (see TaskState for when that is stored)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -42,7 +42,9 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """The lifecycle of a task. PENDING waits for its run time (a delay or a retry
     backoff); QUEUED waits for a worker; ASSIGNED is sent to a worker that has not
-    yet acknowledged it; RUNNING is acknowledged. The last four are terminal.
+    yet acknowledged it; RUNNING is acknowledged (stored once the attempt has run
+    the coordinator's --running-write-delay, 0.1 s by default: one that ends
+    sooner is stored ASSIGNED until its outcome). The last four are terminal.
     """
 
 TASK_STATE_UNSPECIFIED: TaskState.ValueType  # 0
