@@ -393,7 +393,7 @@ class Etcd:
     ) -> Any:
         """Run a transaction; returns etcd's TxnResponse (succeeded, responses, header)."""
         request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
-        return await self._call(self._kv.Txn, request, timeout)
+        return await self.send_txn(request, timeout)
 
     async def send_txn(self, request: Any, timeout: float | None = None) -> Any:
         """Run a transaction built by the caller (`txn_request`); returns etcd's TxnResponse."""

@@ -216,9 +216,8 @@ class NamespaceLeader:
         task = entry.task
         data = task.SerializeToString()
         state = task.state
-        if entry.start_unwritten:
-            # This record carries the RUNNING state the acknowledgement left for later.
-            entry.start_unwritten = False
+        # This record carries any RUNNING state an acknowledgement left for later (attempt_started).
+        entry.start_unwritten = False
         self._changed(task, previous_state, state)
         try:
             future = self.committer.submit([Write(keys.task(self.prefix, task.id), data), *extra])

@@ -90,6 +90,11 @@ class Change:
     revision: int
 
 
+def state_of(record: bytes | None) -> int:
+    """The state a stored task record holds (UNSPECIFIED for none: a change that created the task)."""
+    return task_pb2.TASK_STATE_UNSPECIFIED if record is None else task_pb2.Task.FromString(record).state
+
+
 @dataclass(eq=False, slots=True)
 class Published:
     """A change as queued for watchers: one object, shared by every subscription it matched.
@@ -246,10 +251,7 @@ class WatchHub:
             for sub in subs:
                 if sub.filter.matches(task):
                     if item is None:
-                        previous = task_pb2.TASK_STATE_UNSPECIFIED
-                        if previous_record is not None:
-                            previous = task_pb2.Task.FromString(previous_record).state
-                        item = Published(Change(record, previous, revision), task.id, spec.type)
+                        item = Published(Change(record, state_of(previous_record), revision), task.id, spec.type)
                     if not sub.offer(item):
                         dropped.append(sub)
         for sub in dropped:

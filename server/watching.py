@@ -29,7 +29,7 @@ from herder.server.entries import TERMINAL
 from herder.server.feed import Feed
 from herder.server.leader import NamespaceLeader
 from herder.server.reads import StoredReads
-from herder.server.watchers import Published, TaskFilter, WatchSettings
+from herder.server.watchers import Published, TaskFilter, WatchSettings, state_of
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,7 @@ class Watching:
                     if request.include_result_json:
                         await self._load_type(task.spec.type)
                     response.event.task.CopyFrom(self._render(task, request.include_result_json))
-                    prev_value = event.prev_value
-                    if prev_value is not None:
-                        response.event.previous_state = task_pb2.Task.FromString(prev_value).state
+                    response.event.previous_state = state_of(event.prev_value)  # type: ignore[assignment]
                     response.event.revision = revision
                     await out.send(response)
                     last = revision
